@@ -23,6 +23,7 @@ def register_all() -> None:
     if is_registered():
         return
     _registered_pid = os.getpid()
+    _register_attention_backend()
     _leave_trace()
     logger.info(
         "EdgePrompt %s plugin registered in process %s (pid %d)",
@@ -30,6 +31,20 @@ def register_all() -> None:
         multiprocessing.current_process().name,
         os.getpid(),
     )
+
+
+def _register_attention_backend() -> None:
+    """Relay attention: `--attention-backend CUSTOM` on GPU. The CPU platform ignores that flag
+    and always loads CPU_ATTN, so there CPU_ATTN is pointed at a subclass that stays stock
+    unless the flag asks for CUSTOM (docs/vllm-api.md §2.1)."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN,
+                         "edgeprompt_vllm.attention.backend_cpu.RelayCPUBackend")
+    register_backend(AttentionBackendEnum.CUSTOM,
+                     "edgeprompt_vllm.attention.backend_cuda.RelayFlashBackend")
 
 
 def _leave_trace() -> None:

@@ -28,3 +28,30 @@ def run_script(name: str, *args: str, env: dict | None = None, timeout: float = 
 def plugin_processes(trace_dir: Path) -> list[str]:
     """Names of the processes that ran edgeprompt_vllm.register() (EDGEPROMPT_PLUGIN_TRACE_DIR)."""
     return sorted(p.read_text().strip() for p in Path(trace_dir).glob("*.txt"))
+
+
+def max_logprob_gap(a: dict, b: dict) -> float:
+    """Largest |logprob| difference over the chosen tokens of two runs with identical tokens."""
+    gap = 0.0
+    for ta, tb, la, lb in zip(a["token_ids"], b["token_ids"], a["top_logprobs"], b["top_logprobs"]):
+        assert ta == tb
+        gap = max([gap] + [abs(pa[str(t)] - pb[str(t)]) for t, pa, pb in zip(ta, la, lb)])
+    return gap
+
+
+def close_in_top_k(a: dict, b: dict, tol: float) -> list[str]:
+    """Low-precision check, as vLLM's check_logprobs_close: walk each pair of sequences; while
+    tokens agree their logprobs must be within `tol`; at the first divergence each side's token
+    must be in the other's top 5 (a near tie), and the comparison of that pair stops there.
+    Returns the problems found (empty: close)."""
+    problems = []
+    for i, (ta, tb, la, lb) in enumerate(zip(a["token_ids"], b["token_ids"], a["top_logprobs"], b["top_logprobs"])):
+        for pos, (x, y, pa, pb) in enumerate(zip(ta, tb, la, lb)):
+            if x != y:
+                if str(x) not in pb or str(y) not in pa:
+                    problems.append(f"seq {i} pos {pos}: {x} vs {y}, not in each other's top 5")
+                break
+            if abs(pa[str(x)] - pb[str(x)]) > tol:
+                problems.append(f"seq {i} pos {pos}: logprob {pa[str(x)]:.4f} vs {pb[str(x)]:.4f}")
+                break
+    return problems

@@ -1,0 +1,30 @@
+"""Counters of what the relay builders decided, per worker process (read with collective_rpc)."""
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class RelayStats:
+    batches: int = 0  # metadata builds (steps x KV-cache groups) with relay selected
+    relay_batches: int = 0  # of which at least one group relayed
+    groups: int = 0  # relayed groups, summed over batches
+    grouped_requests: int = 0  # requests served by a prefix pass, summed over batches
+    shared_tokens: int = 0  # prefix tokens read once per group instead of once per request
+
+    def record(self, relay) -> None:
+        self.batches += 1
+        if relay is None:
+            return
+        spans = relay.meta.group_req_end - relay.meta.group_req_start
+        self.relay_batches += 1
+        self.groups += int(spans.numel())
+        self.grouped_requests += int(spans.sum())
+        self.shared_tokens += int(relay.meta.group_prefix_len.sum())
+
+
+RELAY_STATS = RelayStats()
+
+
+def relay_stats(_worker=None) -> dict:
+    """For `LLM.collective_rpc(relay_stats)`: this worker's counters."""
+    return asdict(RELAY_STATS)

@@ -1,0 +1,51 @@
+"""Relay attention inside real vLLM engines versus stock vLLM on the concatenated prompts."""
+
+import json
+import random
+
+import pytest
+
+from helpers import close_in_top_k, max_logprob_gap, run_script
+
+# fp32 on CPU: tokens identical and logprobs this close (relay runs fp32 torch references).
+FP32_LOGPROB_ATOL = 1e-4
+# fp16 on GPU: vLLM's check_logprobs_close rule with this logprob tolerance while tokens agree.
+FP16_LOGPROB_ATOL = 5e-2
+
+
+def _prompts(seed: int, cloud_lens: tuple[int, int], edge_range: tuple[int, int], n: int, vocab: int):
+    rng = random.Random(seed)
+    clouds = [[rng.randrange(10, vocab) for _ in range(c)] for c in cloud_lens]
+    return [clouds[i % 2] + [rng.randrange(10, vocab) for _ in range(rng.randrange(*edge_range))]
+            for i in range(n)]
+
+
+@pytest.mark.slow
+def test_tiny_model_relay_equals_stock_vllm(tiny_model):
+    # Two cloud prompts (100 and 70 tokens: 3 and 2 whole blocks of 32), interleaved, 8 edges.
+    prompts = _prompts(0, (100, 70), (1, 60), 8, 4000)
+    stock = run_script("relay_generate.py", str(tiny_model), json.dumps(prompts), "stock")
+    relay = run_script("relay_generate.py", str(tiny_model), json.dumps(prompts), "relay")
+    assert relay["token_ids"] == stock["token_ids"]
+    assert max_logprob_gap(stock, relay) < FP32_LOGPROB_ATOL
+    stats = relay["relay_stats"]
+    # Every decode step after the first found both clouds' groups.
+    assert stats["relay_batches"] >= 14 and stats["groups"] >= 2 * 14, stats
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("runner", ["v2", "v1"])
+def test_llama2_7b_shape_relay_close_to_stock_on_gpu(tmp_path, runner):
+    from edgeprompt_vllm.models.make_model import make_model
+
+    make_model("llama-2-7b", tmp_path / "m")
+    prompts = _prompts(1, (1024, 512), (16, 300), 24, 31000)
+    env = {"EP_ENGINE_ARGS": json.dumps({"load_format": "dummy", "dtype": "float16", "block_size": 16,
+                                         "gpu_memory_utilization": 0.8, "max_model_len": 2048,
+                                         "max_num_seqs": 64, "enforce_eager": False}),
+           "EP_MAX_TOKENS": "32", "VLLM_USE_V2_MODEL_RUNNER": "1" if runner == "v2" else "0"}
+    stock = run_script("relay_generate.py", str(tmp_path / "m"), json.dumps(prompts), "stock", env=env)
+    relay = run_script("relay_generate.py", str(tmp_path / "m"), json.dumps(prompts), "relay", env=env)
+    assert relay["relay_stats"]["relay_batches"] > 0, relay["relay_stats"]
+    assert close_in_top_k(stock, relay, FP16_LOGPROB_ATOL) == []
