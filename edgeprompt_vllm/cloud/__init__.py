@@ -1,0 +1,1 @@
+"""The cloud side: CloudPromptService (a Ray actor) prefills cloud prompts once and serves their KV."""

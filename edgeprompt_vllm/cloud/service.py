@@ -1,0 +1,192 @@
+"""CloudPromptService: the cloud's Ray actor. Prefills cloud prompts once, keeps and streams their KV.
+
+It runs the same model as the edges in a vLLM engine inside this actor process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), with prefix caching off so each prompt is really computed,
+and captures per-layer K, V with hooks (capture.py). Threaded (max_concurrency): fetches of a
+cold prompt wait on per-layer slots that fill while the prefill runs (the paper's timeline).
+
+Edge-facing methods take only a prompt id, the fingerprint digest and a layer index.
+"""
+
+import os
+import threading
+import time
+
+import ray
+
+from edgeprompt_vllm.fingerprint import Fingerprint, model_fingerprint
+from edgeprompt_vllm.log import get_logger
+from edgeprompt_vllm.prompts import CloudPrompt, PromptRegistry
+from edgeprompt_vllm.transport.wire import encode_layer
+
+logger = get_logger(__name__)
+
+
+class CloudPromptService:
+    def __init__(self, model: str, dtype: str = "float32", block_size: int = 32,
+                 max_kv_bytes: int = 1 << 30, max_model_len: int = 2048, load_format: str = "auto",
+                 engine_kwargs: dict | None = None):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model must live in this process
+        from vllm import LLM
+
+        from edgeprompt_vllm.cloud.capture import KVCapture
+        from edgeprompt_vllm.cloud.store import PromptStore
+
+        kw = dict(dtype=dtype, enforce_eager=True, enable_prefix_caching=False,
+                  block_size=block_size, max_model_len=max_model_len, load_format=load_format,
+                  max_num_batched_tokens=max_model_len, kv_cache_memory_bytes=1 << 28,
+                  max_num_seqs=1, seed=0)
+        kw.update(engine_kwargs or {})
+        self.llm = LLM(model, **kw)
+        self.fingerprint = model_fingerprint(model, dtype, block_size, load_format)
+        self.max_model_len = max_model_len
+        self.capture = KVCapture(self.fingerprint.num_kv_heads, self.fingerprint.head_size)
+        (n,) = self.llm.apply_model(self.capture.install)
+        if n != self.fingerprint.num_layers:
+            raise RuntimeError(f"model has {n} attention layers, config.json says {self.fingerprint.num_layers}")
+        self.registry = PromptRegistry(block_size)
+        self.store = PromptStore(max_kv_bytes)
+        self._engine_lock = threading.Lock()
+        self._reg_lock = threading.Lock()
+        self.prefills = 0
+
+    # ---------------- registration (operators, configs) ----------------
+    def register_prompt(self, prompt_id: str, token_ids: list[int] | None = None,
+                        text: str | None = None, pinned: bool = False, prefill: bool = False) -> dict:
+        """Registers a cloud prompt by token ids or text; `prefill` computes it now (warm)."""
+        if (token_ids is None) == (text is None):
+            raise ValueError("give exactly one of token_ids, text")
+        if text is not None:
+            token_ids = self.llm.get_tokenizer().encode(text)  # as vLLM tokenizes a text prompt
+        prompt = CloudPrompt(prompt_id, tuple(int(t) for t in token_ids), pinned)
+        if len(prompt.token_ids) >= self.max_model_len:
+            raise ValueError(f"cloud prompt {prompt_id!r} has {len(prompt.token_ids)} tokens; "
+                             f"max_model_len is {self.max_model_len}")
+        with self._reg_lock:
+            self.registry.add(prompt)
+        if prefill:
+            self._prefill(prompt)
+        return {"prompt_id": prompt_id, "num_tokens": len(prompt.token_ids),
+                "shipped_tokens": prompt.shipped_len(self.registry.block_size)}
+
+    def register_chat_system(self, prompt_id: str, system: str, pinned: bool = False,
+                             prefill: bool = False) -> dict:
+        """A chat system prompt, as the token prefix every conversation with it starts with."""
+        tok = self.llm.get_tokenizer()
+
+        def render(user):  # as vLLM's chat endpoint: render to text, then encode it
+            text = tok.apply_chat_template([{"role": "system", "content": system},
+                                            {"role": "user", "content": user}],
+                                           tokenize=False, add_generation_prompt=True)
+            return tok.encode(text, add_special_tokens=False)
+
+        a, b = render("a"), render("Zq 9")
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return self.register_prompt(prompt_id, token_ids=list(a[:n]), pinned=pinned, prefill=prefill)
+
+    def unregister(self, prompt_id: str) -> None:
+        with self._reg_lock:
+            self.registry.remove(prompt_id)
+        self.store.drop(prompt_id)
+
+    # ---------------- edge-facing: prompt id, fingerprint, layer index only ----------------
+    def handshake(self, edge_fingerprint: dict) -> dict:
+        try:
+            diff = self.fingerprint.diff(Fingerprint.from_dict(edge_fingerprint))
+        except TypeError as e:
+            diff = [f"malformed fingerprint: {e}"]
+        return {"ok": not diff, "fingerprint": self.fingerprint.to_dict(),
+                "error": ("model fingerprint mismatch: " + "; ".join(diff)) if diff else None}
+
+    def _check(self, digest: str) -> None:
+        if digest != self.fingerprint.digest():
+            raise PermissionError("fingerprint digest does not match this cloud's model; handshake first")
+
+    def registry(self, digest: str) -> list[dict]:
+        self._check(digest)
+        with self._reg_lock:
+            return [self.registry.get(pid).to_dict() for pid in self.registry.ids()]
+
+    def describe(self, prompt_id: str, digest: str) -> dict:
+        self._check(digest)
+        prompt = self.registry.get(prompt_id)
+        kv = self.store.get(prompt_id)
+        slots = kv.slots if kv else []
+        return {"prompt_id": prompt_id, "token_ids": list(prompt.token_ids),
+                "shipped_tokens": prompt.shipped_len(self.registry.block_size),
+                "num_layers": self.fingerprint.num_layers,
+                "bytes_per_layer": 2 * prompt.shipped_len(self.registry.block_size)
+                * self.fingerprint.num_kv_heads * self.fingerprint.head_size * _itemsize(self.fingerprint.dtype),
+                "checksums": [s.header.checksum if s.header else None for s in slots],
+                "state": "warm" if kv and kv.complete else ("computing" if kv else "cold")}
+
+    def fetch_layer(self, prompt_id: str, digest: str, layer: int, timeout_s: float = 120.0):
+        """-> (header dict, [ObjectRef of the raw bytes]); waits until the layer is computed."""
+        self._check(digest)
+        if not 0 <= layer < self.fingerprint.num_layers:
+            raise IndexError(f"layer {layer} outside 0..{self.fingerprint.num_layers - 1}")
+        kv = self._ensure(self.registry.get(prompt_id))
+        slot = kv.slots[layer]
+        if not slot.ready.wait(timeout_s):
+            raise TimeoutError(f"layer {layer} of {prompt_id!r} not computed in {timeout_s} s")
+        if slot.error:
+            raise RuntimeError(f"cloud prefill of {prompt_id!r} failed: {slot.error}")
+        return slot.header.to_dict(), [slot.ref]  # a list: Ray passes the inner ref unresolved
+
+    # ---------------- prefill and capture ----------------
+    def _ensure(self, prompt: CloudPrompt):
+        kv, created = self.store.start(prompt.prompt_id, self.fingerprint.num_layers, prompt.pinned)
+        if created:
+            threading.Thread(target=self._run_prefill, args=(prompt, kv), daemon=True).start()
+        return kv
+
+    def _prefill(self, prompt: CloudPrompt) -> None:
+        kv = self._ensure(prompt)
+        for s in kv.slots:
+            s.ready.wait()
+
+    def _run_prefill(self, prompt: CloudPrompt, kv) -> None:
+        from vllm import SamplingParams, TokensPrompt
+
+        n = prompt.shipped_len(self.registry.block_size)
+
+        def on_layer(layer, k, v, compute_s):
+            header, raw = encode_layer(prompt.prompt_id, layer, k, v, compute_s)
+            self.store.fill(kv, layer, header, ray.put(raw))
+
+        try:
+            if n == 0:
+                raise ValueError(f"cloud prompt {prompt.prompt_id!r} is shorter than one block")
+            with self._engine_lock:
+                self.capture.begin(n, on_layer)
+                try:
+                    t0 = time.perf_counter()
+                    self.llm.generate([TokensPrompt(prompt_token_ids=list(prompt.token_ids))],
+                                      SamplingParams(max_tokens=1), use_tqdm=False)
+                finally:
+                    self.capture.end()
+            self.prefills += 1
+            logger.info("prefilled cloud prompt %s (%d tokens) in %.3f s", prompt.prompt_id,
+                        len(prompt.token_ids), time.perf_counter() - t0)
+            if not kv.complete:
+                raise RuntimeError("the prefill did not reach every attention layer")
+        except Exception as e:  # waiters get the error, never a hang
+            logger.exception("prefill of %s failed", prompt.prompt_id)
+            kv.fail(f"{type(e).__name__}: {e}")
+
+    # ---------------- operations and tests ----------------
+    def stats(self) -> dict:
+        return {"prefills": self.prefills, "store": self.store.summary(),
+                "fingerprint": self.fingerprint.to_dict(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def corrupt_layer_for_testing(self, prompt_id: str, layer: int) -> None:
+        """Replaces a stored layer by flipped bytes under the old checksum (integrity tests)."""
+        kv = self.store.get(prompt_id)
+        slot = kv.slots[layer]
+        raw = ray.get(slot.ref).copy()
+        raw[len(raw) // 2] ^= 0xFF
+        slot.ref = ray.put(raw)
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]

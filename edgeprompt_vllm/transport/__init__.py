@@ -1,0 +1,1 @@
+"""The cloud <-> edge transport: the wire format (wire.py) and the Ray client (client.py)."""
