@@ -6,9 +6,19 @@ Convention everywhere: lse: float32, natural log, [num_heads, num_tokens].
 """
 
 from . import cost_model
-from .merge import merge_attn_states, merge_attn_states_ref, merge_partial_states, merge_partial_states_ref
+from .merge import (
+    merge_attn_states,
+    merge_attn_states_ref,
+    merge_partial_states,
+    merge_partial_states_ref,
+)
 from .paged_suffix import paged_suffix, paged_suffix_ref
-from .relay_attention import RelayMetadata, plain_attention_ref, relay_attention, relay_attention_ref
+from .relay_attention import (
+    RelayMetadata,
+    plain_attention_ref,
+    relay_attention,
+    relay_attention_ref,
+)
 from .relay_prefix import relay_prefix, relay_prefix_partials, relay_prefix_ref
 
 __all__ = [

@@ -19,23 +19,34 @@ def interpreting() -> bool:
 def dot_flags(dtype: torch.dtype) -> tuple[bool, str | None]:
     """(UPCAST_DOT, DOT_PRECISION) for a tl.dot over `dtype` operands.
 
-    fp32 asks for "ieee": Triton's default for fp32 on NVIDIA is tf32, which breaks the fp32 tolerance.
+    fp32 asks for "ieee": Triton's default for fp32 on NVIDIA is tf32, which breaks the fp32
+    tolerance.
     Half types keep Triton's default (None).
     NOTE: the interpreter multiplies the raw uint16 bit patterns of bf16 operands in tl.dot
-    (triton-lang/triton#11584, "we just don't support it yet"), so under the interpreter bf16 operands
-    are upcast to fp32 first; on a GPU they are not.
+    (triton-lang/triton#11584, "we just don't support it yet"), so under the interpreter bf16
+    operands are upcast to fp32 first; on a GPU they are not.
     """
     upcast = interpreting() and dtype == torch.bfloat16
     precision = "ieee" if (dtype == torch.float32 or upcast) else None
     return upcast, precision
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def num_sms(device_index: int | None) -> int:
     """Streaming multiprocessors of the device; 4 under the interpreter (keeps CPU grids small)."""
     if device_index is None or not torch.cuda.is_available() or interpreting():
         return 4
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _side_stream(device_index: int) -> "torch.cuda.Stream":
+    return torch.cuda.Stream(device=device_index)
+
+
+def side_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One cached side stream per CUDA device (for overlapping the prefix pass with the suffix)."""
+    return _side_stream(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def device_sms(t: torch.Tensor) -> int:
@@ -53,7 +64,8 @@ def cdiv(a: int, b: int) -> int:
 def check_tensor(name: str, t, ndim: int, dtypes, device: torch.device | None = None) -> None:
     """Type, rank, dtype and device of one tensor argument."""
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        # ValueError, not TypeError: one error type for every bad argument.
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in tuple(dtypes):
@@ -81,12 +93,13 @@ def check_int32(name: str, t, ndim: int, device: torch.device) -> None:
 
 
 def check_kv_cache(key_cache, value_cache, query: torch.Tensor) -> tuple[int, int, int]:
-    """Caches are [num_blocks, block_size, num_kv_heads, head_size]; returns those sizes (last three)."""
+    """Caches are [num_blocks, block_size, num_kv_heads, head_size]; returns the last three."""
     check_tensor("key_cache", key_cache, 4, (query.dtype,), query.device)
     check_tensor("value_cache", value_cache, 4, (query.dtype,), query.device)
     if key_cache.shape != value_cache.shape:
         raise ValueError(
-            f"value_cache shape {tuple(value_cache.shape)} != key_cache shape {tuple(key_cache.shape)}"
+            f"value_cache shape {tuple(value_cache.shape)} != "
+            f"key_cache shape {tuple(key_cache.shape)}"
         )
     check_last_dim_contiguous("key_cache", key_cache)
     check_last_dim_contiguous("value_cache", value_cache)
@@ -97,7 +110,8 @@ def check_kv_cache(key_cache, value_cache, query: torch.Tensor) -> tuple[int, in
         raise ValueError(f"key_cache head_size {head_size} != query head_size {query.shape[2]}")
     if query.shape[1] % num_kv_heads:
         raise ValueError(
-            f"query num_heads {query.shape[1]} is not a multiple of key_cache num_kv_heads {num_kv_heads}"
+            f"query num_heads {query.shape[1]} is not a multiple of "
+            f"key_cache num_kv_heads {num_kv_heads}"
         )
     return block_size, num_kv_heads, head_size
 

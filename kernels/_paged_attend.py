@@ -71,7 +71,9 @@ def paged_attend(
         visible = (key_pos[None, :] <= row_last_key[:, None]) & in_range[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked row stays empty, not NaN
+        m_safe = tl.where(
+            m_new == float("-inf"), 0.0, m_new
+        )  # an all-masked row stays empty, not NaN
         p = tl.math.exp2(s - m_safe[:, None])  # P : (BLOCK_M, TILE_N)
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)

@@ -8,10 +8,11 @@ FLOPs for QK^T and PV):
 
     plain = max(P*kv/HBM + (n-1)*P*kv/REREAD,  F / PLAIN_FLOPS)
         every request reads the prefix itself; the first read comes from HBM, re-reads of the
-        physically shared blocks mostly from L2 (REREAD, an effective bandwidth)
+        physically shared blocks mostly from L2 (REREAD, an effective bandwidth: high while the
+        prefix KV stays resident in L2, ~7 TB/s once it does not)
     relay = max(P*kv/HBM + T*q/HBM + 2*S*T*num_q_heads*head_size*4/HBM,  F / RELAY_FLOPS)
         the prefix pass reads the shared KV once, re-reads the group's queries, and writes S fp32
-        partial states that the suffix kernel's epilogue reads back (S = prefix splits)
+        partial states that a merge reads back (S = prefix splits)
 
 The suffix work is the same either way and cancels. A group relays when relay < plain; the batch
 runs the prefix pass only when the groups it would serve save more than one extra launch
@@ -31,6 +32,8 @@ class DeviceModel:
     name: str
     hbm_bytes_per_s: float  # HBM bandwidth seen by a streaming kernel
     reread_bytes_per_s: float  # effective bandwidth of plain attention re-reading shared blocks
+    l2_reread_bytes_per_s: float  # the same while the shared prefix KV stays resident in L2
+    l2_resident_bytes: int  # largest shared-prefix KV (bytes) that stays resident
     plain_flops_per_s: float  # dense attention FLOP rate of the plain kernel (FA3 on Hopper)
     relay_flops_per_s: float  # dense FLOP rate of our Triton prefix kernel
     launch_s: float  # one more kernel launch in a CUDA-graph replay, incl. its tail
@@ -42,18 +45,41 @@ H100 = DeviceModel(
     name="H100 SXM",
     hbm_bytes_per_s=3.0e12,
     reread_bytes_per_s=7.0e12,
+    l2_reread_bytes_per_s=4.0e13,
+    l2_resident_bytes=2 << 20,
     plain_flops_per_s=6.1e14,
-    relay_flops_per_s=3.5e14,
+    relay_flops_per_s=2.3e14,
     launch_s=5e-6,
     num_sms=132,
     notes={
-        "hbm_bytes_per_s": "guessed: the 3 TB/s DESIGN.md's HBM floor uses (H100 SXM peak 3.35 TB/s)",
-        "reread_bytes_per_s": "measured: DESIGN.md kernel table, FA3 shared blocks minus suffix only; "
-                              "batch 64 / prefix 1024: 0.386 - 0.231 ms for 64 reads of 16.8 MB gives "
-                              "7.1 TB/s for the 63 re-reads (6.7-7.0 TB/s at the other decode rows)",
+        "hbm_bytes_per_s": (
+            "guessed: the 3 TB/s DESIGN.md's HBM floor uses (H100 SXM peak 3.35 TB/s; "
+            "benchmark_kernels.py measured a 3.0 TB/s device-to-device copy)"
+        ),
+        "reread_bytes_per_s": (
+            "measured: DESIGN.md kernel table, FA3 shared blocks minus suffix only; batch 64 / "
+            "prefix 1024: 0.386 - 0.231 ms for 64 reads of 16.8 MB gives 7.1 TB/s for the 63 "
+            "re-reads (6.7-7.0 TB/s at the other decode rows)"
+        ),
+        "l2_reread_bytes_per_s": (
+            "measured: benchmark_kernels.py on an H100, batch 64 / prefix 64 (1 MB of shared KV): "
+            "FA3 full table 0.2275 ms vs own blocks only 0.2260 ms, ~1.5 us for 63 re-reads of "
+            "1 MB, about 40 TB/s"
+        ),
+        "l2_resident_bytes": (
+            "guessed: between two measured points, 1 MB (resident, above) and 4.2 MB (GQA batch "
+            "64 / prefix 1024: 63 re-reads in 33.5 us, 7.9 TB/s); the H100's 50 MB of L2 is "
+            "shared with the streaming suffix KV"
+        ),
         "plain_flops_per_s": "measured: DESIGN.md prefill row, (0.198 - 0.086) ms for 68.7 GFLOP",
-        "relay_flops_per_s": "guessed: Triton attention forward on Hopper, ~60% of FA3",
-        "launch_s": "guessed: back-to-back launch gap plus a partial last wave",
+        "relay_flops_per_s": (
+            "measured: benchmark_kernels.py on an H100, our kernel on 8 x 512 prefill queries "
+            "(best of 24 tile configurations), 227 TFLOP/s"
+        ),
+        "launch_s": (
+            "measured: relay on an H100 at batch 64 / prefix 64 costs 3.8 us over FA3 on the own "
+            "blocks alone (the merge launch and the partial states); rounded up"
+        ),
     },
 )
 
@@ -89,31 +115,47 @@ class GroupDecision:
 
 
 def prefix_splits(group: GroupShape, shape: AttentionShape, device: DeviceModel) -> int:
-    """The prefix split count relay_prefix's launcher picks for this group alone (mirrors
-    relay_prefix._prefix_config and _pick_num_splits; a test keeps them in step)."""
+    """The prefix split count relay_prefix's launcher picks for this group alone, as the default
+    ("overlap") schedule runs it (mirrors relay_prefix._prefix_config and _pick_num_splits with
+    fused=False; a test keeps them in step)."""
     qpk_pad = _next_pow2(shape.num_q_heads // shape.num_kv_heads)
     rows = _next_pow2(max(group.num_query_tokens, 1) * qpk_pad)
-    block_m = max(128 if rows >= 1024 else min(max(rows, 16), 64), qpk_pad)
+    big = rows >= 1024
+    block_m = max(128 if big else min(max(rows, 16), 64), qpk_pad)
     m_tiles = max(-(-group.num_query_tokens // max(block_m // qpk_pad, 1)), 1)
-    tiles = max(-(-group.prefix_len // 64), 1)
+    tiles = max(-(-group.prefix_len // (32 if big else 64)), 1)
     programs = max(m_tiles * shape.num_kv_heads, 1)
-    splits = max(1, min(-(-device.num_sms // programs), -(-tiles // 2), 4))
+    splits = max(1, min(-(-device.num_sms // programs), -(-tiles // 2), 16))
     return -(-tiles // -(-tiles // splits))
 
 
 def plain_time(group: GroupShape, shape: AttentionShape, device: DeviceModel) -> float:
     """Seconds plain attention spends on this group's shared prefix."""
     kv = group.prefix_len * shape.kv_bytes_per_token
-    memory = kv / device.hbm_bytes_per_s + (group.num_reqs - 1) * kv / device.reread_bytes_per_s
+    reread = (
+        device.l2_reread_bytes_per_s
+        if kv <= device.l2_resident_bytes
+        else device.reread_bytes_per_s
+    )
+    memory = kv / device.hbm_bytes_per_s + (group.num_reqs - 1) * kv / reread
     return max(memory, _flops(group, shape) / device.plain_flops_per_s)
 
 
 def relay_time(group: GroupShape, shape: AttentionShape, device: DeviceModel) -> float:
     """Seconds the prefix pass (and the fused merge's partial traffic) spends on this group."""
-    partial = 2 * prefix_splits(group, shape, device) * group.num_query_tokens * shape.num_q_heads \
-        * shape.head_size * 4
-    memory = (group.prefix_len * shape.kv_bytes_per_token + group.num_query_tokens * shape.q_bytes_per_token
-              + partial) / device.hbm_bytes_per_s
+    partial = (
+        2
+        * prefix_splits(group, shape, device)
+        * group.num_query_tokens
+        * shape.num_q_heads
+        * shape.head_size
+        * 4
+    )
+    memory = (
+        group.prefix_len * shape.kv_bytes_per_token
+        + group.num_query_tokens * shape.q_bytes_per_token
+        + partial
+    ) / device.hbm_bytes_per_s
     return max(memory, _flops(group, shape) / device.relay_flops_per_s)
 
 
@@ -125,15 +167,18 @@ def _flops(group: GroupShape, shape: AttentionShape) -> float:
     return 4.0 * group.num_query_tokens * group.prefix_len * shape.num_q_heads * shape.head_size
 
 
-def choose_relay(groups: list[GroupShape], shape: AttentionShape, device: DeviceModel = H100
-                 ) -> list[GroupDecision]:
+def choose_relay(
+    groups: list[GroupShape], shape: AttentionShape, device: DeviceModel = H100
+) -> list[GroupDecision]:
     """Per group: relay or plain. Groups of one request or an empty prefix never relay (nothing is
     shared). If the relaying groups together save less than one launch, none relays."""
     decisions = []
     for g in groups:
         t_plain, t_relay = plain_time(g, shape, device), relay_time(g, shape, device)
         shared = g.num_reqs > 1 and g.prefix_len > 0
-        decisions.append(GroupDecision(relay=shared and t_relay < t_plain, plain_s=t_plain, relay_s=t_relay))
+        decisions.append(
+            GroupDecision(relay=shared and t_relay < t_plain, plain_s=t_plain, relay_s=t_relay)
+        )
     saving = sum(d.plain_s - d.relay_s for d in decisions if d.relay)
     if saving <= device.launch_s:
         decisions = [GroupDecision(False, d.plain_s, d.relay_s) for d in decisions]

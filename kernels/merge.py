@@ -45,8 +45,14 @@ def merge_attn_states(
         check_out(name, t, output, dtypes=(torch.float16, torch.bfloat16, torch.float32))
     for name, t in (("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse)):
         check_lse(name, t, num_heads, num_tokens, output.device)
-    _launch_merge(output, output_lse, prefix_output.unsqueeze(0), prefix_lse.unsqueeze(0),
-                  suffix_output.unsqueeze(0), suffix_lse.unsqueeze(0))
+    _launch_merge(
+        output,
+        output_lse,
+        prefix_output.unsqueeze(0),
+        prefix_lse.unsqueeze(0),
+        suffix_output.unsqueeze(0),
+        suffix_lse.unsqueeze(0),
+    )
 
 
 def merge_partial_states(
@@ -61,20 +67,26 @@ def merge_partial_states(
     check_shape("partial_output", partial_output, (None,) + tuple(output.shape))
     check_tensor("partial_lse", partial_lse, 3, (torch.float32,), output.device)
     check_shape("partial_lse", partial_lse, (num_splits, output.shape[1], output.shape[0]))
-    _launch_merge(output, output_lse, partial_output, partial_lse, partial_output[:0], partial_lse[:0])
+    _launch_merge(
+        output, output_lse, partial_output, partial_lse, partial_output[:0], partial_lse[:0]
+    )
 
 
 def _launch_merge(output, output_lse, a_out, a_lse, b_out, b_lse) -> None:
     """output = merge(all splits of a, all splits of b); b may have 0 splits."""
     check_tensor("output", output, 3, (torch.float16, torch.bfloat16, torch.float32))
     if output.stride(-1) != 1:
-        raise ValueError(f"output must be contiguous in its last dim, got strides {output.stride()}")
+        raise ValueError(
+            f"output must be contiguous in its last dim, got strides {output.stride()}"
+        )
     num_tokens, num_heads, head_size = output.shape
     if output_lse is not None:
         check_lse("output_lse", output_lse, num_heads, num_tokens, output.device)
     for name, t in (("partial outputs", a_out), ("partial outputs", b_out)):
         if t.shape[-1] > 1 and t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in their last dim, got strides {t.stride()}")
+            raise ValueError(
+                f"{name} must be contiguous in their last dim, got strides {t.stride()}"
+            )
     if num_tokens == 0:
         return
     # One program per (token, BLOCK_H heads), each split's [BLOCK_H, head_size] load issued together
@@ -87,18 +99,34 @@ def _launch_merge(output, output_lse, a_out, a_lse, b_out, b_lse) -> None:
     grid = (num_tokens, triton.cdiv(num_heads, block_h))
     lse_out = output_lse if output_lse is not None else a_lse  # a dummy pointer when not stored
     _merge_states_kernel[grid](
-        out_ptr=output, out_lse_ptr=lse_out,
-        a_out_ptr=a_out, a_lse_ptr=a_lse, b_out_ptr=b_out if b_out.shape[0] else a_out,
+        out_ptr=output,
+        out_lse_ptr=lse_out,
+        a_out_ptr=a_out,
+        a_lse_ptr=a_lse,
+        b_out_ptr=b_out if b_out.shape[0] else a_out,
         b_lse_ptr=b_lse if b_lse.shape[0] else a_lse,
         num_heads=num_heads,
-        stride_o_tok=output.stride(0), stride_o_head=output.stride(1),
-        stride_ol_head=lse_out.stride(-2), stride_ol_tok=lse_out.stride(-1),
-        stride_a_split=a_out.stride(0), stride_a_tok=a_out.stride(1), stride_a_head=a_out.stride(2),
-        stride_al_split=a_lse.stride(0), stride_al_head=a_lse.stride(1), stride_al_tok=a_lse.stride(2),
-        stride_b_split=b_out.stride(0), stride_b_tok=b_out.stride(1), stride_b_head=b_out.stride(2),
-        stride_bl_split=b_lse.stride(0), stride_bl_head=b_lse.stride(1), stride_bl_tok=b_lse.stride(2),
-        NUM_A=a_out.shape[0], NUM_B=b_out.shape[0],
-        HEAD_SIZE=head_size, HEAD_PAD=max(next_pow2(head_size), 16), BLOCK_H=block_h,
+        stride_o_tok=output.stride(0),
+        stride_o_head=output.stride(1),
+        stride_ol_head=lse_out.stride(-2),
+        stride_ol_tok=lse_out.stride(-1),
+        stride_a_split=a_out.stride(0),
+        stride_a_tok=a_out.stride(1),
+        stride_a_head=a_out.stride(2),
+        stride_al_split=a_lse.stride(0),
+        stride_al_head=a_lse.stride(1),
+        stride_al_tok=a_lse.stride(2),
+        stride_b_split=b_out.stride(0),
+        stride_b_tok=b_out.stride(1),
+        stride_b_head=b_out.stride(2),
+        stride_bl_split=b_lse.stride(0),
+        stride_bl_head=b_lse.stride(1),
+        stride_bl_tok=b_lse.stride(2),
+        NUM_A=a_out.shape[0],
+        NUM_B=b_out.shape[0],
+        HEAD_SIZE=head_size,
+        HEAD_PAD=max(next_pow2(head_size), 16),
+        BLOCK_H=block_h,
         STORE_LSE=output_lse is not None,
     )
 
@@ -136,13 +164,29 @@ def finalize_state(m_i, l_i, acc):
 
 
 @triton.jit
-def _absorb_splits(m_i, l_i, acc, out_ptr, lse_ptr, row_off, lse_row_off, mask,
-                   stride_split, stride_lse_split, offs_d, d_mask, NUM_SPLITS: tl.constexpr):
+def _absorb_splits(
+    m_i,
+    l_i,
+    acc,
+    out_ptr,
+    lse_ptr,
+    row_off,
+    lse_row_off,
+    mask,
+    stride_split,
+    stride_lse_split,
+    offs_d,
+    d_mask,
+    NUM_SPLITS: tl.constexpr,
+):
     for s in tl.static_range(NUM_SPLITS):
         lse = tl.load(lse_ptr + s * stride_lse_split + lse_row_off, mask=mask, other=float("-inf"))
         lse = tl.where(lse == float("inf"), float("-inf"), lse)  # FA2's empty marker
-        o = tl.load(out_ptr + s * stride_split + row_off[:, None] + offs_d[None, :],
-                    mask=mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        o = tl.load(
+            out_ptr + s * stride_split + row_off[:, None] + offs_d[None, :],
+            mask=mask[:, None] & d_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         m_i, l_i, acc = absorb_partial(m_i, l_i, acc, o, lse)
     return m_i, l_i, acc
 
@@ -156,9 +200,22 @@ def _merge_states_kernel(
     b_out_ptr,  # [num_b, num_tokens, num_heads, head_size]
     b_lse_ptr,  # [num_b, num_heads, num_tokens] float32
     num_heads,
-    stride_o_tok, stride_o_head, stride_ol_head, stride_ol_tok,
-    stride_a_split, stride_a_tok, stride_a_head, stride_al_split, stride_al_head, stride_al_tok,
-    stride_b_split, stride_b_tok, stride_b_head, stride_bl_split, stride_bl_head, stride_bl_tok,
+    stride_o_tok,
+    stride_o_head,
+    stride_ol_head,
+    stride_ol_tok,
+    stride_a_split,
+    stride_a_tok,
+    stride_a_head,
+    stride_al_split,
+    stride_al_head,
+    stride_al_tok,
+    stride_b_split,
+    stride_b_tok,
+    stride_b_head,
+    stride_bl_split,
+    stride_bl_head,
+    stride_bl_tok,
     NUM_A: tl.constexpr,  # splits of state a
     NUM_B: tl.constexpr,  # splits of state b (may be 0)
     HEAD_SIZE: tl.constexpr,
@@ -174,14 +231,36 @@ def _merge_states_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_PAD], tl.float32)
-    m_i, l_i, acc = _absorb_splits(m_i, l_i, acc, a_out_ptr, a_lse_ptr,
-                                   tok * stride_a_tok + heads * stride_a_head,
-                                   heads * stride_al_head + tok * stride_al_tok, h_mask,
-                                   stride_a_split, stride_al_split, offs_d, d_mask, NUM_A)
-    m_i, l_i, acc = _absorb_splits(m_i, l_i, acc, b_out_ptr, b_lse_ptr,
-                                   tok * stride_b_tok + heads * stride_b_head,
-                                   heads * stride_bl_head + tok * stride_bl_tok, h_mask,
-                                   stride_b_split, stride_bl_split, offs_d, d_mask, NUM_B)
+    m_i, l_i, acc = _absorb_splits(
+        m_i,
+        l_i,
+        acc,
+        a_out_ptr,
+        a_lse_ptr,
+        tok * stride_a_tok + heads * stride_a_head,
+        heads * stride_al_head + tok * stride_al_tok,
+        h_mask,
+        stride_a_split,
+        stride_al_split,
+        offs_d,
+        d_mask,
+        NUM_A,
+    )
+    m_i, l_i, acc = _absorb_splits(
+        m_i,
+        l_i,
+        acc,
+        b_out_ptr,
+        b_lse_ptr,
+        tok * stride_b_tok + heads * stride_b_head,
+        heads * stride_bl_head + tok * stride_bl_tok,
+        h_mask,
+        stride_b_split,
+        stride_bl_split,
+        offs_d,
+        d_mask,
+        NUM_B,
+    )
     out, lse = finalize_state(m_i, l_i, acc)
     o_ptrs = out_ptr + tok * stride_o_tok + heads[:, None] * stride_o_head + offs_d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
@@ -200,8 +279,12 @@ def merge_attn_states_ref(
     suffix_lse: torch.Tensor,  # [num_heads, num_tokens] float32
     output_lse: torch.Tensor | None = None,  # [num_heads, num_tokens] float32
 ) -> None:
-    merge_partial_states_ref(output, torch.stack([prefix_output.float(), suffix_output.float()]),
-                             torch.stack([prefix_lse, suffix_lse]), output_lse)
+    merge_partial_states_ref(
+        output,
+        torch.stack([prefix_output.float(), suffix_output.float()]),
+        torch.stack([prefix_lse, suffix_lse]),
+        output_lse,
+    )
 
 
 def merge_partial_states_ref(
@@ -221,4 +304,6 @@ def merge_partial_states_ref(
     out = num / torch.where(has, denom, torch.ones_like(denom)).t().unsqueeze(-1)
     output.copy_(out.to(output.dtype))
     if output_lse is not None:
-        output_lse.copy_(torch.where(has, m_safe + torch.log(denom), torch.full_like(denom, float("-inf"))))
+        output_lse.copy_(
+            torch.where(has, m_safe + torch.log(denom), torch.full_like(denom, float("-inf")))
+        )

@@ -46,7 +46,6 @@ from ._launch import (
 from ._paged_attend import paged_attend
 from .merge import absorb_partial, finalize_state, merge_partial_states
 
-
 # ---------------------------------------------------------------- launcher
 
 
@@ -64,7 +63,8 @@ def paged_suffix(
     *,
     return_lse: bool = True,
     prefix_state: tuple[torch.Tensor, torch.Tensor] | None = None,
-    # ^ ([num_parts, num_tokens, num_q_heads, head_size] fp32, [num_parts, num_q_heads, num_tokens] fp32)
+    # ^ ([num_parts, num_tokens, num_q_heads, head_size] fp32,
+    #    [num_parts, num_q_heads, num_tokens] fp32)
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
@@ -74,10 +74,12 @@ def paged_suffix(
 
     `prefix_state` (from `relay_prefix_partials`) is merged into the rows of requests with
     prefix_lens > 0; the returned lse then covers prefix + suffix. `max_query_len` / `max_seq_len`
-    size the grid; pass them (host ints) to avoid a device sync. `num_splits` overrides the KV split,
-    `config` the tile choices of `_suffix_config` (for tuning; BLOCK_Q follows BLOCK_M).
+    size the grid; pass them (host ints) to avoid a device sync. `num_splits` overrides the KV
+    split, `config` the tile choices of `_suffix_config` (for tuning; BLOCK_Q follows BLOCK_M).
     """
-    _check_suffix_args(query, key_cache, value_cache, query_start_loc, seq_lens, block_table, prefix_lens)
+    _check_suffix_args(
+        query, key_cache, value_cache, query_start_loc, seq_lens, block_table, prefix_lens
+    )
     num_tokens, num_q_heads, head_size = query.shape
     block_size, num_kv_heads, _ = check_kv_cache(key_cache, value_cache, query)
     out = torch.empty_like(query) if out is None else out
@@ -91,18 +93,29 @@ def paged_suffix(
     num_reqs = seq_lens.shape[0]
     if num_reqs == 0 or num_tokens == 0:
         return out, lse
-    max_query_len = host_int(max_query_len, lambda: (query_start_loc[1:] - query_start_loc[:-1]).max())
+    max_query_len = host_int(
+        max_query_len, lambda: (query_start_loc[1:] - query_start_loc[:-1]).max()
+    )
     max_seq_len = host_int(max_seq_len, lambda: seq_lens.max())
     cfg = _suffix_config(num_q_heads // num_kv_heads, head_size, block_size, max_query_len, config)
     n_q_tiles = num_reqs if cfg["ONE_TILE_PER_REQ"] else num_tokens // cfg["BLOCK_Q"] + num_reqs
     if num_splits is None:
-        num_splits = _pick_num_splits(n_q_tiles * num_kv_heads, max_seq_len, cfg["TILE_N"], device_sms(query))
+        num_splits = _pick_num_splits(
+            n_q_tiles * num_kv_heads, max_seq_len, cfg["TILE_N"], device_sms(query)
+        )
     split_kv = num_splits > 1
     if split_kv:
-        part_out = torch.empty((num_splits,) + tuple(query.shape), dtype=torch.float32, device=query.device)
-        part_lse = torch.empty(num_splits, num_q_heads, num_tokens, dtype=torch.float32, device=query.device)
+        part_out = torch.empty(
+            (num_splits,) + tuple(query.shape), dtype=torch.float32, device=query.device
+        )
+        part_lse = torch.empty(
+            num_splits, num_q_heads, num_tokens, dtype=torch.float32, device=query.device
+        )
     else:  # the kernel writes out / lse directly; part_* are unused dummies
-        part_out, part_lse = out.unsqueeze(0), (lse if lse is not None else out.new_empty(1, 1, 1)).unsqueeze(0)
+        part_out, part_lse = (
+            out.unsqueeze(0),
+            (lse if lse is not None else out.new_empty(1, 1, 1)).unsqueeze(0),
+        )
     if prefix_state is not None:
         pre_out, pre_lse = prefix_state
     else:
@@ -111,48 +124,88 @@ def paged_suffix(
     upcast, precision = dot_flags(query.dtype)
     grid = (n_q_tiles, num_kv_heads, num_splits)
     _paged_suffix_kernel[grid](
-        out_ptr=out, lse_ptr=lse_arg, part_out_ptr=part_out, part_lse_ptr=part_lse,
-        query_ptr=query, key_cache_ptr=key_cache, value_cache_ptr=value_cache,
-        query_start_loc_ptr=query_start_loc, seq_lens_ptr=seq_lens, prefix_lens_ptr=prefix_lens,
-        block_table_ptr=block_table, prefix_out_ptr=pre_out, prefix_lse_ptr=pre_lse,
-        num_reqs=num_reqs, qk_scale=softmax_scale * 1.4426950408889634,
-        stride_q_tok=query.stride(0), stride_q_head=query.stride(1),
-        stride_o_tok=out.stride(0), stride_o_head=out.stride(1),
-        stride_l_head=lse_arg.stride(-2), stride_l_tok=lse_arg.stride(-1),
-        stride_po_split=part_out.stride(0), stride_po_tok=part_out.stride(1), stride_po_head=part_out.stride(2),
-        stride_pl_split=part_lse.stride(0), stride_pl_head=part_lse.stride(1), stride_pl_tok=part_lse.stride(2),
-        stride_xo_split=pre_out.stride(0), stride_xo_tok=pre_out.stride(1), stride_xo_head=pre_out.stride(2),
-        stride_xl_split=pre_lse.stride(0), stride_xl_head=pre_lse.stride(1), stride_xl_tok=pre_lse.stride(2),
+        out_ptr=out,
+        lse_ptr=lse_arg,
+        part_out_ptr=part_out,
+        part_lse_ptr=part_lse,
+        query_ptr=query,
+        key_cache_ptr=key_cache,
+        value_cache_ptr=value_cache,
+        query_start_loc_ptr=query_start_loc,
+        seq_lens_ptr=seq_lens,
+        prefix_lens_ptr=prefix_lens,
+        block_table_ptr=block_table,
+        prefix_out_ptr=pre_out,
+        prefix_lse_ptr=pre_lse,
+        num_reqs=num_reqs,
+        qk_scale=softmax_scale * 1.4426950408889634,
+        stride_q_tok=query.stride(0),
+        stride_q_head=query.stride(1),
+        stride_o_tok=out.stride(0),
+        stride_o_head=out.stride(1),
+        stride_l_head=lse_arg.stride(-2),
+        stride_l_tok=lse_arg.stride(-1),
+        stride_po_split=part_out.stride(0),
+        stride_po_tok=part_out.stride(1),
+        stride_po_head=part_out.stride(2),
+        stride_pl_split=part_lse.stride(0),
+        stride_pl_head=part_lse.stride(1),
+        stride_pl_tok=part_lse.stride(2),
+        stride_xo_split=pre_out.stride(0),
+        stride_xo_tok=pre_out.stride(1),
+        stride_xo_head=pre_out.stride(2),
+        stride_xl_split=pre_lse.stride(0),
+        stride_xl_head=pre_lse.stride(1),
+        stride_xl_tok=pre_lse.stride(2),
         stride_bt_req=block_table.stride(0),
-        stride_k_blk=key_cache.stride(0), stride_k_slot=key_cache.stride(1), stride_k_head=key_cache.stride(2),
-        stride_v_blk=value_cache.stride(0), stride_v_slot=value_cache.stride(1), stride_v_head=value_cache.stride(2),
-        QUERIES_PER_KV=num_q_heads // num_kv_heads, HEAD_SIZE=head_size, HEAD_PAD=max(next_pow2(head_size), 16),
-        BLOCK_SIZE=block_size, NUM_PREFIX_PARTS=pre_out.shape[0] if prefix_state is not None else 0,
+        stride_k_blk=key_cache.stride(0),
+        stride_k_slot=key_cache.stride(1),
+        stride_k_head=key_cache.stride(2),
+        stride_v_blk=value_cache.stride(0),
+        stride_v_slot=value_cache.stride(1),
+        stride_v_head=value_cache.stride(2),
+        QUERIES_PER_KV=num_q_heads // num_kv_heads,
+        HEAD_SIZE=head_size,
+        HEAD_PAD=max(next_pow2(head_size), 16),
+        BLOCK_SIZE=block_size,
+        NUM_PREFIX_PARTS=pre_out.shape[0] if prefix_state is not None else 0,
         SPLIT_KV=split_kv,
-        STORE_LSE=lse is not None, UPCAST_DOT=upcast, DOT_PRECISION=precision, **cfg,
+        STORE_LSE=lse is not None,
+        UPCAST_DOT=upcast,
+        DOT_PRECISION=precision,
+        **cfg,
     )
     if split_kv:
         merge_partial_states(out, part_out, part_lse, lse)
     return out, lse
 
 
-def _suffix_config(queries_per_kv: int, head_size: int, block_size: int, max_query_len: int,
-                   override: dict | None = None) -> dict:
+def _suffix_config(
+    queries_per_kv: int,
+    head_size: int,
+    block_size: int,
+    max_query_len: int,
+    override: dict | None = None,
+) -> dict:
     """Tile sizes, chosen here (no autotune at serve time: the kernel runs under CUDA graphs).
 
     BLOCK_M rows = BLOCK_Q tokens x QPK_PAD heads. tl.dot needs M >= 16, so a decode row block
-    (one token) is padded to 16 rows; 128 rows for prefill follows the Triton attention tutorial's
-    BLOCK_M on Hopper. TILE_N = 64 keys: 16 KB per K or V tile at head 128 fp16, so 2-3 stages x 2-3
-    CTAs keep ~100-200 KB of loads in flight per SM, enough to cover HBM latency (guessed from
-    Little's law; to confirm with benchmarks/benchmark_kernels.py). num_warps 4 / 8 and num_stages
-    3 / 2 are the tutorial's choices for these tile shapes (guessed, not tuned here).
+    (one token) is padded to 16 rows. Decode: TILE_N = 64 keys (16 KB per K or V tile at head 128
+    fp16), 4 warps, 3 stages: 87-95% of the measured copy bandwidth on an H100 at batch 64-256,
+    ahead of FA3 on the same blocks; TILE_N 32/128, 2/8 warps and 2/4 stages were within 2% or
+    slower (measured, benchmarks/benchmark_kernels.py --tune). Prefill: 128 rows x 32 keys, 4 warps,
+    2 stages, the best of 24 configurations (measured; ~2.4x behind FA3, see relay_prefix).
     """
     qpk_pad = next_pow2(queries_per_kv)
     rows = next_pow2(max(max_query_len, 1) * qpk_pad)
     block_m = min(max(rows, 16, qpk_pad), max(128, qpk_pad))
     big = block_m >= 128
-    cfg = dict(BLOCK_M=block_m, TILE_N=64 if head_size <= 128 else 32,
-               num_warps=8 if big else 4, num_stages=2 if big else 3)
+    cfg = dict(
+        BLOCK_M=block_m,
+        TILE_N=32 if big or head_size > 128 else 64,
+        num_warps=4,
+        num_stages=2 if big else 3,
+    )
     cfg.update(override or {})
     block_q = max(cfg["BLOCK_M"] // qpk_pad, 1)
     return dict(cfg, QPK_PAD=qpk_pad, BLOCK_Q=block_q, ONE_TILE_PER_REQ=max_query_len <= block_q)
@@ -171,7 +224,9 @@ def _pick_num_splits(num_programs: int, max_seq_len: int, tile_n: int, sms: int)
     return max(1, min(cdiv(2 * sms, num_programs), max_useful, 32))
 
 
-def _check_suffix_args(query, key_cache, value_cache, query_start_loc, seq_lens, block_table, prefix_lens):
+def _check_suffix_args(
+    query, key_cache, value_cache, query_start_loc, seq_lens, block_table, prefix_lens
+):
     check_query(query)
     dev = query.device
     check_int32("seq_lens", seq_lens, 1, dev)
@@ -232,11 +287,31 @@ def _paged_suffix_kernel(
     prefix_lse_ptr,  # [NUM_PREFIX_PARTS, num_q_heads, num_tokens] float32
     num_reqs,
     qk_scale,  # softmax_scale * log2(e)
-    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_l_head, stride_l_tok,
-    stride_po_split, stride_po_tok, stride_po_head, stride_pl_split, stride_pl_head, stride_pl_tok,
-    stride_xo_split, stride_xo_tok, stride_xo_head, stride_xl_split, stride_xl_head, stride_xl_tok,
+    stride_q_tok,
+    stride_q_head,
+    stride_o_tok,
+    stride_o_head,
+    stride_l_head,
+    stride_l_tok,
+    stride_po_split,
+    stride_po_tok,
+    stride_po_head,
+    stride_pl_split,
+    stride_pl_head,
+    stride_pl_tok,
+    stride_xo_split,
+    stride_xo_tok,
+    stride_xo_head,
+    stride_xl_split,
+    stride_xl_head,
+    stride_xl_tok,
     stride_bt_req,
-    stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head,
+    stride_k_blk,
+    stride_k_slot,
+    stride_k_head,
+    stride_v_blk,
+    stride_v_slot,
+    stride_v_head,
     QUERIES_PER_KV: tl.constexpr,  # query heads per KV head
     QPK_PAD: tl.constexpr,  # next power of 2 of QUERIES_PER_KV
     BLOCK_Q: tl.constexpr,  # query tokens per program
@@ -275,14 +350,20 @@ def _paged_suffix_kernel(
     d_mask = offs_d < HEAD_SIZE
     row_q = q_tile * BLOCK_Q + offs_m // QPK_PAD  # query index within the request
     head = kv_head * QUERIES_PER_KV + offs_m % QPK_PAD
-    row_valid = (offs_m // QPK_PAD < BLOCK_Q) & (row_q < q_len) & (offs_m % QPK_PAD < QUERIES_PER_KV)
+    row_valid = (
+        (offs_m // QPK_PAD < BLOCK_Q) & (row_q < q_len) & (offs_m % QPK_PAD < QUERIES_PER_KV)
+    )
     token = (q_start + row_q).to(tl.int64)
-    q = tl.load(query_ptr + token[:, None] * stride_q_tok + head[:, None] * stride_q_head + offs_d[None, :],
-                mask=row_valid[:, None] & d_mask[None, :], other=0.0)  # Q : (BLOCK_M, HEAD_PAD)
+    q = tl.load(
+        query_ptr + token[:, None] * stride_q_tok + head[:, None] * stride_q_head + offs_d[None, :],
+        mask=row_valid[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # Q : (BLOCK_M, HEAD_PAD)
     row_last_key = tl.where(row_valid, context_len + row_q, -1)
 
     kv_lo = prefix_len
-    kv_hi = tl.minimum(seq_len, context_len + q_tile * BLOCK_Q + BLOCK_Q)  # causal bound of the tile
+    # causal bound of the tile: its last query token sees up to position context_len + last row
+    kv_hi = tl.minimum(seq_len, context_len + q_tile * BLOCK_Q + BLOCK_Q)
     num_tiles = tl.maximum(tl.cdiv(kv_hi - kv_lo, TILE_N), 0)
     tiles_per_split = tl.cdiv(num_tiles, num_splits)
     tile_begin = split * tiles_per_split
@@ -292,33 +373,81 @@ def _paged_suffix_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     m_i, l_i, acc = paged_attend(
-        q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, block_table_ptr + req.to(tl.int64) * stride_bt_req,
-        kv_head, tile_begin, tile_end, kv_lo, kv_hi, row_last_key, qk_scale,
-        stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head,
-        BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_PAD, UPCAST_DOT, DOT_PRECISION,
+        q,
+        m_i,
+        l_i,
+        acc,
+        key_cache_ptr,
+        value_cache_ptr,
+        block_table_ptr + req.to(tl.int64) * stride_bt_req,
+        kv_head,
+        tile_begin,
+        tile_end,
+        kv_lo,
+        kv_hi,
+        row_last_key,
+        qk_scale,
+        stride_k_blk,
+        stride_k_slot,
+        stride_k_head,
+        stride_v_blk,
+        stride_v_slot,
+        stride_v_head,
+        BLOCK_SIZE,
+        TILE_N,
+        HEAD_SIZE,
+        HEAD_PAD,
+        UPCAST_DOT,
+        DOT_PRECISION,
     )
     # Fused merge: split 0 of a grouped request folds in the shared-prefix partial states. The
     # loop is unrolled (constexpr count) so the loads of all parts are in flight together; masked
     # rows (other splits, ungrouped requests) read nothing and absorb an empty (-inf) state.
-    x_mask = tl.where(row_valid, tl.where(split == 0, prefix_len, 0), 0) > 0  # (block & scalar-bool
-    # fails under the interpreter: "mask has unsupported dtype")
+    # (Nested tl.where, not `row_valid & (split == 0) & ...`: a block & scalar-bool mask fails
+    # under the interpreter with "mask has unsupported dtype".)
+    x_mask = tl.where(row_valid, tl.where(split == 0, prefix_len, 0), 0) > 0
     for j in tl.static_range(NUM_PREFIX_PARTS):
-        x_lse = tl.load(prefix_lse_ptr + j * stride_xl_split + head * stride_xl_head + token * stride_xl_tok,
-                        mask=x_mask, other=float("-inf"))
-        x_out = tl.load(prefix_out_ptr + j * stride_xo_split + token[:, None] * stride_xo_tok
-                        + head[:, None] * stride_xo_head + offs_d[None, :],
-                        mask=x_mask[:, None] & d_mask[None, :], other=0.0)
+        x_lse = tl.load(
+            prefix_lse_ptr + j * stride_xl_split + head * stride_xl_head + token * stride_xl_tok,
+            mask=x_mask,
+            other=float("-inf"),
+        )
+        x_out = tl.load(
+            prefix_out_ptr
+            + j * stride_xo_split
+            + token[:, None] * stride_xo_tok
+            + head[:, None] * stride_xo_head
+            + offs_d[None, :],
+            mask=x_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
         m_i, l_i, acc = absorb_partial(m_i, l_i, acc, x_out, x_lse)
     out, lse = finalize_state(m_i, l_i, acc)
     o_mask = row_valid[:, None] & d_mask[None, :]
     if SPLIT_KV:
-        tl.store(part_out_ptr + split * stride_po_split + token[:, None] * stride_po_tok
-                 + head[:, None] * stride_po_head + offs_d[None, :], out, mask=o_mask)
-        tl.store(part_lse_ptr + split * stride_pl_split + head * stride_pl_head + token * stride_pl_tok,
-                 lse, mask=row_valid)
+        tl.store(
+            part_out_ptr
+            + split * stride_po_split
+            + token[:, None] * stride_po_tok
+            + head[:, None] * stride_po_head
+            + offs_d[None, :],
+            out,
+            mask=o_mask,
+        )
+        tl.store(
+            part_lse_ptr + split * stride_pl_split + head * stride_pl_head + token * stride_pl_tok,
+            lse,
+            mask=row_valid,
+        )
     else:
-        tl.store(out_ptr + token[:, None] * stride_o_tok + head[:, None] * stride_o_head + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=o_mask)
+        tl.store(
+            out_ptr
+            + token[:, None] * stride_o_tok
+            + head[:, None] * stride_o_head
+            + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=o_mask,
+        )
         if STORE_LSE:
             tl.store(lse_ptr + head * stride_l_head + token * stride_l_tok, lse, mask=row_valid)
 
@@ -353,17 +482,27 @@ def paged_suffix_ref(
     if lse is None and (return_lse or prefix_state is not None):
         lse = torch.empty(num_q_heads, num_tokens, dtype=torch.float32, device=query.device)
     qsl, sl, pl = query_start_loc.tolist(), seq_lens.tolist(), prefix_lens.tolist()
-    own_out = torch.zeros(num_tokens, num_q_heads, query.shape[2], dtype=torch.float32, device=query.device)
+    own_out = torch.zeros(
+        num_tokens, num_q_heads, query.shape[2], dtype=torch.float32, device=query.device
+    )
     own_lse = torch.full((num_q_heads, num_tokens), float("-inf"), device=query.device)
     for r in range(len(sl)):
         q_lo, q_hi = qsl[r], qsl[r + 1]
-        o, l_ = attend_ref(query[q_lo:q_hi], key_cache, value_cache, block_table[r], pl[r], sl[r],
-                           softmax_scale, first_query_pos=sl[r] - (q_hi - q_lo))
+        o, l_ = attend_ref(
+            query[q_lo:q_hi],
+            key_cache,
+            value_cache,
+            block_table[r],
+            pl[r],
+            sl[r],
+            softmax_scale,
+            first_query_pos=sl[r] - (q_hi - q_lo),
+        )
         own_out[q_lo:q_hi], own_lse[:, q_lo:q_hi] = o, l_
     if prefix_state is not None:
         grouped = torch.zeros(num_tokens, dtype=torch.bool, device=query.device)
         for r in range(len(sl)):
-            grouped[qsl[r]:qsl[r + 1]] = pl[r] > 0
+            grouped[qsl[r] : qsl[r + 1]] = pl[r] > 0
         pre_out, pre_lse = prefix_state
         pre_lse = torch.where(grouped, pre_lse, torch.full_like(pre_lse, float("-inf")))
         parts_out = torch.cat([own_out.unsqueeze(0), pre_out.float()])
@@ -376,7 +515,7 @@ def paged_suffix_ref(
 
 
 def gather_kv(cache: torch.Tensor, block_row: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Keys/values at positions [lo, hi) of one block-table row: [hi - lo, num_kv_heads, head_size]."""
+    """Keys/values at positions [lo, hi) of one block-table row: [hi - lo, num_kv_heads, head]."""
     pos = torch.arange(lo, hi, device=cache.device)
     block_size = cache.shape[1]
     return cache[block_row.long()[pos // block_size], pos % block_size]
@@ -395,8 +534,10 @@ def attend_ref(
     """fp32 attention of q over keys [kv_lo, kv_hi) of one row; ([n_q, H, D] fp32, [H, n_q] lse)."""
     n_q, num_q_heads, head_size = q.shape
     if n_q == 0 or kv_hi <= kv_lo:
-        return (torch.zeros(n_q, num_q_heads, head_size, device=q.device),
-                torch.full((num_q_heads, n_q), float("-inf"), device=q.device))
+        return (
+            torch.zeros(n_q, num_q_heads, head_size, device=q.device),
+            torch.full((num_q_heads, n_q), float("-inf"), device=q.device),
+        )
     k = gather_kv(key_cache, block_row, kv_lo, kv_hi).float()  # [n_k, Hkv, D]
     v = gather_kv(value_cache, block_row, kv_lo, kv_hi).float()
     rep = num_q_heads // k.shape[1]

@@ -9,6 +9,9 @@ vLLM's cascade attention is the one-group case). Launches per call:
     paged_suffix           each request's own KV, causal       -> out (merge fused in its epilogue)
     merge_partial_states   only when the suffix is split       -> out
 
+or, on CUDA by default ("overlap"), the prefix pass on a side stream concurrent with the suffix pass
+and one merge_attn_states after the join (see `relay_attention`).
+
 Convention: lse: float32, natural log, [num_heads, num_tokens].
 
 Metadata, per batch (`RelayMetadata`); lengths of request r:
@@ -23,11 +26,13 @@ Requirement: every query position of a grouped request is >= its prefix length
 edge-prompt prefill after a cloud prompt; `RelayMetadata.validate` checks it (and everything else).
 """
 
+import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
 
-from ._launch import cdiv
+from ._launch import cdiv, side_stream
 from .merge import merge_attn_states, merge_attn_states_ref
 from .paged_suffix import paged_suffix, paged_suffix_ref
 from .relay_prefix import relay_prefix, relay_prefix_partials, relay_prefix_ref
@@ -35,7 +40,7 @@ from .relay_prefix import relay_prefix, relay_prefix_partials, relay_prefix_ref
 
 @dataclass
 class RelayMetadata:
-    """What the relay kernels need to know about one batch (all tensors int32, on the query's device)."""
+    """What the relay kernels need to know about one batch (int32 tensors on the query's device)."""
 
     query_start_loc: torch.Tensor  # [num_reqs + 1] query token offsets of each request
     seq_lens: torch.Tensor  # [num_reqs] total tokens of each sequence, queries included
@@ -55,10 +60,17 @@ class RelayMetadata:
         return self.group_req_start.shape[0]
 
     @classmethod
-    def build(cls, query_lens: list[int], seq_lens: list[int], block_table: torch.Tensor,
-              groups: list[tuple[int, int, int]], block_size: int) -> "RelayMetadata":
+    def build(
+        cls,
+        query_lens: list[int],
+        seq_lens: list[int],
+        block_table: torch.Tensor,
+        groups: list[tuple[int, int, int]],
+        block_size: int,
+    ) -> "RelayMetadata":
         """From host lists. `groups` holds (req_start, req_end, prefix_len); a group's shared blocks
-        are read from block_table[req_start] (prefix caching makes them the same ids in every row)."""
+        are read from block_table[req_start] (prefix caching makes them the same ids in every
+        row)."""
         dev = block_table.device
         i32 = dict(dtype=torch.int32, device=dev)
         qsl = [0]
@@ -70,34 +82,57 @@ class RelayMetadata:
         width = max([cdiv(p, block_size) for _, _, p in groups] + [1])
         gbt = torch.zeros(len(groups), width, **i32)
         for g, (r0, _, plen) in enumerate(groups):
-            gbt[g, :cdiv(plen, block_size)] = block_table[r0, :cdiv(plen, block_size)]
+            gbt[g, : cdiv(plen, block_size)] = block_table[r0, : cdiv(plen, block_size)]
         return cls(
-            query_start_loc=torch.tensor(qsl, **i32), seq_lens=torch.tensor(seq_lens, **i32),
-            block_table=block_table.to(torch.int32), prefix_lens=torch.tensor(prefix, **i32),
+            query_start_loc=torch.tensor(qsl, **i32),
+            seq_lens=torch.tensor(seq_lens, **i32),
+            block_table=block_table.to(torch.int32),
+            prefix_lens=torch.tensor(prefix, **i32),
             group_req_start=torch.tensor([g[0] for g in groups], **i32),
-            group_req_end=torch.tensor([g[1] for g in groups], **i32), group_block_table=gbt,
+            group_req_end=torch.tensor([g[1] for g in groups], **i32),
+            group_block_table=gbt,
             group_prefix_len=torch.tensor([g[2] for g in groups], **i32),
-            max_query_len=max(query_lens, default=0), max_seq_len=max(seq_lens, default=0),
+            max_query_len=max(query_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
             max_group_query_len=max([qsl[r1] - qsl[r0] for r0, r1, _ in groups], default=0),
             max_prefix_len=max([g[2] for g in groups], default=0),
         )
 
     def validate(self, num_tokens: int, block_size: int) -> None:
         """Check every consistency rule (syncs with the device); raises ValueError."""
-        qsl, sl, pl = self.query_start_loc.tolist(), self.seq_lens.tolist(), self.prefix_lens.tolist()
+        qsl, sl, pl = (
+            self.query_start_loc.tolist(),
+            self.seq_lens.tolist(),
+            self.prefix_lens.tolist(),
+        )
         bt = self.block_table.cpu()
         num_reqs = len(sl)
-        _require(len(qsl) == num_reqs + 1 and qsl[0] == 0, "query_start_loc must be [0, ...] of num_reqs + 1")
-        _require(all(a <= b for a, b in zip(qsl, qsl[1:])), "query_start_loc must be non-decreasing")
-        _require(qsl[-1] <= num_tokens, f"query_start_loc[-1]={qsl[-1]} exceeds num_tokens={num_tokens}")
-        q_lens = [b - a for a, b in zip(qsl, qsl[1:])]
+        _require(
+            len(qsl) == num_reqs + 1 and qsl[0] == 0,
+            "query_start_loc must be [0, ...] of num_reqs + 1",
+        )
+        _require(
+            all(a <= b for a, b in itertools.pairwise(qsl)),
+            "query_start_loc must be non-decreasing",
+        )
+        _require(
+            qsl[-1] <= num_tokens, f"query_start_loc[-1]={qsl[-1]} exceeds num_tokens={num_tokens}"
+        )
+        q_lens = [b - a for a, b in itertools.pairwise(qsl)]
         for r in range(num_reqs):
-            _require(sl[r] - q_lens[r] >= pl[r] >= 0,
-                     f"request {r}: query positions must be >= prefix_lens ({pl[r]}); seq_len={sl[r]}, "
-                     f"query_len={q_lens[r]}")
-            _require(cdiv(sl[r], block_size) <= bt.shape[1], f"block_table row {r} too short for seq_len {sl[r]}")
+            _require(
+                sl[r] - q_lens[r] >= pl[r] >= 0,
+                f"request {r}: query positions must be >= prefix_lens ({pl[r]}); seq_len={sl[r]}, "
+                f"query_len={q_lens[r]}",
+            )
+            _require(
+                cdiv(sl[r], block_size) <= bt.shape[1],
+                f"block_table row {r} too short for seq_len {sl[r]}",
+            )
         self._validate_groups(pl, bt, block_size)
-        _require(self.max_query_len >= max(q_lens, default=0), "max_query_len is below the real maximum")
+        _require(
+            self.max_query_len >= max(q_lens, default=0), "max_query_len is below the real maximum"
+        )
         _require(self.max_seq_len >= max(sl, default=0), "max_seq_len is below the real maximum")
 
     def _validate_groups(self, pl: list[int], bt: torch.Tensor, block_size: int) -> None:
@@ -108,14 +143,24 @@ class RelayMetadata:
         for g, (r0, r1, plen) in enumerate(zip(starts, ends, plens)):
             _require(0 <= r0 < r1 <= len(pl), f"group {g}: bad request range [{r0}, {r1})")
             n_blk = cdiv(plen, block_size)
-            _require(n_blk <= gbt.shape[1], f"group_block_table row {g} too short for prefix {plen}")
+            _require(
+                n_blk <= gbt.shape[1], f"group_block_table row {g} too short for prefix {plen}"
+            )
             for r in range(r0, r1):
                 _require(not covered[r], f"request {r} is in two groups")
                 covered[r] = True
-                _require(pl[r] == plen, f"request {r}: prefix_lens={pl[r]} != group_prefix_len[{g}]={plen}")
-                _require(bool((bt[r, :n_blk] == gbt[g, :n_blk]).all()),
-                         f"request {r}: block_table does not hold group {g}'s shared blocks")
-            _require(self.max_group_query_len >= qsl[r1] - qsl[r0], "max_group_query_len is below the real maximum")
+                _require(
+                    pl[r] == plen,
+                    f"request {r}: prefix_lens={pl[r]} != group_prefix_len[{g}]={plen}",
+                )
+                _require(
+                    bool((bt[r, :n_blk] == gbt[g, :n_blk]).all()),
+                    f"request {r}: block_table does not hold group {g}'s shared blocks",
+                )
+            _require(
+                self.max_group_query_len >= qsl[r1] - qsl[r0],
+                "max_group_query_len is below the real maximum",
+            )
             _require(self.max_prefix_len >= plen, "max_prefix_len is below the real maximum")
         for r, c in enumerate(covered):
             _require(c or pl[r] == 0, f"request {r} has prefix_lens={pl[r]} but is in no group")
@@ -124,6 +169,9 @@ class RelayMetadata:
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(f"RelayMetadata: {msg}")
+
+
+SCHEDULES = ("auto", "fused", "overlap", "serial")
 
 
 def relay_attention(
@@ -135,7 +183,7 @@ def relay_attention(
     out: torch.Tensor | None = None,  # [num_tokens, num_q_heads, head_size]
     *,
     return_lse: bool = False,
-    fuse_merge: bool = True,
+    schedule: str = "auto",
     validate: bool | None = None,
     prefix_splits: int | None = None,
     suffix_splits: int | None = None,
@@ -144,34 +192,99 @@ def relay_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query over (its group's shared prefix || its own KV); `out` (and lse).
 
-    `validate` (default: only when the tensors are on the CPU, where it is cheap) runs
-    `meta.validate`. `fuse_merge=False` runs the three-kernel form (prefix, suffix, merge_attn_states). The
-    *_splits / *_config arguments override the launchers' choices (for tests and tuning).
+    schedule:
+      "fused"   prefix partials, then the suffix kernel folds them in (2 launches, one stream)
+      "overlap" prefix pass on a side CUDA stream, concurrent with the suffix pass, then
+                merge_attn_states: the prefix pass's latency hides under the suffix's, and its
+                splits are not capped by the suffix epilogue. On an H100 (CUDA graphs) it beat
+                "fused" by 8-10 us at batch 32-64, by 27 us at 8 GQA requests / prefix 4096, and
+                was within 1.3% either way at batch 128-256 (measured)
+      "serial"  prefix, suffix, merge_attn_states on one stream (vLLM's cascade shape)
+      "auto"    "overlap" on CUDA, "fused" elsewhere (the CPU interpreter has no streams)
+    Fork/join on the side stream is CUDA-graph safe. `validate` (default: only when the tensors
+    are on the CPU, where it is cheap) runs `meta.validate`. The *_splits / *_config arguments
+    override the launchers' choices (for tests and tuning).
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if validate if validate is not None else query.device.type == "cpu":
         meta.validate(query.shape[0], key_cache.shape[1])
+    if schedule == "auto":
+        schedule = "overlap" if query.is_cuda else "fused"
     out = torch.empty_like(query) if out is None else out
-    lse = torch.empty(query.shape[1], query.shape[0], dtype=torch.float32, device=query.device) if return_lse else None
-    suffix_args = (query, key_cache, value_cache, meta.query_start_loc, meta.seq_lens, meta.block_table,
-                   meta.prefix_lens, softmax_scale)
-    suffix_kw = dict(max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len, num_splits=suffix_splits,
-                     config=suffix_config)
-    prefix_args = (query, key_cache, value_cache, meta.query_start_loc, meta.group_req_start, meta.group_req_end,
-                   meta.group_block_table, meta.group_prefix_len, softmax_scale)
-    prefix_kw = dict(max_group_query_len=meta.max_group_query_len, max_prefix_len=meta.max_prefix_len,
-                     num_splits=prefix_splits, config=prefix_config)
+    lse = (
+        torch.empty(query.shape[1], query.shape[0], dtype=torch.float32, device=query.device)
+        if return_lse
+        else None
+    )
+    suffix_args = (
+        query,
+        key_cache,
+        value_cache,
+        meta.query_start_loc,
+        meta.seq_lens,
+        meta.block_table,
+        meta.prefix_lens,
+        softmax_scale,
+    )
+    suffix_kw = dict(
+        max_query_len=meta.max_query_len,
+        max_seq_len=meta.max_seq_len,
+        num_splits=suffix_splits,
+        config=suffix_config,
+    )
+    prefix_args = (
+        query,
+        key_cache,
+        value_cache,
+        meta.query_start_loc,
+        meta.group_req_start,
+        meta.group_req_end,
+        meta.group_block_table,
+        meta.group_prefix_len,
+        softmax_scale,
+    )
+    prefix_kw = dict(
+        max_group_query_len=meta.max_group_query_len,
+        max_prefix_len=meta.max_prefix_len,
+        num_splits=prefix_splits,
+        config=prefix_config,
+    )
     if meta.num_groups == 0 or meta.max_prefix_len == 0:  # no sharing: plain paged attention
         paged_suffix(*suffix_args, out=out, lse=lse, return_lse=return_lse, **suffix_kw)
-    elif fuse_merge:
+    elif schedule == "fused":
         parts = relay_prefix_partials(*prefix_args, **prefix_kw)
-        paged_suffix(*suffix_args, out=out, lse=lse, return_lse=return_lse, prefix_state=parts, **suffix_kw)
+        paged_suffix(
+            *suffix_args, out=out, lse=lse, return_lse=return_lse, prefix_state=parts, **suffix_kw
+        )
     else:
-        pre_out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
-        pre_out, pre_lse = relay_prefix(*prefix_args, out=pre_out, **prefix_kw)
-        suf_out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
-        suf_out, suf_lse = paged_suffix(*suffix_args, out=suf_out, return_lse=True, **suffix_kw)
+        f32 = dict(dtype=torch.float32, device=query.device)
+        pre_out, pre_lse = (
+            torch.empty(query.shape, **f32),
+            torch.empty(query.shape[1], query.shape[0], **f32),
+        )
+        side = side_stream(query.device) if schedule == "overlap" and query.is_cuda else None
+        with _forked(side):  # prefix pass, on the side stream when overlapping
+            relay_prefix(*prefix_args, out=pre_out, lse=pre_lse, **prefix_kw)
+        suf_out, suf_lse = paged_suffix(
+            *suffix_args, out=torch.empty(query.shape, **f32), **suffix_kw
+        )
+        if side is not None:  # join before the merge reads the prefix state
+            torch.cuda.current_stream(query.device).wait_stream(side)
         merge_attn_states(out, pre_out, pre_lse, suf_out, suf_lse, lse)
     return (out, lse) if return_lse else out
+
+
+@contextlib.contextmanager
+def _forked(side):
+    """Run the block on `side` after everything queued so far on the current stream (None: no-op).
+    Buffers are allocated on the current stream beforehand and read there only after the join."""
+    if side is None:
+        yield
+        return
+    side.wait_stream(torch.cuda.current_stream(side.device))
+    with torch.cuda.stream(side):
+        yield
 
 
 def relay_attention_ref(
@@ -183,24 +296,43 @@ def relay_attention_ref(
     out: torch.Tensor | None = None,  # [num_tokens, num_q_heads, head_size]
     *,
     return_lse: bool = False,
-    fuse_merge: bool = True,
+    schedule: str = "auto",
     validate: bool | None = None,
     prefix_splits: int | None = None,
     suffix_splits: int | None = None,
     prefix_config: dict | None = None,
     suffix_config: dict | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """fp32 torch version of `relay_attention`: prefix ref + suffix ref + merge ref (always validates;
-    the tuning arguments are accepted and ignored)."""
-    meta.validate(query.shape[0], key_cache.shape[1])
+    """fp32 torch version of `relay_attention`: prefix, suffix and merge refs. Validates `meta`
+    unless validate=False; the schedule and tuning arguments are accepted and ignored."""
+    if validate is not False:
+        meta.validate(query.shape[0], key_cache.shape[1])
     out = torch.empty_like(query) if out is None else out
     lse = torch.empty(query.shape[1], query.shape[0], dtype=torch.float32, device=query.device)
     f32 = torch.empty(query.shape, dtype=torch.float32, device=query.device)
-    pre_out, pre_lse = relay_prefix_ref(query, key_cache, value_cache, meta.query_start_loc, meta.group_req_start,
-                                        meta.group_req_end, meta.group_block_table, meta.group_prefix_len,
-                                        softmax_scale, out=f32.clone())
-    suf_out, suf_lse = paged_suffix_ref(query, key_cache, value_cache, meta.query_start_loc, meta.seq_lens,
-                                        meta.block_table, meta.prefix_lens, softmax_scale, out=f32.clone())
+    pre_out, pre_lse = relay_prefix_ref(
+        query,
+        key_cache,
+        value_cache,
+        meta.query_start_loc,
+        meta.group_req_start,
+        meta.group_req_end,
+        meta.group_block_table,
+        meta.group_prefix_len,
+        softmax_scale,
+        out=f32.clone(),
+    )
+    suf_out, suf_lse = paged_suffix_ref(
+        query,
+        key_cache,
+        value_cache,
+        meta.query_start_loc,
+        meta.seq_lens,
+        meta.block_table,
+        meta.prefix_lens,
+        softmax_scale,
+        out=f32.clone(),
+    )
     merge_attn_states_ref(out, pre_out, pre_lse, suf_out, suf_lse, lse)
     return (out, lse) if return_lse else out
 
@@ -220,6 +352,16 @@ def plain_attention_ref(
     """Plain causal paged attention over each request's whole sequence (the concatenated KV): what
     relay attention must equal. fp32 math."""
     zeros = torch.zeros_like(seq_lens)
-    out, lse = paged_suffix_ref(query, key_cache, value_cache, query_start_loc, seq_lens, block_table, zeros,
-                                softmax_scale, out=out, return_lse=return_lse)
+    out, lse = paged_suffix_ref(
+        query,
+        key_cache,
+        value_cache,
+        query_start_loc,
+        seq_lens,
+        block_table,
+        zeros,
+        softmax_scale,
+        out=out,
+        return_lse=return_lse,
+    )
     return (out, lse) if return_lse else out

@@ -12,8 +12,9 @@ Design: one program per (group x M tile, KV head, prefix split). The M dimension
 BLOCK_T tokens of the group x all query heads of one KV head (GQA: one K/V tile load serves every
 query head that shares it). The prefix is split over NUM_SPLITS programs where the group is small
 (flash-decoding style: one decode group of 64 tokens has only num_kv_heads M tiles); each split
-writes an fp32 partial state. `relay_prefix` reduces the splits itself; `relay_prefix_partials`
-leaves them to the suffix kernel's epilogue (the fused merge, see paged_suffix.py).
+writes an fp32 partial state. `relay_prefix` reduces the splits itself (merge_partial_states; the
+default "overlap" schedule of relay_attention runs it on a side stream); `relay_prefix_partials`
+leaves them to the suffix kernel's epilogue (the "fused" schedule, see paged_suffix.py).
 
 Convention: lse: float32, natural log, [num_heads, num_tokens] (vLLM's merge_attn_states layout).
 """
@@ -39,8 +40,7 @@ from ._paged_attend import paged_attend
 from .merge import finalize_state, merge_partial_states
 from .paged_suffix import attend_ref
 
-
-MAX_SPLITS = 4  # see _pick_num_splits
+MAX_FUSED_SPLITS, MAX_SPLITS = 4, 16  # see _pick_num_splits
 
 # ---------------------------------------------------------------- launchers
 
@@ -73,12 +73,28 @@ def relay_prefix(
     num_tokens, num_q_heads, _ = query.shape
     out = torch.empty_like(query) if out is None else out
     check_out("out", out, query, dtypes=(query.dtype, torch.float32))
-    lse = torch.empty(num_q_heads, num_tokens, dtype=torch.float32, device=query.device) if lse is None else lse
+    lse = (
+        torch.empty(num_q_heads, num_tokens, dtype=torch.float32, device=query.device)
+        if lse is None
+        else lse
+    )
     check_lse("lse", lse, num_q_heads, num_tokens, query.device)
     part_out, part_lse = relay_prefix_partials(
-        query, key_cache, value_cache, query_start_loc, group_req_start, group_req_end, group_block_table,
-        group_prefix_len, softmax_scale, max_group_query_len=max_group_query_len,
-        max_prefix_len=max_prefix_len, num_splits=num_splits, config=config, fill_empty=True,
+        query,
+        key_cache,
+        value_cache,
+        query_start_loc,
+        group_req_start,
+        group_req_end,
+        group_block_table,
+        group_prefix_len,
+        softmax_scale,
+        max_group_query_len=max_group_query_len,
+        max_prefix_len=max_prefix_len,
+        num_splits=num_splits,
+        config=config,
+        fused=False,
+        fill_empty=True,
     )
     merge_partial_states(out, part_out, part_lse, lse)
     return out, lse
@@ -99,90 +115,139 @@ def relay_prefix_partials(
     max_prefix_len: int | None = None,
     num_splits: int | None = None,
     config: dict | None = None,
+    fused: bool = True,
     fill_empty: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unreduced prefix states: ([num_splits, num_tokens, num_q_heads, head_size] fp32,
     [num_splits, num_q_heads, num_tokens] fp32). Rows of tokens outside every group are left
-    unwritten unless `fill_empty` (then their lse is -inf)."""
-    _check_prefix_args(query, query_start_loc, group_req_start, group_req_end, group_block_table,
-                       group_prefix_len)
+    unwritten unless `fill_empty` (then their lse is -inf). `fused`: the states go to the suffix
+    kernel's epilogue (at most MAX_FUSED_SPLITS), not to a merge kernel."""
+    _check_prefix_args(
+        query, query_start_loc, group_req_start, group_req_end, group_block_table, group_prefix_len
+    )
     num_tokens, num_q_heads, head_size = query.shape
     block_size, num_kv_heads, _ = check_kv_cache(key_cache, value_cache, query)
     num_groups = group_req_start.shape[0]
     if num_groups:
-        max_group_query_len = host_int(max_group_query_len, lambda: (
-            query_start_loc[group_req_end.long()] - query_start_loc[group_req_start.long()]).max())
+        max_group_query_len = host_int(
+            max_group_query_len,
+            lambda: (
+                query_start_loc[group_req_end.long()] - query_start_loc[group_req_start.long()]
+            ).max(),
+        )
         max_prefix_len = host_int(max_prefix_len, lambda: group_prefix_len.max())
     else:
         max_group_query_len = max_prefix_len = 0
     cfg = _prefix_config(num_q_heads // num_kv_heads, head_size, max_group_query_len, config)
     m_tiles = max(cdiv(max_group_query_len, cfg["BLOCK_T"]), 1)
     if num_splits is None:
-        num_splits = _pick_num_splits(num_groups * m_tiles * num_kv_heads, max_prefix_len, cfg["TILE_N"],
-                                      device_sms(query))
+        num_splits = _pick_num_splits(
+            num_groups * m_tiles * num_kv_heads,
+            max_prefix_len,
+            cfg["TILE_N"],
+            device_sms(query),
+            fused,
+        )
     alloc = torch.full if fill_empty else torch.empty
     extra = (float("-inf"),) if fill_empty else ()
-    part_out = torch.empty((num_splits,) + tuple(query.shape), dtype=torch.float32, device=query.device)
-    part_lse = alloc((num_splits, num_q_heads, num_tokens), *extra, dtype=torch.float32, device=query.device)
+    part_out = torch.empty(
+        (num_splits,) + tuple(query.shape), dtype=torch.float32, device=query.device
+    )
+    part_lse = alloc(
+        (num_splits, num_q_heads, num_tokens), *extra, dtype=torch.float32, device=query.device
+    )
     if num_groups == 0 or num_tokens == 0 or max_group_query_len == 0:
         return part_out, part_lse
     upcast, precision = dot_flags(query.dtype)
     grid = (num_groups * m_tiles, num_kv_heads, num_splits)
     _relay_prefix_kernel[grid](
-        part_out_ptr=part_out, part_lse_ptr=part_lse, query_ptr=query, key_cache_ptr=key_cache,
-        value_cache_ptr=value_cache, query_start_loc_ptr=query_start_loc,
-        group_req_start_ptr=group_req_start, group_req_end_ptr=group_req_end,
-        group_block_table_ptr=group_block_table, group_prefix_len_ptr=group_prefix_len,
-        m_tiles_per_group=m_tiles, qk_scale=softmax_scale * 1.4426950408889634,
-        stride_q_tok=query.stride(0), stride_q_head=query.stride(1),
-        stride_po_split=part_out.stride(0), stride_po_tok=part_out.stride(1), stride_po_head=part_out.stride(2),
-        stride_pl_split=part_lse.stride(0), stride_pl_head=part_lse.stride(1), stride_pl_tok=part_lse.stride(2),
+        part_out_ptr=part_out,
+        part_lse_ptr=part_lse,
+        query_ptr=query,
+        key_cache_ptr=key_cache,
+        value_cache_ptr=value_cache,
+        query_start_loc_ptr=query_start_loc,
+        group_req_start_ptr=group_req_start,
+        group_req_end_ptr=group_req_end,
+        group_block_table_ptr=group_block_table,
+        group_prefix_len_ptr=group_prefix_len,
+        m_tiles_per_group=m_tiles,
+        qk_scale=softmax_scale * 1.4426950408889634,
+        stride_q_tok=query.stride(0),
+        stride_q_head=query.stride(1),
+        stride_po_split=part_out.stride(0),
+        stride_po_tok=part_out.stride(1),
+        stride_po_head=part_out.stride(2),
+        stride_pl_split=part_lse.stride(0),
+        stride_pl_head=part_lse.stride(1),
+        stride_pl_tok=part_lse.stride(2),
         stride_gbt=group_block_table.stride(0),
-        stride_k_blk=key_cache.stride(0), stride_k_slot=key_cache.stride(1), stride_k_head=key_cache.stride(2),
-        stride_v_blk=value_cache.stride(0), stride_v_slot=value_cache.stride(1), stride_v_head=value_cache.stride(2),
-        QUERIES_PER_KV=num_q_heads // num_kv_heads, HEAD_SIZE=head_size, HEAD_PAD=max(next_pow2(head_size), 16),
-        BLOCK_SIZE=block_size, UPCAST_DOT=upcast, DOT_PRECISION=precision, **cfg,
+        stride_k_blk=key_cache.stride(0),
+        stride_k_slot=key_cache.stride(1),
+        stride_k_head=key_cache.stride(2),
+        stride_v_blk=value_cache.stride(0),
+        stride_v_slot=value_cache.stride(1),
+        stride_v_head=value_cache.stride(2),
+        QUERIES_PER_KV=num_q_heads // num_kv_heads,
+        HEAD_SIZE=head_size,
+        HEAD_PAD=max(next_pow2(head_size), 16),
+        BLOCK_SIZE=block_size,
+        UPCAST_DOT=upcast,
+        DOT_PRECISION=precision,
+        **cfg,
     )
     return part_out, part_lse
 
 
-def _prefix_config(queries_per_kv: int, head_size: int, max_group_query_len: int,
-                   override: dict | None = None) -> dict:
+def _prefix_config(
+    queries_per_kv: int, head_size: int, max_group_query_len: int, override: dict | None = None
+) -> dict:
     """Tile sizes (chosen here, no autotune at serve time).
 
     M rows = BLOCK_T tokens x QPK_PAD heads, as many as the group has, from 16 (tl.dot minimum) to
     64 for decode-sized groups: a 64-request MHA decode group is one 64-row tile per KV head. On an
     H100 (benchmarks/benchmark_kernels.py, batch 64, prefix 1024) 64 rows beat 16 and 32 by 1-3 us
-    for MHA and GQA alike (measured). Prefill-sized groups (>= 1024 rows) take 128 rows, 8 warps,
-    2 stages, the Triton attention tutorial's Hopper choice (guessed). TILE_N = 64 keys (16 KB per
-    K/V tile at head 128 fp16); 4 warps / 3 stages otherwise (measured within noise of 2 stages).
+    for MHA and GQA alike (measured). Prefill-sized groups (>= 1024 rows) take 128 rows x 32 keys,
+    4 warps, 2 stages: the best of 24 configurations for 8 x 512 queries on an H100, 227 TFLOP/s,
+    6% ahead of 128 x 64 x 8 warps (measured; FA3 does ~2.4x better, so route prefill to FA3).
+    Decode-sized: TILE_N = 64 keys (16 KB per K/V tile at head 128 fp16), 4 warps, 3 stages
+    (measured within noise of 2 stages).
     """
     qpk_pad = next_pow2(queries_per_kv)
     rows = next_pow2(max(max_group_query_len, 1) * qpk_pad)
     big = rows >= 1024
     block_m = max(128 if big else min(max(rows, 16), 64), qpk_pad)
-    cfg = dict(BLOCK_M=block_m, TILE_N=64 if head_size <= 128 else 32,
-               num_warps=8 if big else 4, num_stages=2 if big else 3)
+    cfg = dict(
+        BLOCK_M=block_m,
+        TILE_N=32 if big or head_size > 128 else 64,
+        num_warps=4,
+        num_stages=2 if big else 3,
+    )
     cfg.update(override or {})
     return dict(cfg, QPK_PAD=qpk_pad, BLOCK_T=max(cfg["BLOCK_M"] // qpk_pad, 1))
 
 
-def _pick_num_splits(num_programs: int, max_prefix_len: int, tile_n: int, sms: int) -> int:
-    """Enough splits for ~1 program per SM, at >= 2 tiles (128 keys) per split, at most 4.
+def _pick_num_splits(
+    num_programs: int, max_prefix_len: int, tile_n: int, sms: int, fused: bool
+) -> int:
+    """Enough splits for ~1 program per SM, at >= 2 tiles (128 keys) per split.
 
-    Each split costs an fp32 partial state per (token, head), written here and folded in by the
-    suffix kernel's epilogue, whose registers and latency grow with the count: on an H100 (MHA,
-    batch 64, prefix 1024) the fused suffix took +4 / +9 / +32 / +60 us for 2 / 4 / 8 / 16 splits
-    while the prefix pass itself was fastest at 4-8; 4 gave the best total (measured). The count
-    is rebalanced so no split is empty.
+    Each split costs an fp32 partial state per (token, head). Folded in by the suffix kernel's
+    epilogue (`fused`), registers and latency grow with the count: on an H100 (MHA, batch 64,
+    prefix 1024) the fused suffix took +4 / +9 / +32 / +60 us for 2 / 4 / 8 / 16 splits while the
+    prefix pass itself was fastest at 4-8, so 4 is the cap there (measured). Reduced by
+    merge_partial_states instead, 16 is the cap, for long prefixes with few programs (8 GQA
+    requests, prefix 4096: 8 programs without splits). The count is rebalanced so no split is empty.
     """
+    cap = MAX_FUSED_SPLITS if fused else MAX_SPLITS
     max_tiles = max(cdiv(max_prefix_len, tile_n), 1)
-    splits = max(1, min(cdiv(sms, max(num_programs, 1)), cdiv(max_tiles, 2), MAX_SPLITS))
+    splits = max(1, min(cdiv(sms, max(num_programs, 1)), cdiv(max_tiles, 2), cap))
     return cdiv(max_tiles, cdiv(max_tiles, splits))
 
 
-def _check_prefix_args(query, query_start_loc, group_req_start, group_req_end, group_block_table,
-                       group_prefix_len) -> None:
+def _check_prefix_args(
+    query, query_start_loc, group_req_start, group_req_end, group_block_table, group_prefix_len
+) -> None:
     check_query(query)
     dev = query.device
     check_int32("query_start_loc", query_start_loc, 1, dev)
@@ -213,10 +278,21 @@ def _relay_prefix_kernel(
     group_prefix_len_ptr,  # [num_groups] int32
     m_tiles_per_group,
     qk_scale,  # softmax_scale * log2(e)
-    stride_q_tok, stride_q_head,
-    stride_po_split, stride_po_tok, stride_po_head, stride_pl_split, stride_pl_head, stride_pl_tok,
+    stride_q_tok,
+    stride_q_head,
+    stride_po_split,
+    stride_po_tok,
+    stride_po_head,
+    stride_pl_split,
+    stride_pl_head,
+    stride_pl_tok,
     stride_gbt,
-    stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head,
+    stride_k_blk,
+    stride_k_slot,
+    stride_k_head,
+    stride_v_blk,
+    stride_v_slot,
+    stride_v_head,
     QUERIES_PER_KV: tl.constexpr,  # query heads per KV head
     QPK_PAD: tl.constexpr,  # next power of 2 of QUERIES_PER_KV
     BLOCK_T: tl.constexpr,  # group tokens per program
@@ -244,10 +320,15 @@ def _relay_prefix_kernel(
     d_mask = offs_d < HEAD_SIZE
     token = tok_begin + m_tile * BLOCK_T + offs_m // QPK_PAD
     head = kv_head * QUERIES_PER_KV + offs_m % QPK_PAD
-    row_valid = (offs_m // QPK_PAD < BLOCK_T) & (token < tok_end) & (offs_m % QPK_PAD < QUERIES_PER_KV)
+    row_valid = (
+        (offs_m // QPK_PAD < BLOCK_T) & (token < tok_end) & (offs_m % QPK_PAD < QUERIES_PER_KV)
+    )
     token = token.to(tl.int64)
-    q = tl.load(query_ptr + token[:, None] * stride_q_tok + head[:, None] * stride_q_head + offs_d[None, :],
-                mask=row_valid[:, None] & d_mask[None, :], other=0.0)  # Q : (BLOCK_M, HEAD_PAD)
+    q = tl.load(
+        query_ptr + token[:, None] * stride_q_tok + head[:, None] * stride_q_head + offs_d[None, :],
+        mask=row_valid[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # Q : (BLOCK_M, HEAD_PAD)
     row_last_key = tl.where(row_valid, prefix_len - 1, -1)  # not causal: every row sees the prefix
 
     num_tiles = tl.cdiv(prefix_len, TILE_N)
@@ -258,16 +339,48 @@ def _relay_prefix_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     m_i, l_i, acc = paged_attend(
-        q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, group_block_table_ptr + group.to(tl.int64) * stride_gbt,
-        kv_head, tile_begin, tile_end, 0, prefix_len, row_last_key, qk_scale,
-        stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head,
-        BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_PAD, UPCAST_DOT, DOT_PRECISION,
+        q,
+        m_i,
+        l_i,
+        acc,
+        key_cache_ptr,
+        value_cache_ptr,
+        group_block_table_ptr + group.to(tl.int64) * stride_gbt,
+        kv_head,
+        tile_begin,
+        tile_end,
+        0,
+        prefix_len,
+        row_last_key,
+        qk_scale,
+        stride_k_blk,
+        stride_k_slot,
+        stride_k_head,
+        stride_v_blk,
+        stride_v_slot,
+        stride_v_head,
+        BLOCK_SIZE,
+        TILE_N,
+        HEAD_SIZE,
+        HEAD_PAD,
+        UPCAST_DOT,
+        DOT_PRECISION,
     )
     out, lse = finalize_state(m_i, l_i, acc)  # an empty split writes (0, -inf)
-    tl.store(part_out_ptr + split * stride_po_split + token[:, None] * stride_po_tok
-             + head[:, None] * stride_po_head + offs_d[None, :], out, mask=row_valid[:, None] & d_mask[None, :])
-    tl.store(part_lse_ptr + split * stride_pl_split + head * stride_pl_head + token * stride_pl_tok,
-             lse, mask=row_valid)
+    tl.store(
+        part_out_ptr
+        + split * stride_po_split
+        + token[:, None] * stride_po_tok
+        + head[:, None] * stride_po_head
+        + offs_d[None, :],
+        out,
+        mask=row_valid[:, None] & d_mask[None, :],
+    )
+    tl.store(
+        part_lse_ptr + split * stride_pl_split + head * stride_pl_head + token * stride_pl_tok,
+        lse,
+        mask=row_valid,
+    )
 
 
 # ---------------------------------------------------------------- torch reference
@@ -292,16 +405,29 @@ def relay_prefix_ref(
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 torch version of `relay_prefix` (tuning arguments are accepted and ignored)."""
-    num_tokens, num_q_heads, head_size = query.shape
+    num_tokens, num_q_heads, _ = query.shape
     out = torch.empty_like(query) if out is None else out
-    lse = torch.empty(num_q_heads, num_tokens, dtype=torch.float32, device=query.device) if lse is None else lse
+    lse = (
+        torch.empty(num_q_heads, num_tokens, dtype=torch.float32, device=query.device)
+        if lse is None
+        else lse
+    )
     out.zero_()
     lse.fill_(float("-inf"))
     qsl = query_start_loc.tolist()
-    for g, (r0, r1, plen) in enumerate(zip(group_req_start.tolist(), group_req_end.tolist(),
-                                           group_prefix_len.tolist())):
+    for g, (r0, r1, plen) in enumerate(
+        zip(group_req_start.tolist(), group_req_end.tolist(), group_prefix_len.tolist())
+    ):
         t0, t1 = qsl[r0], qsl[r1]
-        o, l_ = attend_ref(query[t0:t1], key_cache, value_cache, group_block_table[g], 0, plen,
-                           softmax_scale, first_query_pos=None)
+        o, l_ = attend_ref(
+            query[t0:t1],
+            key_cache,
+            value_cache,
+            group_block_table[g],
+            0,
+            plen,
+            softmax_scale,
+            first_query_pos=None,
+        )
         out[t0:t1], lse[:, t0:t1] = o.to(out.dtype), l_
     return out, lse

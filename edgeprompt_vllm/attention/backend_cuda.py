@@ -12,7 +12,9 @@ fixed-size buffers and grids sized for the capture batch; see the README.
 
 from dataclasses import dataclass
 
+import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
+from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionImpl,
@@ -21,7 +23,7 @@ from vllm.v1.attention.backends.flash_attn import (
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-from edgeprompt_vllm.attention.relay_batch import RelayBatch, build_relay_batch
+from edgeprompt_vllm.attention.relay_batch import RelayBatch, RestBatch, build_relay_batch
 from edgeprompt_vllm.attention.stats import RELAY_STATS
 from edgeprompt_vllm.kernels import relay_attention
 from edgeprompt_vllm.kernels.cost_model import AttentionShape, GroupShape, choose_relay
@@ -46,7 +48,8 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         stock = super().build(common_prefix_len, common_attn_metadata, fast_build)
         relay = None
         if self.relay_enabled and not stock.use_cascade:
-            relay = build_relay_batch(common_attn_metadata, self.block_size, keep=self._worth_relaying)
+            relay = build_relay_batch(common_attn_metadata, self.block_size, keep=self._worth_relaying,
+                                      split_rest=True)
             RELAY_STATS.record(relay)
         return RelayFlashMetadata(**vars(stock), relay=relay)
 
@@ -74,7 +77,20 @@ class RelayFlashImpl(FlashAttentionImpl):
             out = relay_attention(query[relay.token_order], key_cache, value_cache, relay.meta,
                                   self.scale, validate=False)
             output[relay.token_order] = out
+        if relay.rest is not None:
+            self._flash_attention(query, key_cache, value_cache, relay.rest, output)
         return output
+
+    def _flash_attention(self, query, key_cache, value_cache, rest: RestBatch, output) -> None:
+        """FlashAttention over the requests no group relays (prefills, unshared requests)."""
+        q = query[rest.token_index]  # [num_rest_tokens, num_heads, head_size]
+        out = torch.empty_like(q)
+        flash_attn_varlen_func(
+            q=q, k=key_cache, v=value_cache, out=out, cu_seqlens_q=rest.query_start_loc,
+            max_seqlen_q=rest.max_query_len, seqused_k=rest.seq_lens, max_seqlen_k=rest.max_seq_len,
+            softmax_scale=self.scale, causal=True, block_table=rest.block_table,
+            fa_version=self.vllm_flash_attn_version)
+        output[rest.token_index] = out
 
     def _relay_supported(self) -> bool:
         return (self.attn_type == AttentionType.DECODER and self.alibi_slopes is None

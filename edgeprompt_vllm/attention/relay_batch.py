@@ -9,16 +9,29 @@ import torch
 from edgeprompt_vllm.attention.grouping import find_groups, plan_relay
 from edgeprompt_vllm.kernels import RelayMetadata
 
-# Decides which groups relay: [(requests, prefix_len)] -> the same list, filtered.
+# Decides which groups relay: ([(requests, prefix_len)], query_lens) -> the kept groups.
 GroupFilter = Callable[[list[tuple[list[int], int]], np.ndarray], list[tuple[list[int], int]]]
 
 
 @dataclass
+class RestBatch:
+    """The requests of a batch that no group relays, for the platform's stock kernel."""
+
+    token_index: torch.Tensor  # [num_rest_tokens] int64: their tokens' positions in the batch
+    query_start_loc: torch.Tensor  # [num_rest + 1] int32
+    seq_lens: torch.Tensor  # [num_rest] int32
+    block_table: torch.Tensor  # [num_rest, max_blocks] int32
+    max_query_len: int
+    max_seq_len: int
+
+
+@dataclass
 class RelayBatch:
-    meta: RelayMetadata  # requests in relay order: each group contiguous
-    token_order: torch.Tensor | None  # [num_tokens] int64: relay position i holds batch token token_order[i]
-    num_tokens: int
+    meta: RelayMetadata  # the relayed requests, each group contiguous
+    token_order: torch.Tensor | None  # [num_relay_tokens] int64: relay position i is batch token token_order[i]
+    num_tokens: int  # query tokens in the whole batch
     used_blocks: torch.Tensor | None = None  # CPU only: [n] block ids meta.block_table indexes into
+    rest: RestBatch | None = None  # CUDA only: requests left to FlashAttention
 
 
 def host_batch(common) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -34,9 +47,18 @@ def host_batch(common) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return qsl, seq_lens.numpy(), block_table
 
 
-def build_relay_batch(common, block_size: int, keep: GroupFilter, remap_blocks: bool = False
-                      ) -> RelayBatch | None:
-    """None when no group is worth relaying: the layer then runs the stock kernel."""
+def _tokens_of(qsl: np.ndarray, reqs) -> np.ndarray:
+    return np.concatenate([np.arange(qsl[r], qsl[r + 1]) for r in reqs]) if len(reqs) else np.zeros(0, np.int64)
+
+
+def build_relay_batch(common, block_size: int, keep: GroupFilter, remap_blocks: bool = False,
+                      split_rest: bool = False) -> RelayBatch | None:
+    """None when no group is worth relaying: the layer then runs the stock kernel.
+
+    remap_blocks (CPU): every request goes through the relay path, over the blocks the batch
+    reads renumbered 0..n-1 (`used_blocks`). split_rest (CUDA): only the relayed groups' requests
+    go through the relay kernels; the others are described in `rest` for FlashAttention.
+    """
     qsl, seq_lens, block_table = host_batch(common)
     query_lens = np.diff(qsl)
     groups = keep(find_groups(block_table, seq_lens, query_lens, block_size), query_lens)
@@ -44,18 +66,35 @@ def build_relay_batch(common, block_size: int, keep: GroupFilter, remap_blocks: 
         return None
     plan = plan_relay(common.num_reqs, groups)
     order = np.asarray(plan.order)
-    table = common.block_table_tensor[:common.num_reqs][torch.from_numpy(order).to(
-        common.block_table_tensor.device)]
+    rest = None
+    if split_rest:
+        num_grouped = plan.groups[-1][1]
+        order, rest_reqs = order[:num_grouped], order[num_grouped:]
+        rest = _rest_batch(common, qsl, seq_lens, rest_reqs) if len(rest_reqs) else None
+    device = common.block_table_tensor.device
+    table = common.block_table_tensor[:common.num_reqs][torch.from_numpy(order).to(device)]
     used = None
-    if remap_blocks:  # CPU: gather the blocks the batch reads, renumbered 0..n-1
+    if remap_blocks:
         width = int(-(-seq_lens.max() // block_size))
-        table = table[:, :width]
-        used, inverse = torch.unique(table.long(), return_inverse=True)
+        used, inverse = torch.unique(table[:, :width].long(), return_inverse=True)
         table = inverse.to(torch.int32)
     meta = RelayMetadata.build(query_lens[order].tolist(), seq_lens[order].tolist(), table,
                                plan.groups, block_size)
     token_order = None
-    if not plan.is_identity:
-        token_order = torch.from_numpy(np.concatenate(
-            [np.arange(qsl[r], qsl[r + 1]) for r in order])).to(common.query_start_loc.device)
-    return RelayBatch(meta=meta, token_order=token_order, num_tokens=int(qsl[-1]), used_blocks=used)
+    if not (len(order) == common.num_reqs and plan.is_identity):
+        token_order = torch.from_numpy(_tokens_of(qsl, order)).to(common.query_start_loc.device)
+    return RelayBatch(meta=meta, token_order=token_order, num_tokens=int(qsl[-1]), used_blocks=used,
+                      rest=rest)
+
+
+def _rest_batch(common, qsl: np.ndarray, seq_lens: np.ndarray, reqs: np.ndarray) -> RestBatch:
+    device = common.query_start_loc.device
+    q_lens = np.diff(qsl)[reqs]
+    rest_qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    index = torch.from_numpy(reqs).to(device)
+    return RestBatch(
+        token_index=torch.from_numpy(_tokens_of(qsl, reqs)).to(device),
+        query_start_loc=torch.from_numpy(rest_qsl).to(device),
+        seq_lens=torch.from_numpy(seq_lens[reqs].astype(np.int32)).to(device),
+        block_table=common.block_table_tensor[:common.num_reqs][index],
+        max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens[reqs].max()))

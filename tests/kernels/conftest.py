@@ -1,15 +1,39 @@
-"""Kernel-test fixtures: the tolerance table, the Triton interpreter switch and a paged-batch builder."""
+"""Kernel-test fixtures: tolerance table, Triton interpreter switch, paged-batch builder."""
 
 import os
+import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 # NOTE: Triton reads TRITON_INTERPRET when a kernel is decorated, so this must run before
-# edgeprompt_vllm.kernels is imported (pytest imports this conftest before the test modules).
+# edgeprompt_vllm.kernels is imported. Pytest imports this conftest before these test modules,
+# but a plain `pytest` collects tests/attention first, whose imports already decorated the
+# kernels for a GPU; `_interpret_imported_kernels` swaps those for interpreted ones.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _interpret_imported_kernels() -> None:
+    """Replace compiled-mode @triton.jit objects by interpreted ones, as TRITON_INTERPRET=1 at
+    import would have made them: in our kernel modules and in triton.language (whose tl.zeros,
+    tl.cdiv, ... are @triton.jit too). Module globals, so kernels find interpreted helpers."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    swapped = {}
+    prefixes = ("edgeprompt_vllm.kernels", "triton.language")
+    for name, module in list(sys.modules.items()):
+        if name in prefixes or name.startswith(tuple(p + "." for p in prefixes)):
+            for attr, value in list(vars(module).items()):
+                if isinstance(value, JITFunction):  # keyed by id: hashing a JITFunction compiles
+                    swapped.setdefault(id(value), InterpretedFunction(value.fn))
+                    setattr(module, attr, swapped[id(value)])
+
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    _interpret_imported_kernels()
 
 from edgeprompt_vllm.kernels import RelayMetadata  # noqa: E402
 
@@ -20,13 +44,13 @@ DEFAULT_RTOL = {torch.float16: 1e-3, torch.bfloat16: 1.6e-2, torch.float32: 1.3e
 
 
 def get_tolerance(dtype: torch.dtype) -> tuple[float, float]:
-    """(atol, rtol) for comparing a `dtype` kernel output with its fp32 reference cast to `dtype`."""
+    """(atol, rtol) for a `dtype` kernel output against its fp32 reference cast to `dtype`."""
     return DEFAULT_ATOL[dtype], DEFAULT_RTOL[dtype]
 
 
-# An fp32 LSE from half-precision inputs: the scores are exact products accumulated in fp32 in both
-# kernel and reference, so only the summation order differs.
-LSE_TOL = {torch.float16: (1e-4, 1e-5), torch.bfloat16: (1e-4, 1e-5), torch.float32: (1e-4, 1e-5)}
+# LSEs are fp32 whatever the input dtype: the scores are exact products accumulated in fp32 in
+# kernel and reference alike, so only the summation order differs (atol, rtol).
+LSE_TOL = (1e-4, 1e-5)
 
 
 @pytest.fixture(name="tol")
@@ -39,10 +63,15 @@ def _assert_close():
     return assert_close
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str) -> None:
-    """allclose that also checks NaN-poisoned outputs were written and -inf LSEs match."""
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, what: str
+) -> None:
+    """torch.testing.assert_close that first fails on any NaN left in `actual`: outputs start
+    NaN-poisoned, so a NaN means an element the kernel never wrote (or a NaN it produced)."""
     assert not torch.isnan(actual).any(), f"{what}: NaN left in output (unwritten element?)"
-    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
 
 
 # NOTE: attention kernels round the probabilities P to the input dtype before P @ V, as
@@ -57,8 +86,10 @@ def check_attention(got: tuple, want: tuple, dtype: torch.dtype) -> None:
     atol, rtol = get_tolerance(dtype)
     assert_close(got[0], want[0], ATTENTION_ATOL.get(dtype, atol), rtol, "out")
     if want[1] is not None:
-        assert torch.equal(torch.isneginf(got[1]), torch.isneginf(want[1])), "empty (-inf) rows differ"
-        assert_close(got[1], want[1], *LSE_TOL[dtype], "lse")
+        assert torch.equal(torch.isneginf(got[1]), torch.isneginf(want[1])), (
+            "empty (-inf) rows differ"
+        )
+        assert_close(got[1], want[1], *LSE_TOL, "lse")
 
 
 @pytest.fixture(name="check_attention")
@@ -75,9 +106,19 @@ class Batch:
     scale: float
 
 
-def make_batch(*, query_lens: list[int], own_lens: list[int], groups: list[tuple[int, int, int]] = (),
-               dtype=torch.float16, num_kv_heads: int = 2, queries_per_kv: int = 1, head_size: int = 64,
-               block_size: int = 16, seed: int = 0, spare_blocks: int = 3) -> Batch:
+def make_batch(
+    *,
+    query_lens: list[int],
+    own_lens: list[int],
+    groups: list[tuple[int, int, int]] = (),
+    dtype=torch.float16,
+    num_kv_heads: int = 2,
+    queries_per_kv: int = 1,
+    head_size: int = 64,
+    block_size: int = 16,
+    seed: int = 0,
+    spare_blocks: int = 3,
+) -> Batch:
     """A random paged batch. Request r has prefix_len (from its group, else 0) + own_lens[r] tokens;
     shared blocks are the same physical ids in every row of a group (as vLLM's prefix cache makes);
     all block ids are randomly permuted; every slot no sequence owns (tails of last blocks, spare
@@ -96,20 +137,23 @@ def make_batch(*, query_lens: list[int], own_lens: list[int], groups: list[tuple
     shape = (num_blocks, block_size, num_kv_heads, head_size)
     k = torch.full(shape, float("nan"), dtype=dtype)  # then fill only the slots sequences own
     v = torch.full(shape, float("nan"), dtype=dtype)
-    kf, vf = torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
+    kf, vf = (
+        torch.randn(shape, generator=gen).to(dtype),
+        torch.randn(shape, generator=gen).to(dtype),
+    )
     for g, (r0, r1, plen) in enumerate(groups):
         blocks = [ids.pop() for _ in range(n_shared[g])]
-        table[r0:r1, :n_shared[g]] = torch.tensor(blocks, dtype=torch.int32)
+        table[r0:r1, : n_shared[g]] = torch.tensor(blocks, dtype=torch.int32)
         _own_slots(k, v, kf, vf, blocks, 0, plen, block_size)
     for r, (s, p) in enumerate(zip(seq_lens, prefix)):
         first = -(-p // block_size)
         blocks = [ids.pop() for _ in range(n_own[r])]
-        table[r, first:first + n_own[r]] = torch.tensor(blocks, dtype=torch.int32)
+        table[r, first : first + n_own[r]] = torch.tensor(blocks, dtype=torch.int32)
         _own_slots(k, v, kf, vf, table[r].tolist(), first * block_size, s, block_size)
     num_q_heads = num_kv_heads * queries_per_kv
     query = torch.randn(sum(query_lens), num_q_heads, head_size, generator=gen).to(dtype)
     meta = RelayMetadata.build(query_lens, seq_lens, table, list(groups), block_size)
-    return Batch(query, k, v, meta, head_size ** -0.5)
+    return Batch(query, k, v, meta, head_size**-0.5)
 
 
 def _own_slots(k, v, kf, vf, row: list[int], lo: int, hi: int, block_size: int) -> None:

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from edgeprompt_vllm.kernels import (
     merge_attn_states,
     merge_attn_states_ref,
@@ -25,11 +24,14 @@ def _states(num_splits, num_tokens, num_heads, head_size, dtype, gen):
     return out, lse
 
 
-@pytest.mark.parametrize("dtype,head_size,num_heads", [
-    (torch.float32, 64, 4),
-    (torch.float16, 128, 3),
-    (torch.bfloat16, 80, 20),  # head size not a power of 2; heads > one BLOCK_H
-])
+@pytest.mark.parametrize(
+    "dtype,head_size,num_heads",
+    [
+        (torch.float32, 64, 4),
+        (torch.float16, 128, 3),
+        (torch.bfloat16, 80, 20),  # head size not a power of 2; heads > one BLOCK_H
+    ],
+)
 def test_merge_attn_states_matches_ref(dtype, head_size, num_heads, tol, assert_close, poisoned):
     gen = torch.Generator().manual_seed(1)
     num_tokens = 7

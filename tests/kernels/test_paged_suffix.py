@@ -2,35 +2,71 @@
 
 import pytest
 import torch
-
 from edgeprompt_vllm.kernels import paged_suffix, paged_suffix_ref, relay_prefix_partials
 
-# name: (make_batch kwargs, paged_suffix kwargs). Defaults: fp16, 2 KV heads, MHA, head 64, block 16.
+# name: (make_batch kwargs, paged_suffix kwargs).
+# make_batch defaults: fp16, 2 KV heads, MHA, head 64, block 16.
 CASES = {
-    "decode_fp32": (dict(dtype=torch.float32, query_lens=[1, 1, 1], own_lens=[37, 17, 64],
-                         groups=[(0, 2, 32)]), {}),
-    "decode_bf16_gqa4_head128": (dict(dtype=torch.bfloat16, queries_per_kv=4, head_size=128,
-                                      query_lens=[1, 1], own_lens=[37, 17]), {}),
-    "decode_gqa8_block32": (dict(queries_per_kv=8, block_size=32, query_lens=[1, 1, 1],
-                                 own_lens=[37, 100, 5], groups=[(1, 3, 64)]), {}),
+    "decode_fp32": (
+        dict(dtype=torch.float32, query_lens=[1, 1, 1], own_lens=[37, 17, 64], groups=[(0, 2, 32)]),
+        {},
+    ),
+    "decode_bf16_gqa4_head128": (
+        dict(
+            dtype=torch.bfloat16,
+            queries_per_kv=4,
+            head_size=128,
+            query_lens=[1, 1],
+            own_lens=[37, 17],
+        ),
+        {},
+    ),
+    "decode_gqa8_block32": (
+        dict(
+            queries_per_kv=8,
+            block_size=32,
+            query_lens=[1, 1, 1],
+            own_lens=[37, 100, 5],
+            groups=[(1, 3, 64)],
+        ),
+        {},
+    ),
     "decode_gqa3_padded_heads": (dict(queries_per_kv=3, query_lens=[1, 1], own_lens=[17, 40]), {}),
-    "decode_split_kv": (dict(query_lens=[1, 1], own_lens=[150, 37], groups=[(0, 1, 16)]),
-                        dict(num_splits=3)),
+    "decode_split_kv": (
+        dict(query_lens=[1, 1], own_lens=[150, 37], groups=[(0, 1, 16)]),
+        dict(num_splits=3),
+    ),
     "causal_chunks": (dict(query_lens=[5, 1, 17], own_lens=[37, 9, 17], groups=[(0, 2, 16)]), {}),
-    "causal_many_tiles_per_request": (dict(queries_per_kv=8, query_lens=[20, 3, 33],
-                                           own_lens=[20, 40, 47]), {}),
-    "causal_split_kv_bf16": (dict(dtype=torch.bfloat16, query_lens=[7, 2], own_lens=[77, 9]),
-                             dict(num_splits=2)),
+    "causal_many_tiles_per_request": (
+        dict(queries_per_kv=8, query_lens=[20, 3, 33], own_lens=[20, 40, 47]),
+        {},
+    ),
+    "causal_split_kv_bf16": (
+        dict(dtype=torch.bfloat16, query_lens=[7, 2], own_lens=[77, 9]),
+        dict(num_splits=2),
+    ),
 }
 
 
 def _run(batch, poisoned, prefix_lens=None, **kw):
     m = batch.meta
-    args = (batch.query, batch.key_cache, batch.value_cache, m.query_start_loc, m.seq_lens,
-            m.block_table, m.prefix_lens if prefix_lens is None else prefix_lens, batch.scale)
-    out, lse = poisoned(batch.query), poisoned(batch.query, (batch.query.shape[1], batch.query.shape[0]),
-                                               torch.float32)
-    got = paged_suffix(*args, out=out, lse=lse, max_query_len=m.max_query_len, max_seq_len=m.max_seq_len, **kw)
+    args = (
+        batch.query,
+        batch.key_cache,
+        batch.value_cache,
+        m.query_start_loc,
+        m.seq_lens,
+        m.block_table,
+        m.prefix_lens if prefix_lens is None else prefix_lens,
+        batch.scale,
+    )
+    out, lse = (
+        poisoned(batch.query),
+        poisoned(batch.query, (batch.query.shape[1], batch.query.shape[0]), torch.float32),
+    )
+    got = paged_suffix(
+        *args, out=out, lse=lse, max_query_len=m.max_query_len, max_seq_len=m.max_seq_len, **kw
+    )
     want = paged_suffix_ref(*args, **kw)
     return got, want
 
@@ -62,12 +98,26 @@ def test_zero_query_requests_are_skipped(make_batch, poisoned, check_attention):
 @pytest.mark.parametrize("num_splits", [1, 2])
 def test_fused_prefix_merge_matches_ref(num_splits, make_batch, poisoned, check_attention):
     """prefix_state folded in by the suffix epilogue (split 0) equals the torch merge."""
-    batch = make_batch(queries_per_kv=4, query_lens=[1, 3, 1, 1], own_lens=[20, 37, 17, 3],
-                       groups=[(0, 2, 48), (3, 4, 16)], seed=6)
+    batch = make_batch(
+        queries_per_kv=4,
+        query_lens=[1, 3, 1, 1],
+        own_lens=[20, 37, 17, 3],
+        groups=[(0, 2, 48), (3, 4, 16)],
+        seed=6,
+    )
     m = batch.meta
-    parts = relay_prefix_partials(batch.query, batch.key_cache, batch.value_cache, m.query_start_loc,
-                                  m.group_req_start, m.group_req_end, m.group_block_table,
-                                  m.group_prefix_len, batch.scale, num_splits=2)
+    parts = relay_prefix_partials(
+        batch.query,
+        batch.key_cache,
+        batch.value_cache,
+        m.query_start_loc,
+        m.group_req_start,
+        m.group_req_end,
+        m.group_block_table,
+        m.group_prefix_len,
+        batch.scale,
+        num_splits=2,
+    )
     got, want = _run(batch, poisoned, prefix_state=parts, num_splits=num_splits)
     check_attention(got, want, batch.query.dtype)
 
@@ -75,8 +125,16 @@ def test_fused_prefix_merge_matches_ref(num_splits, make_batch, poisoned, check_
 def test_paged_suffix_rejects_bad_arguments(make_batch):
     batch = make_batch(query_lens=[1], own_lens=[17])
     m = batch.meta
-    args = [batch.query, batch.key_cache, batch.value_cache, m.query_start_loc, m.seq_lens, m.block_table,
-            m.prefix_lens, batch.scale]
+    args = [
+        batch.query,
+        batch.key_cache,
+        batch.value_cache,
+        m.query_start_loc,
+        m.seq_lens,
+        m.block_table,
+        m.prefix_lens,
+        batch.scale,
+    ]
     for idx, bad, name in [
         (4, m.seq_lens.long(), "seq_lens"),
         (3, m.query_start_loc[:1], "query_start_loc"),

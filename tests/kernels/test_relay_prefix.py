@@ -2,31 +2,72 @@
 
 import pytest
 import torch
+from edgeprompt_vllm.kernels import (
+    merge_partial_states,
+    relay_prefix,
+    relay_prefix_partials,
+    relay_prefix_ref,
+)
 
-from edgeprompt_vllm.kernels import merge_partial_states, relay_prefix, relay_prefix_partials, relay_prefix_ref
-
-# name: (make_batch kwargs, relay_prefix kwargs). Defaults: fp16, 2 KV heads, MHA, head 64, block 16.
+# name: (make_batch kwargs, relay_prefix kwargs).
+# make_batch defaults: fp16, 2 KV heads, MHA, head 64, block 16.
 CASES = {
-    "one_decode_group_fp32": (dict(dtype=torch.float32, query_lens=[1] * 5, own_lens=[3] * 5,
-                                   groups=[(0, 5, 64)]), {}),
-    "odd_prefix_37_split3": (dict(query_lens=[1, 1, 1], own_lens=[2, 5, 1], groups=[(0, 3, 37)]),
-                             dict(num_splits=3)),
+    "one_decode_group_fp32": (
+        dict(dtype=torch.float32, query_lens=[1] * 5, own_lens=[3] * 5, groups=[(0, 5, 64)]),
+        {},
+    ),
+    "odd_prefix_37_split3": (
+        dict(query_lens=[1, 1, 1], own_lens=[2, 5, 1], groups=[(0, 3, 37)]),
+        dict(num_splits=3),
+    ),
     "many_groups_group_of_1_and_ungrouped": (
-        dict(query_lens=[1, 1, 1, 1, 1, 1], own_lens=[4, 1, 7, 2, 3, 9],
-             groups=[(3, 5, 17), (0, 2, 48), (5, 6, 32)]), {}),
-    "bf16_gqa4_head128_block32": (dict(dtype=torch.bfloat16, queries_per_kv=4, head_size=128, block_size=32,
-                                       query_lens=[1, 1, 1], own_lens=[5, 1, 2], groups=[(0, 3, 96)]), {}),
-    "gqa8_prefill_many_m_tiles": (dict(queries_per_kv=8, query_lens=[20, 1, 13], own_lens=[20, 4, 13],
-                                       groups=[(0, 3, 32)]), dict(num_splits=2)),
-    "gqa3_padded_heads": (dict(queries_per_kv=3, query_lens=[2, 1], own_lens=[2, 1], groups=[(0, 2, 40)]), {}),
-    "empty_prefix_group": (dict(query_lens=[1, 1], own_lens=[5, 6], groups=[(0, 1, 0), (1, 2, 16)]), {}),
+        dict(
+            query_lens=[1, 1, 1, 1, 1, 1],
+            own_lens=[4, 1, 7, 2, 3, 9],
+            groups=[(3, 5, 17), (0, 2, 48), (5, 6, 32)],
+        ),
+        {},
+    ),
+    "bf16_gqa4_head128_block32": (
+        dict(
+            dtype=torch.bfloat16,
+            queries_per_kv=4,
+            head_size=128,
+            block_size=32,
+            query_lens=[1, 1, 1],
+            own_lens=[5, 1, 2],
+            groups=[(0, 3, 96)],
+        ),
+        {},
+    ),
+    "gqa8_prefill_many_m_tiles": (
+        dict(queries_per_kv=8, query_lens=[20, 1, 13], own_lens=[20, 4, 13], groups=[(0, 3, 32)]),
+        dict(num_splits=2),
+    ),
+    "gqa3_padded_heads": (
+        dict(queries_per_kv=3, query_lens=[2, 1], own_lens=[2, 1], groups=[(0, 2, 40)]),
+        {},
+    ),
+    "empty_prefix_group": (
+        dict(query_lens=[1, 1], own_lens=[5, 6], groups=[(0, 1, 0), (1, 2, 16)]),
+        {},
+    ),
 }
 
 
 def _args(batch):
     m = batch.meta
-    return (batch.query, batch.key_cache, batch.value_cache, m.query_start_loc, m.group_req_start,
-            m.group_req_end, m.group_block_table, m.group_prefix_len, batch.scale)
+    return (
+        batch.query,
+        batch.key_cache,
+        batch.value_cache,
+        m.query_start_loc,
+        m.group_req_start,
+        m.group_req_end,
+        m.group_block_table,
+        m.group_prefix_len,
+        batch.scale,
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -48,8 +89,10 @@ def test_tokens_outside_groups_get_empty_state(make_batch):
 
 
 def test_partials_reduce_to_relay_prefix(make_batch, check_attention):
-    """relay_prefix_partials (what the fused path hands the suffix kernel) + merge == relay_prefix."""
-    batch = make_batch(queries_per_kv=4, query_lens=[1, 1, 1], own_lens=[2, 2, 2], groups=[(0, 3, 80)], seed=12)
+    """relay_prefix_partials (what the fused path hands the suffix) + merge == relay_prefix."""
+    batch = make_batch(
+        queries_per_kv=4, query_lens=[1, 1, 1], own_lens=[2, 2, 2], groups=[(0, 3, 80)], seed=12
+    )
     parts = relay_prefix_partials(*_args(batch), num_splits=3)
     assert parts[0].shape[0] == 3
     out, lse = torch.empty_like(batch.query), torch.empty_like(parts[1][0])
