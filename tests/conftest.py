@@ -4,20 +4,22 @@ vLLM engines run in child processes (scripts under tests/scripts/ or `vllm serve
 the pytest process: vLLM spawns its own processes and keeps global state.
 """
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# NOTE: Triton reads TRITON_INTERPRET when a kernel is decorated (at import), and any test module
+# may import edgeprompt_vllm.kernels, so the CPU interpreter is switched on here, before all.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from edgeprompt_vllm.models.make_model import default_model_dir, make_model
 
 
 def has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
+    return torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):

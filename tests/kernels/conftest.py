@@ -1,41 +1,12 @@
-"""Kernel-test fixtures: tolerance table, Triton interpreter switch, paged-batch builder."""
+"""Kernel-test fixtures: the tolerance table and a paged-batch builder."""
 
-import os
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-# NOTE: Triton reads TRITON_INTERPRET when a kernel is decorated, so this must run before
-# edgeprompt_vllm.kernels is imported. Pytest imports this conftest before these test modules,
-# but a plain `pytest` collects tests/attention first, whose imports already decorated the
-# kernels for a GPU; `_interpret_imported_kernels` swaps those for interpreted ones.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def _interpret_imported_kernels() -> None:
-    """Replace compiled-mode @triton.jit objects by interpreted ones, as TRITON_INTERPRET=1 at
-    import would have made them: in our kernel modules and in triton.language (whose tl.zeros,
-    tl.cdiv, ... are @triton.jit too). Module globals, so kernels find interpreted helpers."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    swapped = {}
-    prefixes = ("edgeprompt_vllm.kernels", "triton.language")
-    for name, module in list(sys.modules.items()):
-        if name in prefixes or name.startswith(tuple(p + "." for p in prefixes)):
-            for attr, value in list(vars(module).items()):
-                if isinstance(value, JITFunction):  # keyed by id: hashing a JITFunction compiles
-                    swapped.setdefault(id(value), InterpretedFunction(value.fn))
-                    setattr(module, attr, swapped[id(value)])
-
-
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    _interpret_imported_kernels()
-
-from edgeprompt_vllm.kernels import RelayMetadata  # noqa: E402
+# TRITON_INTERPRET (CPU) is set by tests/conftest.py before any kernel is imported.
+from edgeprompt_vllm.kernels import RelayMetadata
 
 # From vLLM tests/kernels/allclose_default.py, which takes them from PyTorch's
 # test/test_transformers.py (default_atol / default_rtol).

@@ -1,6 +1,6 @@
 """Greedy generation of token-id prompts; writes token ids, top-5 logprobs and relay stats.
 
-usage: relay_generate.py MODEL_DIR PROMPTS_JSON MODE RESULT_PATH
+usage: relay_generate.py MODEL_DIR PROMPTS_JSON|@FILE MODE RESULT_PATH
 MODE: "stock" (no EdgePrompt plugin at all) or "relay" (--attention-backend CUSTOM).
 Env: EP_ENGINE_ARGS (JSON, merged over the CPU defaults), EP_MAX_TOKENS (default 16).
 """
@@ -14,7 +14,8 @@ CPU_DEFAULTS = dict(dtype="float32", enforce_eager=True, max_model_len=2048, blo
                     kv_cache_memory_bytes=1 << 30, max_num_seqs=16)
 
 if __name__ == "__main__":
-    model, prompts, mode, result = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+    model, prompts, mode, result = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    prompts = json.loads(Path(prompts[1:]).read_text() if prompts.startswith("@") else prompts)
     # collective_rpc with a function (relay stats) needs pickle; test scripts only.
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     if mode == "stock":
