@@ -30,6 +30,7 @@ class RelayBatch:
     meta: RelayMetadata  # the relayed requests, each group contiguous
     token_order: torch.Tensor | None  # [num_relay_tokens] int64: relay position i is batch token token_order[i]
     num_tokens: int  # query tokens in the whole batch
+    groups: list[tuple[int, int, int]]  # host copy of the groups: (req start, req end, prefix_len)
     used_blocks: torch.Tensor | None = None  # CPU only: [n] block ids meta.block_table indexes into
     rest: RestBatch | None = None  # CUDA only: requests left to FlashAttention
 
@@ -83,8 +84,8 @@ def build_relay_batch(common, block_size: int, keep: GroupFilter, remap_blocks: 
     token_order = None
     if not (len(order) == common.num_reqs and plan.is_identity):
         token_order = torch.from_numpy(_tokens_of(qsl, order)).to(common.query_start_loc.device)
-    return RelayBatch(meta=meta, token_order=token_order, num_tokens=int(qsl[-1]), used_blocks=used,
-                      rest=rest)
+    return RelayBatch(meta=meta, token_order=token_order, num_tokens=int(qsl[-1]), groups=plan.groups,
+                      used_blocks=used, rest=rest)
 
 
 def _rest_batch(common, qsl: np.ndarray, seq_lens: np.ndarray, reqs: np.ndarray) -> RestBatch:

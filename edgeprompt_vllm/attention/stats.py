@@ -15,11 +15,10 @@ class RelayStats:
         self.batches += 1
         if relay is None:
             return
-        spans = relay.meta.group_req_end - relay.meta.group_req_start
-        self.relay_batches += 1
-        self.groups += int(spans.numel())
-        self.grouped_requests += int(spans.sum())
-        self.shared_tokens += int(relay.meta.group_prefix_len.sum())
+        self.relay_batches += 1  # host-side numbers only: no device sync per step
+        self.groups += len(relay.groups)
+        self.grouped_requests += sum(end - start for start, end, _ in relay.groups)
+        self.shared_tokens += sum(prefix_len for _, _, prefix_len in relay.groups)
 
 
 RELAY_STATS = RelayStats()
