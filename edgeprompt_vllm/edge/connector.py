@@ -65,6 +65,10 @@ class EdgePromptConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_invalid_block_ids()
 
+    def build_connector_worker_meta(self):
+        """The planner's measurements of this step -> the scheduler side (planner_meta.py)."""
+        return self._worker.take_planner_observations()
+
     # ==================== scheduler side ====================
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
@@ -80,3 +84,20 @@ class EdgePromptConnector(KVConnectorBase_V1):
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         return self._sched.request_finished(request, block_ids)
+
+    # ==================== metrics (both sides; edge/stats.py) ====================
+    def get_kv_connector_stats(self):
+        side = self._sched if self._sched is not None else self._worker
+        return side.take_stats()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
+        from edgeprompt_vllm.edge.stats import EdgePromptStats
+
+        return EdgePromptStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        from edgeprompt_vllm.edge.stats import EdgePromptPromMetrics
+
+        return EdgePromptPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

@@ -15,6 +15,8 @@ class LoadSpec:
     block_ids: tuple[int, ...]  # the request's block table (group 0)
     start: int  # first token to load (tokens before it were already in vLLM's prefix cache)
     end: int  # block-aligned end
+    layers_per_message: int = 1  # the planner's choice (edge/planner.py): 1 layerwise, L bulk
+    cloud_cold: bool = False  # the planner expected the cloud to compute it (for its estimates)
 
     def slot_mapping(self, block_size: int) -> torch.Tensor:
         """-> [end - start] int64 slots: block_ids[t // bs] * bs + t % bs."""
@@ -29,3 +31,6 @@ class LoadSpec:
 @dataclass
 class EdgePromptMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
+    # the step's work for the planner's edge-compute estimate: (new tokens, sum over requests
+    # of new * (context before + new / 2)); None: not a prefill-sized step
+    step_work: tuple[int, float] | None = None

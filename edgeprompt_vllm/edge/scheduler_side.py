@@ -10,13 +10,17 @@ import time
 
 from edgeprompt_vllm.config import EdgePromptConfig
 from edgeprompt_vllm.edge.metadata import EdgePromptMetadata, LoadSpec
+from edgeprompt_vllm.edge.planner import STRATEGIES, Decision, get_planner
+from edgeprompt_vllm.edge.stats import EdgePromptStats
 from edgeprompt_vllm.fingerprint import Fingerprint
 from edgeprompt_vllm.log import get_logger
 from edgeprompt_vllm.prompts import Match, PromptRegistry
-from edgeprompt_vllm.transport.client import CloudClient
+from edgeprompt_vllm.transport.client import CloudClient, CloudUnavailable
 
 logger = get_logger(__name__)
 _REFRESH_MIN_S = 1.0
+_STATE_TTL_S = 30.0
+_MIN_OBSERVED_TOKENS = 16  # smaller steps (decode) do not feed the planner's prefill estimate
 
 
 def requested_prompt(request) -> str | None:
@@ -28,6 +32,12 @@ class SchedulerSide:
     def __init__(self, config: EdgePromptConfig, fingerprint: Fingerprint, block_size: int):
         self.config, self.block_size = config, block_size
         self.client = CloudClient.connect(config, fingerprint)  # refuses a mismatched cloud
+        self.planner = get_planner(config.planner_ewma)  # the worker side feeds it (same process)
+        self._num_layers = fingerprint.num_layers
+        self._bytes_per_token = 2 * fingerprint.num_kv_heads * fingerprint.head_size * \
+            {"float32": 4, "float16": 2, "bfloat16": 2}.get(fingerprint.dtype, 2)
+        self._cloud_state: dict[str, tuple[str, float]] = {}  # prompt id -> (state, when)
+        self._decisions: dict[str, Decision] = {}  # req -> the planner's decision
         self.registry = PromptRegistry(block_size)
         self._last_refresh = 0.0
         self.refresh()
@@ -35,6 +45,7 @@ class SchedulerSide:
         self._to_load: dict[str, tuple[Match, int]] = {}
         self._loads: dict[str, LoadSpec] = {}  # req -> its load, until finished
         self._status: dict[str, dict] = {}  # req -> reported in the request's kv_transfer_params
+        self._stats = EdgePromptStats()  # hits and misses, by final status (edge/stats.py)
 
     def refresh(self) -> None:
         self._last_refresh = time.monotonic()
@@ -47,7 +58,10 @@ class SchedulerSide:
         pid = requested_prompt(request)
         if pid is not None and pid not in self.registry and \
                 time.monotonic() - self._last_refresh > _REFRESH_MIN_S:
-            self.refresh()
+            try:
+                self.refresh()
+            except CloudUnavailable as e:  # never take the engine down: compute on the edge
+                logger.warning("cannot refresh the cloud prompt registry: %s", e)
         if pid is not None and pid not in self.registry:
             logger.warning("request %s: unknown cloud prompt %r; computing it on the edge",
                            request.request_id, pid)
@@ -66,10 +80,52 @@ class SchedulerSide:
         if num_computed_tokens >= match.num_tokens:  # vLLM's prefix cache holds it already
             self._status[request.request_id] = {**status, "status": "cached", "loaded_tokens": 0}
             return 0, False
+        decision = self._plan(request, match, num_computed_tokens)
+        if decision.strategy == "recompute":  # the link is slower than the edge's own prefill
+            self._status[request.request_id] = {**status, "status": "recompute", "loaded_tokens": 0,
+                                                **decision.status()}
+            return 0, False
         self._matched[request.request_id] = (match, num_computed_tokens)
         self._status[request.request_id] = {**status, "status": "loading",
-                                            "loaded_tokens": match.num_tokens - num_computed_tokens}
+                                            "loaded_tokens": match.num_tokens - num_computed_tokens,
+                                            **decision.status()}
         return match.num_tokens - num_computed_tokens, False
+
+    # ---------------- the planner (edge/planner.py) ----------------
+    def _plan(self, request, match: Match, num_computed_tokens: int) -> Decision:
+        rid = request.request_id
+        if rid in self._decisions:  # asked again (not scheduled last time): the same decision
+            return self._decisions[rid]
+        strategy = (request.kv_transfer_params or {}).get("strategy") or self.config.strategy
+        if strategy not in ("auto",) + STRATEGIES:
+            logger.warning("request %s: unknown strategy %r; using %r", rid, strategy, self.config.strategy)
+            strategy = self.config.strategy
+        pid, load = match.prompt.prompt_id, match.num_tokens - num_computed_tokens
+        t0 = time.perf_counter()
+        cold = self._cold(pid)
+        d = self.planner.plan(rid, pid, num_layers=self._num_layers,
+                              layer_bytes=load * self._bytes_per_token, load_tokens=load,
+                              edge_tokens=max(1, request.num_tokens - match.num_tokens),
+                              cold=cold, strategy=strategy,
+                              layers_per_message=self.config.layers_per_message,
+                              spent_s=time.perf_counter() - t0,
+                              min_gain_s=self.config.planner_min_gain_s)
+        if d.strategy != "recompute":
+            self._cloud_state[pid] = ("warm", time.monotonic())  # the cloud will have computed it
+        self._decisions[rid] = d
+        return d
+
+    def _cold(self, prompt_id: str) -> bool:
+        """Whether the cloud still has to compute the prompt (asked at most every 30 s)."""
+        state, when = self._cloud_state.get(prompt_id, (None, 0.0))
+        if state is None or time.monotonic() - when > _STATE_TTL_S:
+            try:
+                state = self.client.describe(prompt_id)["state"]
+            except Exception as e:  # the planner assumes the worst; the load itself will tell
+                logger.warning("cannot ask the cloud about %s: %s", prompt_id, e)
+                state = "cold"
+            self._cloud_state[prompt_id] = (state, time.monotonic())
+        return state != "warm"
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         m = self._matched.pop(request.request_id, None)
@@ -77,7 +133,8 @@ class SchedulerSide:
             self._to_load[request.request_id] = m
 
     def build_connector_meta(self, scheduler_output) -> EdgePromptMetadata:
-        meta = EdgePromptMetadata()
+        meta = EdgePromptMetadata(step_work=_step_work(scheduler_output))
+        self.planner.step_built(list(scheduler_output.num_scheduled_tokens))
         for new in scheduler_output.scheduled_new_reqs:
             self._add(meta, new.req_id, new.block_ids[0])
         cached = scheduler_output.scheduled_cached_reqs
@@ -92,11 +149,22 @@ class SchedulerSide:
         if m is None:
             return
         match, start = m
-        spec = LoadSpec(req_id, match.prompt.prompt_id, tuple(block_ids), start, match.num_tokens)
+        d = self._decisions.get(req_id)
+        spec = LoadSpec(req_id, match.prompt.prompt_id, tuple(block_ids), start, match.num_tokens,
+                        d.layers_per_message if d is not None else 1,
+                        d is not None and d.cloud_state == "cold")
         meta.loads.append(spec)
         self._loads[req_id] = spec
 
     def update_connector_output(self, connector_output) -> None:
+        obs = getattr(connector_output, "kv_connector_worker_meta", None)
+        for step in getattr(obs, "steps", None) or ():  # the worker's measurements (planner_meta.py)
+            try:
+                self.planner.observe_step(**step)
+            except Exception:  # measurements must never break serving
+                logger.exception("planner observation failed")
+        if obs is not None:
+            self.planner.step_done()
         bad = getattr(connector_output, "invalid_block_ids", None)
         if not bad:
             return
@@ -105,9 +173,33 @@ class SchedulerSide:
                 self._status[req_id]["status"] = "load_failed_recomputed"
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
+        self.planner.step_done()
+        self.planner.forget(request.request_id)
+        self._decisions.pop(request.request_id, None)
         self._loads.pop(request.request_id, None)
         self._matched.pop(request.request_id, None)
         status = self._status.pop(request.request_id, None)
         if status and status["status"] == "loading":  # no load error came back for it
             status["status"] = "loaded"
+        self._stats.request_finished(status)
         return False, ({"edgeprompt": status} if status else None)
+
+    def take_stats(self) -> EdgePromptStats | None:
+        if self._stats.is_empty():
+            return None
+        out, self._stats = self._stats, EdgePromptStats()
+        return out
+
+
+def _step_work(scheduler_output) -> tuple[int, float] | None:
+    """(new tokens, sum of new * (context before + new / 2)) of a step, for the planner."""
+    num = scheduler_output.num_scheduled_tokens
+    n_total, work = 0, 0.0
+    for new in scheduler_output.scheduled_new_reqs:
+        n = num.get(new.req_id, 0)
+        n_total, work = n_total + n, work + n * (new.num_computed_tokens + n / 2)
+    cached = scheduler_output.scheduled_cached_reqs
+    for i, req_id in enumerate(cached.req_ids):
+        n = num.get(req_id, 0)
+        n_total, work = n_total + n, work + n * (cached.num_computed_tokens[i] + n / 2)
+    return (n_total, work) if n_total >= _MIN_OBSERVED_TOKENS else None

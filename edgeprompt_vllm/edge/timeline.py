@@ -42,9 +42,17 @@ class Timeline:
                 "wait_s": None if self.enter_s[l] is None else self.leave_s[l] - self.enter_s[l],
                 "edge_compute_s": None if nxt is None or self.leave_s[l] is None else nxt - self.leave_s[l],
             })
+        messages = []  # per message on the link (transport/client.py), in this timeline's clock
+        for s in self.streams:
+            off = getattr(s, "t_start", self.t0) - self.t0
+            for m in list(getattr(s, "messages", [])):
+                messages.append({"prompt_id": s.prompt_id, "layers": m["layers"], "nbytes": m["nbytes"],
+                                 "wire_nbytes": m["wire_nbytes"], "header_s": m["header_s"] + off,
+                                 "pull_s": m["pull_s"] + off, "ready_s": m["ready_s"] + off})
         return {"pid": os.getpid(), "t_total_s": self.end_s,
                 "loads": [{"prompt_id": s.prompt_id, "tokens": s.end - s.start} for s in self.specs],
-                "total_wait_s": sum(x["wait_s"] or 0.0 for x in layers), "layers": layers}
+                "total_wait_s": sum(x["wait_s"] or 0.0 for x in layers), "layers": layers,
+                "messages": messages}
 
     def finish(self, path: str | None) -> dict:
         self.end_s = self._now()

@@ -16,6 +16,9 @@ import torch
 from edgeprompt_vllm.config import EdgePromptConfig
 from edgeprompt_vllm.edge.kv_writer import cpu_isa, write_layer
 from edgeprompt_vllm.edge.metadata import EdgePromptMetadata, LoadSpec
+from edgeprompt_vllm.edge.planner import get_planner, step_observation
+from edgeprompt_vllm.edge.planner_meta import HAS_WORKER_META, PlannerObservations
+from edgeprompt_vllm.edge.stats import EdgePromptStats
 from edgeprompt_vllm.edge.timeline import Timeline
 from edgeprompt_vllm.fingerprint import Fingerprint
 from edgeprompt_vllm.log import get_logger
@@ -36,6 +39,11 @@ class WorkerSide:
         self._active: list[tuple[LoadSpec, object, torch.Tensor]] = []  # (spec, stream, slots)
         self._invalid: set[int] = set()
         self.timeline: Timeline | None = None
+        self._stats = EdgePromptStats()
+        self._relay_seen = _relay_counts()
+        self.planner = get_planner(config.planner_ewma)  # fed here, asked by the scheduler side
+        self._step: dict = {}  # this step's clock and work, for the planner
+        self._planner_obs: list[dict] = []  # -> the scheduler side (build_connector_worker_meta)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.kv_caches = kv_caches
@@ -45,23 +53,25 @@ class WorkerSide:
                 raise RuntimeError(f"cannot tell the layer index of KV cache {name!r}")
             self.layer_of[name] = int(m.group(1))
 
-    def _stream(self, prompt_id: str):
+    def _stream(self, prompt_id: str, layers_per_message: int = 1):
         layers = range(self.fp.num_layers)
+        kw = dict(layers_per_message=layers_per_message, codec=self.config.wire_codec)
         try:
-            return self.client.fetch_layers(prompt_id, layers)
+            return self.client.fetch_layers(prompt_id, layers, **kw)
         except UnknownCloudPrompt:  # registered after our last look: the scheduler saw it
             self.client.registry()
-            return self.client.fetch_layers(prompt_id, layers)
+            return self.client.fetch_layers(prompt_id, layers, **kw)
 
     def start_load_kv(self, metadata: EdgePromptMetadata) -> None:
         self._active = []
+        self._step.update(work=metadata.step_work, start=time.perf_counter())
         if not metadata.loads:
             return
         streams = {}
         for spec in metadata.loads:
             try:
                 if spec.prompt_id not in streams:
-                    streams[spec.prompt_id] = self._stream(spec.prompt_id)
+                    streams[spec.prompt_id] = self._stream(spec.prompt_id, spec.layers_per_message)
                 self._active.append((spec, streams[spec.prompt_id], spec.slot_mapping(self.block_size)))
             except Exception as e:
                 logger.error("cannot fetch cloud prompt %s: %s; recomputing on the edge", spec.prompt_id, e)
@@ -70,6 +80,8 @@ class WorkerSide:
                                  list(streams.values()))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
+        if self.layer_of.get(layer_name) == 0:
+            self._step["enter0"] = time.perf_counter()
         if not self._active or layer_name not in self.layer_of:
             return
         layer = self.layer_of[layer_name]
@@ -100,10 +112,80 @@ class WorkerSide:
         return self._isa[layer_name]
 
     def wait_for_save(self) -> None:
+        rec = None
         if self._active and self.timeline is not None:
-            self.timeline.finish(self.config.timeline_path)
+            rec = self.timeline.finish(self.config.timeline_path)
+            self._record(rec)
+        self._observe_step(rec)
         self._active = []
+
+    def _observe_step(self, rec: dict | None) -> None:
+        """This step's measurements (transfer, cloud and edge compute, clock) -> the planner."""
+        step, self._step = self._step, {}
+        if rec is None and step.get("work") is None:
+            return
+        obs = step_observation(
+            [x["edge_compute_s"] for x in rec["layers"]] if rec is not None else None,
+            [list(s.messages) for s in self.timeline.streams] if rec is not None else [],
+            step.get("work"), step.get("start"), step.get("enter0"), time.perf_counter(),
+            self.fp.num_layers, 2 * self.fp.num_kv_heads * self.fp.head_size * _itemsize(self.fp.dtype),
+            [any(sp.cloud_cold for sp, st, _ in self._active if st is s) for s in self.timeline.streams]
+            if rec is not None else None)
+        if HAS_WORKER_META:
+            self._planner_obs.append(obs)
+            return
+        try:  # no worker -> scheduler channel in this vLLM: feed this process's planner
+            self.planner.observe_step(**obs)
+        except Exception:  # measurements must never break serving
+            logger.exception("planner observation failed")
+
+    def take_planner_observations(self) -> PlannerObservations | None:
+        obs, self._planner_obs = self._planner_obs, []
+        return PlannerObservations(obs) if obs else None
+
+    def _record(self, rec: dict) -> None:
+        """One load step's timeline -> the metrics (edge/stats.py)."""
+        st = self._stats
+        st.add("loads", len(rec["loads"]))
+        st.add("loaded_tokens", sum(x["tokens"] for x in rec["loads"]))
+        for stream in self.timeline.streams:
+            for layer in stream.layers:
+                nbytes = stream.timings.get(layer, {}).get("nbytes")
+                if nbytes is None:
+                    st.add("layer_failures")
+                else:
+                    st.add("cloud_layers")
+                    st.add("cloud_bytes", nbytes)
+        for lay in rec["layers"]:
+            if lay["wait_s"] is not None:
+                st.observe("layer_waits", lay["wait_s"])
+        ready = [r for r in (lay["ready_s"] for lay in rec["layers"])
+                 if isinstance(r, float) and r == r]  # (None, NaN: the layer never arrived)
+        if ready:
+            st.observe("load_seconds", max(ready))
+
+    def take_stats(self) -> EdgePromptStats | None:
+        """Since the last call (once per step): loads, and the relay groups of this step."""
+        batches, groups = _relay_counts()
+        if batches > self._relay_seen[0]:  # relay attention ran a metadata build
+            self._stats.add("relay_groups", groups - self._relay_seen[1])
+            self._stats.observe("relay_groups_per_step", groups - self._relay_seen[1])
+        self._relay_seen = (batches, groups)
+        if self._stats.is_empty():
+            return None
+        out, self._stats = self._stats, EdgePromptStats()
+        return out
 
     def take_invalid_block_ids(self) -> set[int]:
         bad, self._invalid = self._invalid, set()
         return bad
+
+
+def _itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
+def _relay_counts() -> tuple[int, int]:
+    from edgeprompt_vllm.attention.stats import RELAY_STATS
+
+    return RELAY_STATS.batches, RELAY_STATS.groups

@@ -16,8 +16,9 @@ from pathlib import Path
 
 # CPU defaults: fp32 for exactness checks, eager (starts in ~15 s instead of ~35 s of compiling),
 # and a fixed KV cache so that two engines and Ray fit in 24 GiB.
-CPU_SERVE_ARGS = ("--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-                  "--kv-cache-memory-bytes", str(1 << 30), "--max-num-seqs", "16")
+CPU_ENGINE_ARGS = ("--enforce-eager", "--max-model-len", "2048",
+                   "--kv-cache-memory-bytes", str(1 << 30), "--max-num-seqs", "16")
+CPU_SERVE_ARGS = ("--dtype", "float32", *CPU_ENGINE_ARGS)
 
 
 def free_port() -> int:
@@ -85,11 +86,15 @@ class VllmServer:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)  # the API server stops its engine core first
             try:
                 self.proc.wait(timeout=grace_s)
             except subprocess.TimeoutExpired:
-                pass
+                self._signal_group(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
         self._signal_group(signal.SIGKILL)  # whatever is left: engine core, workers
         self.proc.wait(timeout=10)
 

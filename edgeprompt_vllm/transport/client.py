@@ -8,8 +8,19 @@ indices and flow control. There is no method that could carry edge tokens or tex
     client.registry() -> [CloudPrompt]                  # cloud -> edge: public prompts
     stream = client.fetch_layers("sys-A", range(L))     # starts a background fetch
     header, kv = stream.result(l, timeout)              # kv: [2, T, Hkv, hs], checksum verified
+
+A stream moves `layers_per_message` layers per message (1: layer-wise; L: one bulk message),
+optionally encoded on the wire (codecs.py). Messages are pulled one after another (a serial
+link); `stream.messages` records each one's timing for the planner (edge/planner.py).
+
+EMULATED LINKS (tests and benchmarks only, labelled as such in the log): `emulated_rtt_s` adds a
+round trip to every message, `emulated_layer_delay_s` makes every layer occupy a serial link for
+that long. They stand in for netem where the kernel lacks it (netlab.py); the bandwidth of an
+emulated cloud-edge link comes from the kernel (tc tbf), not from here.
 """
 
+import json
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -20,8 +31,27 @@ import ray
 from edgeprompt_vllm.config import EdgePromptConfig
 from edgeprompt_vllm.fingerprint import Fingerprint, FingerprintMismatch
 from edgeprompt_vllm.prompts import CloudPrompt, check_prompt_id
+from edgeprompt_vllm.log import get_logger
 from edgeprompt_vllm.transport.audit import AuditLog
+from edgeprompt_vllm.transport.codecs import check_codec
 from edgeprompt_vllm.transport.wire import LayerHeader, decode_layer
+
+logger = get_logger(__name__)
+
+# Benchmarks change the emulated link of a running engine (same process) through this.
+_EMULATION_OVERRIDE: dict = {}
+
+
+def set_emulated_link(rtt_s: float | None = None, layer_delay_s: float | None = None) -> None:
+    """Overrides the EMULATED per-message round trip / per-layer delay of every client in this
+    process (None: back to each client's config)."""
+    for key, value in (("rtt_s", rtt_s), ("layer_delay_s", layer_delay_s)):
+        if value is None:
+            _EMULATION_OVERRIDE.pop(key, None)
+        elif value < 0:
+            raise ValueError(f"emulated {key} must be >= 0")
+        else:
+            _EMULATION_OVERRIDE[key] = float(value)
 
 
 class CloudUnavailable(RuntimeError):
@@ -32,27 +62,34 @@ class UnknownCloudPrompt(KeyError):
     pass
 
 
-def ensure_ray(address: str | None, namespace: str) -> None:
+def ensure_ray(address: str | None, namespace: str, node_ip: str | None = None) -> None:
+    """`node_ip`: attach to the Ray node with that address (a host running several nodes would
+    otherwise attach to its head node)."""
     if not ray.is_initialized():
+        kw = {"_node_ip_address": node_ip} if node_ip else {}
         ray.init(address=address or "auto", namespace=namespace, log_to_driver=False,
-                 logging_level="WARNING", include_dashboard=False)
+                 logging_level="WARNING", include_dashboard=False, **kw)
 
 
 class CloudClient:
     def __init__(self, actor, fingerprint: Fingerprint, timeout_s: float = 60.0,
-                 audit: AuditLog | None = None, emulated_layer_delay_s: float = 0.0):
+                 audit: AuditLog | None = None, emulated_layer_delay_s: float = 0.0,
+                 emulated_rtt_s: float = 0.0, emulated_link_path: str | None = None):
         self._actor = actor
         self._fp = fingerprint
         self._digest = fingerprint.digest()
         self._timeout_s = timeout_s
         self._audit = audit or AuditLog(None)
         self._delay_s = emulated_layer_delay_s
+        self._rtt_s = emulated_rtt_s
+        self._link_path, self._link_mtime, self._link_file = emulated_link_path, None, {}
+        self._warned_emulation = False
         self._known: set[str] = set()
         self.cloud_info: dict = {}
 
     @classmethod
     def connect(cls, config: EdgePromptConfig, fingerprint: Fingerprint) -> "CloudClient":
-        ensure_ray(config.ray_address, config.namespace)
+        ensure_ray(config.ray_address, config.namespace, config.ray_node_ip)
         deadline = time.monotonic() + config.connect_timeout_s
         while True:
             try:
@@ -64,7 +101,7 @@ class CloudClient:
                                            f"{config.namespace!r}: {e}") from e
                 time.sleep(0.5)
         client = cls(actor, fingerprint, config.connect_timeout_s, AuditLog(config.audit_path),
-                     config.emulated_layer_delay_s)
+                     config.emulated_layer_delay_s, config.emulated_rtt_s, config.emulated_link_path)
         client.handshake()
         client._timeout_s = config.fetch_timeout_s
         return client
@@ -111,23 +148,53 @@ class CloudClient:
     def describe(self, prompt_id: str) -> dict:
         return self._get(self._call("describe", self._check_id(prompt_id), self._digest))
 
-    def fetch_layers(self, prompt_id: str, layers: Iterable[int], max_inflight: int = 8) -> "LayerStream":
+    def fetch_layers(self, prompt_id: str, layers: Iterable[int], max_inflight: int = 8,
+                     layers_per_message: int = 1, codec: str = "none") -> "LayerStream":
         layers = self._check_layers(layers)
-        return LayerStream(self, self._check_id(prompt_id), layers, max(1, int(max_inflight)))
+        return LayerStream(self, self._check_id(prompt_id), layers, max(1, int(max_inflight)),
+                           max(1, int(layers_per_message)), check_codec(codec))
+
+    def emulation(self) -> tuple[float, float]:
+        """(rtt_s, layer_delay_s) of the EMULATED link now in force (0, 0: none)."""
+        if self._link_path:  # a benchmark changes the link of a running engine through this file
+            try:
+                mtime = os.stat(self._link_path).st_mtime_ns
+                if mtime != self._link_mtime:
+                    with open(self._link_path) as f:
+                        self._link_file, self._link_mtime = json.load(f), mtime
+            except (OSError, ValueError):
+                pass
+        over = {**self._link_file, **_EMULATION_OVERRIDE}
+        rtt = float(over.get("rtt_s", self._rtt_s))
+        delay = float(over.get("layer_delay_s", self._delay_s))
+        if (rtt or delay) and self._warned_emulation != (rtt, delay):
+            self._warned_emulation = (rtt, delay)
+            logger.warning("EMULATED cloud-edge link in the transport: +%.1f ms per message, "
+                           "+%.1f ms per layer (test/benchmark emulation, not the network)",
+                           1e3 * rtt, 1e3 * delay)
+        return rtt, delay
 
 
 class LayerStream:
     """Fetches layers in order on a background thread; one Future per layer.
 
-    Up to `max_inflight` fetch calls are outstanding (flow control). A cold prompt's layer call
-    returns as soon as the cloud computed that layer. With an emulated delay d, layer i is
-    ready no earlier than start + (i + 1) * d (one serial link).
+    Layers travel in messages of `layers_per_message` (the last one may be shorter). Up to
+    `max_inflight` message calls are outstanding (flow control): a cold prompt's call returns as
+    soon as the cloud computed that message's layers. The message payloads are pulled one after
+    another, so each message costs its own latency (stop-and-wait; what grouping amortises).
+    With an emulated round trip r every message arrives r later; with an emulated layer delay d,
+    layer i is ready no earlier than start + (i + 1) * d (one serial link).
     """
 
-    def __init__(self, client: CloudClient, prompt_id: str, layers: list[int], max_inflight: int):
+    def __init__(self, client: CloudClient, prompt_id: str, layers: list[int], max_inflight: int,
+                 layers_per_message: int = 1, codec: str = "none"):
         self.prompt_id, self.layers = prompt_id, layers
+        self.layers_per_message, self.codec = layers_per_message, codec
+        g = layers_per_message
+        self.groups = [layers[i:i + g] for i in range(0, len(layers), g)]
         self.futures: dict[int, Future] = {l: Future() for l in layers}
         self.timings: dict[int, dict] = {l: {} for l in layers}
+        self.messages: list[dict] = []  # per message: layers, bytes, header/pull/ready times
         self._client, self._inflight = client, max_inflight
         self.t_start = self._link_free = time.perf_counter()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"ep-fetch-{prompt_id}")
@@ -136,31 +203,56 @@ class LayerStream:
     def result(self, layer: int, timeout_s: float) -> tuple[LayerHeader, "object"]:
         return self.futures[layer].result(timeout=timeout_s)
 
-    def _run(self) -> None:
+    def _call(self, group: list[int]):
         c = self._client
-        refs = {}
-        for i, l in enumerate(self.layers):
-            while len(refs) < self._inflight and len(refs) + i < len(self.layers):
-                nxt = self.layers[i + len(refs)]
-                refs[nxt] = c._call("fetch_layer", self.prompt_id, c._digest, nxt)
-            ref = refs.pop(l)
-            try:
-                self._finish(i, l, ref)
-            except BaseException as e:  # each layer fails on its own; never hang the waiter
-                self.futures[l].set_exception(e)
+        if len(group) == 1 and self.codec == "none":  # the plain per-layer call
+            return c._call("fetch_layer", self.prompt_id, c._digest, group[0])
+        return c._call("fetch_layers", self.prompt_id, c._digest, list(group), self.codec)
 
-    def _finish(self, i: int, layer: int, ref) -> None:
-        c, tm = self._client, self.timings[layer]
-        header_d, (data_ref,) = c._get(ref)
-        tm["header_s"] = time.perf_counter() - self.t_start
-        raw = c._get(data_ref)
-        tm["data_s"] = time.perf_counter() - self.t_start
-        header = LayerHeader(**header_d)
-        kv = decode_layer(header, raw)  # raises CorruptLayer
-        if c._delay_s:  # one serial link: this layer occupies it for d after it arrived
-            self._link_free = max(self._link_free, time.perf_counter()) + c._delay_s
-            time.sleep(max(0.0, self._link_free - time.perf_counter()))
-        tm["ready_s"] = time.perf_counter() - self.t_start
-        tm["nbytes"] = header.nbytes
-        tm["cloud_compute_s"] = header.compute_s
-        self.futures[layer].set_result((header, kv))
+    def _run(self) -> None:
+        refs = {}
+        for i, group in enumerate(self.groups):
+            while len(refs) < self._inflight and len(refs) + i < len(self.groups):
+                j = i + len(refs)
+                refs[j] = self._call(self.groups[j])
+            ref = refs.pop(i)
+            try:
+                self._finish(group, ref)
+            except BaseException as e:  # each message fails on its own; never hang the waiter
+                for l in group:
+                    if not self.futures[l].done():
+                        self.futures[l].set_exception(e)
+
+    def _now(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def _finish(self, group: list[int], ref) -> None:
+        c = self._client
+        reply = c._get(ref)
+        replies = [reply] if len(group) == 1 and self.codec == "none" else reply
+        header_s = self._now()
+        pull_s = max(header_s, self.messages[-1]["ready_s"] if self.messages else 0.0)
+        headers = [LayerHeader(**h) for h, _ in replies]
+        if [h.layer for h in headers] != list(group):
+            raise RuntimeError(f"cloud sent layers {[h.layer for h in headers]}, asked {group}")
+        raws = c._get([r for _, (r,) in replies])  # one message: its payloads pulled together
+        data_s = self._now()
+        kvs = [decode_layer(h, raw) for h, raw in zip(headers, raws)]  # raises CorruptLayer
+        rtt, delay = c.emulation()
+        if rtt:  # EMULATED: this message's round trip on the link
+            time.sleep(rtt)
+        msg = {"layers": list(group), "nbytes": sum(h.nbytes for h in headers),
+               "wire_nbytes": sum(h.payload_nbytes for h in headers), "codec": self.codec,
+               "header_s": header_s, "pull_s": pull_s, "data_s": data_s,
+               "cloud_compute_s": [h.compute_s for h in headers]}
+        for l, header, kv in zip(group, headers, kvs):
+            if delay:  # EMULATED: one serial link, this layer occupies it for d after it arrived
+                self._link_free = max(self._link_free, time.perf_counter()) + delay
+                time.sleep(max(0.0, self._link_free - time.perf_counter()))
+            tm = self.timings[l]
+            tm.update(header_s=header_s, data_s=data_s, ready_s=self._now(), nbytes=header.nbytes,
+                      wire_nbytes=header.payload_nbytes, cloud_compute_s=header.compute_s,
+                      message=len(self.messages))
+            self.futures[l].set_result((header, kv))
+        msg["ready_s"] = self._now()
+        self.messages.append(msg)

@@ -41,7 +41,10 @@ def test_llama2_7b_shape_relay_close_to_stock_on_gpu(tmp_path, runner):
 
     make_model("llama-2-7b", tmp_path / "m")
     prompts = _prompts(1, (1024, 512), (16, 300), 24, 31000)
+    # kv_cache_memory_bytes None: size the KV cache from gpu_memory_utilization (the CPU default of
+    # 1 GiB holds only ~2k tokens of this model: requests would evict each other's shared blocks).
     env = {"EP_ENGINE_ARGS": json.dumps({"load_format": "dummy", "dtype": "float16", "block_size": 16,
+                                         "kv_cache_memory_bytes": None,
                                          "gpu_memory_utilization": 0.8, "max_model_len": 2048,
                                          "max_num_seqs": 64, "enforce_eager": False}),
            "EP_MAX_TOKENS": "32", "VLLM_USE_V2_MODEL_RUNNER": "1" if runner == "v2" else "0"}

@@ -47,8 +47,11 @@ def main(spec, out):
         import ray
 
         actor, address = start_cloud(spec)
+        # The load path is what these runs test: a fixed strategy, not the planner's choice
+        # (edge/planner.py; a spec may still ask for "auto" in extra_config).
         extra = {"ray_address": address, "namespace": spec["namespace"],
-                 "actor_name": spec["actor_name"], **spec.get("extra_config", {})}
+                 "actor_name": spec["actor_name"], "strategy": "layerwise",
+                 **spec.get("extra_config", {})}
         kw["kv_transfer_config"] = {
             "kv_connector": "EdgePromptConnector", "kv_role": "kv_consumer",
             "kv_connector_module_path": "edgeprompt_vllm.edge.connector",

@@ -1,0 +1,512 @@
+"""The communication-model planner (DESIGN.md, "The communication model"; paper §2.3).
+
+Per layer l = 1..L: cloud compute t_c, transfer t_tr (bytes / bandwidth + per-message latency),
+edge compute t_e. With layer-wise overlap
+
+    T = T_init + t_c + t_tr + (L - 1) * max(t_tr, t_e) + t_e                       (pipelined)
+
+    t_tr >= t_e: T ~ T_init + t_c + L * t_tr + t_e      (communication-bound, paper Eq. 12)
+    t_e > t_tr:  T ~ T_init + t_c + t_tr + L * t_e      (edge-compute-bound, Eq. 13)
+
+A warm cloud prompt drops t_c; one already on the edge drops t_tr. The planner predicts T for
+each strategy and picks the fastest:
+
+    layerwise  one layer per message (g = 1), pipelined
+    grouped    g layers per message: message time g * bytes / bw + latency (amortises latency)
+    bulk       one message of all L layers (g = L)
+    recompute  no transfer: the edge prefills the cloud prompt itself (L * t_e of all tokens)
+
+`predict` runs the three-stage pipeline (cloud compute -> serial link -> edge compute) as a
+recurrence over layers; with uniform stages it equals the closed forms above (the unit tests
+check that). Cloud compute is pipelined too: if t_c > t_tr the link waits for the cloud, so the
+general form is T_init + t_c + t_tr + (L - 1) * max(t_c, t_tr, t_e) + t_e.
+
+The estimator learns every input online from what the edge measures (worker_side.py feeds it
+the per-layer timeline and per-message transfer timings):
+  transfer   latency + bytes / bandwidth: least squares over the last messages (bytes vary with
+             prompt length and layers per message, which separates the two)
+  edge       per-layer compute of a step: a0 + a1 * new_tokens + a2 * sum(new * (context + new/2))
+             (linear work + attention), least squares over the last steps
+  cloud      per-layer prefill of n tokens: b1 * n + b2 * n^2 / 2, plus a start overhead (layer 0)
+  T_init     first header on the edge, less the cloud compute inside it
+  T_fixed    per step outside the layer pipeline (scheduling, sampling), when scheduler and worker
+             share a process (vLLM's UniProcExecutor: one GPU, or CPU)
+The predicted time to first token is T_fixed + T. Decisions and predictions are logged at INFO
+and counted in `planner_stats()` (a plain dict, for the serving layer's /metrics).
+
+One planner per process (`get_planner()`): the scheduler side asks it, the worker side feeds it.
+"""
+
+import math
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from edgeprompt_vllm.log import get_logger
+
+logger = get_logger(__name__)
+
+FETCH_STRATEGIES = ("layerwise", "grouped", "bulk")
+STRATEGIES = FETCH_STRATEGIES + ("recompute",)
+
+
+# ============================ the model (pure) ============================
+@dataclass(frozen=True)
+class Costs:
+    """Everything the model needs for one request; times in seconds, per layer unless noted."""
+
+    num_layers: int
+    layer_bytes: float  # bytes of one layer's cloud KV (as loaded; the codec is in bandwidth)
+    bandwidth: float  # bytes / s
+    latency: float  # s per message
+    t_e: float  # edge compute per layer of this step, cloud KV loaded
+    t_c: float = 0.0  # cloud compute per layer; 0: warm (already computed in the cloud)
+    t_init: float = 0.0  # stream start -> first message can go (RPC to the cloud)
+    t_cloud_start: float = 0.0  # cold only: the cloud engine's start before layer 0
+    t_e_recompute: float = math.inf  # edge compute per layer when the edge prefills it all
+    t_fixed: float = 0.0  # per step, outside the layer pipeline (added to every strategy)
+
+    def t_msg(self, g: int) -> float:
+        """One message of g layers on the serial link."""
+        return self.latency + g * self.layer_bytes / self.bandwidth
+
+
+def message_sizes(num_layers: int, g: int) -> list[int]:
+    g = max(1, min(int(g), num_layers))
+    return [min(g, num_layers - s) for s in range(0, num_layers, g)]
+
+
+def pipelined_time(c: Costs, g: int = 1) -> float:
+    """T of a fetch with g layers per message: cloud -> link -> edge, a recurrence over layers.
+
+    The cloud computes layer l at t_init + t_cloud_start + (l + 1) * t_c (cold; 0 when warm);
+    message m goes when its last layer is computed and the link is free; the edge runs layer l
+    when it finished layer l - 1 and layer l arrived."""
+    cold = c.t_c > 0
+    link_free = edge_free = 0.0
+    layer = 0
+    for n in message_sizes(c.num_layers, g):
+        last = layer + n - 1
+        cloud_ready = c.t_init + ((c.t_cloud_start + (last + 1) * c.t_c) if cold else 0.0)
+        start = max(cloud_ready, link_free)
+        link_free = arrive = start + c.t_msg(n)
+        for _ in range(n):
+            edge_free = max(edge_free, arrive) + c.t_e
+        layer += n
+    return c.t_fixed + edge_free
+
+
+def recompute_time(c: Costs) -> float:
+    return c.t_fixed + c.num_layers * c.t_e_recompute
+
+
+def cached_time(c: Costs) -> float:
+    """Already on the edge: no transfer."""
+    return c.t_fixed + c.num_layers * c.t_e
+
+
+# The closed forms of the paper (uniform layers, one layer per message, t_c <= max(t_tr, t_e)):
+def closed_form_pipelined(t_init: float, t_c: float, t_tr: float, t_e: float, num_layers: int) -> float:
+    return t_init + t_c + t_tr + (num_layers - 1) * max(t_tr, t_e) + t_e
+
+
+def closed_form_eq12(t_init, t_c, t_tr, t_e, num_layers) -> float:  # t_tr >= t_e
+    return t_init + t_c + num_layers * t_tr + t_e
+
+
+def closed_form_eq13(t_init, t_c, t_tr, t_e, num_layers) -> float:  # t_e > t_tr
+    return t_init + t_c + t_tr + num_layers * t_e
+
+
+def group_candidates(num_layers: int) -> list[int]:
+    """Layers per message for `grouped`: powers of two strictly between 1 and L."""
+    return [g for g in (2 ** k for k in range(1, 12)) if g < num_layers]
+
+
+def predict_all(c: Costs) -> dict[str, tuple[float, int]]:
+    """strategy -> (predicted T, layers per message); grouped: its best g."""
+    out = {"layerwise": (pipelined_time(c, 1), 1)}
+    groups = [(pipelined_time(c, g), g) for g in group_candidates(c.num_layers)]
+    if groups:
+        out["grouped"] = min(groups)
+    out["bulk"] = (pipelined_time(c, c.num_layers), c.num_layers)
+    if math.isfinite(c.t_e_recompute):
+        out["recompute"] = (recompute_time(c), 0)
+    return out
+
+
+# ============================ online estimates ============================
+def _fit_subsets(xs: np.ndarray, y: np.ndarray, n: int, primary: int, nrows: int) -> tuple[list, float]:
+    best, best_err = None, math.inf
+    masks = sorted(range(1, 1 << n), key=lambda m: (bin(m).count("1"), m != 1 << primary))
+    for mask in masks:
+        cols = [j for j in range(n) if mask >> j & 1]
+        if len(cols) > 1 and nrows < 2 * len(cols):
+            continue
+        if np.linalg.matrix_rank(xs[:, cols]) < len(cols):
+            continue
+        coef, *_ = np.linalg.lstsq(xs[:, cols], y, rcond=None)
+        if (coef < 0).any():
+            continue
+        err = float(((xs[:, cols] @ coef - y) ** 2).sum())
+        if err < best_err * (1 - 1e-6) - 1e-15 * float((y ** 2).sum()):
+            full = np.zeros(n)
+            full[cols] = coef
+            best, best_err = full, err
+    return best, best_err
+
+
+def _nnls(rows: list[tuple[list[float], float]], n: int, primary: int) -> list[float] | None:
+    """Non-negative least squares in *relative* error (each row weighted by 1 / y: the planner
+    is judged by relative error, and a few long steps must not decide the short ones), by trying
+    feature subsets; then once more without the worst fifth of the rows (measurements taken
+    while something else used the CPU).
+
+    A subset of k features needs at least 2k observations (fewer: it would fit noise), and
+    near-ties go to fewer features, then to the `primary` one (so a single observation gives
+    the proportional model, y = c * x[primary])."""
+    if not rows:
+        return None
+    x = np.array([r[0] for r in rows], dtype=np.float64)
+    y = np.array([r[1] for r in rows], dtype=np.float64)
+    w = 1.0 / np.maximum(y, max(float(y.max()), 1e-12) * 1e-6)
+    xw, yw = x * w[:, None], y * w
+    scale = np.maximum(np.abs(xw).max(axis=0), 1e-30)
+    xs = xw / scale
+    best, _ = _fit_subsets(xs, yw, n, primary, len(rows))
+    if best is not None and len(rows) >= 10:
+        resid = np.abs(xs @ best - yw)
+        keep = resid <= np.quantile(resid, 0.8)
+        trimmed, _ = _fit_subsets(xs[keep], yw[keep], n, primary, int(keep.sum()))
+        best = trimmed if trimmed is not None else best
+    return None if best is None else (best / scale).tolist()
+
+
+class Fit:
+    """y ~ coef . features over the last `window` observations, coefficients >= 0."""
+
+    def __init__(self, names: tuple[str, ...], prior: list[float], window: int = 48, primary: int = 0):
+        self.names, self.prior, self.primary = names, list(prior), primary
+        self.rows: deque = deque(maxlen=window)
+        self._coef: list[float] | None = None
+        self.count = 0
+
+    def add(self, features: list[float], y: float) -> None:
+        if not (math.isfinite(y) and y >= 0):
+            return
+        self.rows.append((list(features), float(y)))
+        self.count += 1
+        self._coef = None
+
+    @property
+    def coef(self) -> list[float]:
+        if self._coef is None:
+            self._coef = _nnls(list(self.rows), len(self.names), self.primary) or self.prior
+        return self._coef
+
+    def __call__(self, features: list[float]) -> float:
+        return float(sum(c * f for c, f in zip(self.coef, features)))
+
+    def to_dict(self) -> dict:
+        return {"n": self.count, **dict(zip(self.names, self.coef))}
+
+
+class Ewma:
+    def __init__(self, prior: float, alpha: float):
+        self.value, self.alpha, self.count = prior, alpha, 0
+
+    def add(self, x: float) -> None:
+        if math.isfinite(x):
+            self.value = x if self.count == 0 else (1 - self.alpha) * self.value + self.alpha * x
+            self.count += 1
+
+
+def edge_features(new_tokens: float, attn_work: float) -> list[float]:
+    """Per-layer edge compute features of a step: [1, new tokens, sum new * (ctx + new / 2)]."""
+    return [1.0, float(new_tokens), float(attn_work)]
+
+
+def prefill_attn_work(new_tokens: int, context_before: int) -> float:
+    return new_tokens * (context_before + new_tokens / 2.0)
+
+
+@dataclass
+class Decision:
+    req_id: str
+    prompt_id: str
+    strategy: str
+    layers_per_message: int
+    predicted_s: float
+    predictions: dict  # strategy -> predicted s
+    load_tokens: int
+    edge_tokens: int
+    cloud_state: str  # warm | cold
+    forced: bool
+    costs: dict = field(default_factory=dict)
+    measured_s: float | None = None  # filled in after its step ran
+    measured_forward_s: float | None = None
+
+    def status(self) -> dict:
+        """What goes into the request's kv_transfer_params["edgeprompt"]."""
+        return {"strategy": self.strategy, "layers_per_message": self.layers_per_message,
+                "predicted_ttft_s": round(self.predicted_s, 6),
+                "predictions_s": {k: round(v, 6) for k, v in self.predictions.items()},
+                "cloud_state": self.cloud_state}
+
+
+class Planner:
+    def __init__(self, alpha: float = 0.3, window: int = 48):
+        self._lock = threading.RLock()
+        self.alpha = alpha
+        self.transfer = Fit(("latency_s", "s_per_byte"), [1e-3, 1e-9], window, primary=1)  # 1 GB/s
+        self.edge = Fit(("a0_s", "s_per_token", "s_per_attn"), [0.0, 5e-6, 0.0], window, primary=1)
+        self.cloud = Fit(("s_per_token", "s_per_attn"), [5e-6, 0.0], window, primary=0)
+        self.t_init = Ewma(2e-3, alpha)
+        self.t_cloud_start = Ewma(5e-3, alpha)
+        self.t_fixed = Ewma(0.0, alpha)
+        self.decisions: Counter = Counter()
+        self.records: deque[Decision] = deque(maxlen=256)
+        self._pending: dict[str, Decision] = {}  # req -> decision, until its step was measured
+        self._step_built: float | None = None
+        self._step_forward: tuple[float, float] | None = None  # (start, end) of the last forward
+        self._step_reqs: list[str] = []
+        self.abs_rel_err = Ewma(0.0, alpha)
+        self.measured = 0
+
+    # ---------------- prediction ----------------
+    def costs(self, num_layers: int, layer_bytes: float, load_tokens: int, edge_tokens: int,
+              cold: bool) -> Costs:
+        with self._lock:
+            lat, s_per_byte = self.transfer.coef
+            work = prefill_attn_work(edge_tokens, load_tokens)
+            t_e = self.edge(edge_features(edge_tokens, work))
+            n_all = load_tokens + edge_tokens
+            t_e_re = self.edge(edge_features(n_all, prefill_attn_work(n_all, 0)))
+            t_c = self.cloud([load_tokens, prefill_attn_work(load_tokens, 0)]) if cold else 0.0
+            return Costs(num_layers=num_layers, layer_bytes=float(layer_bytes),
+                         bandwidth=1.0 / max(s_per_byte, 1e-15), latency=lat, t_e=max(t_e, 0.0),
+                         t_c=max(t_c, 0.0), t_init=self.t_init.value,
+                         t_cloud_start=self.t_cloud_start.value if cold else 0.0,
+                         t_e_recompute=max(t_e_re, 0.0) if self.edge.count else math.inf,
+                         t_fixed=self.t_fixed.value)
+
+    def plan(self, req_id: str, prompt_id: str, *, num_layers: int, layer_bytes: float,
+             load_tokens: int, edge_tokens: int, cold: bool, strategy: str = "auto",
+             layers_per_message: int = 0, spent_s: float = 0.0, min_gain_s: float = 0.01,
+             min_gain_rel: float = 0.05) -> Decision:
+        """Picks (or, with a fixed strategy, only predicts) how to get this request's cloud KV.
+        `spent_s`: time this request already spent on the way here (e.g. asking the cloud about
+        the prompt's state); added to every prediction. Auto leaves the paper's layer-wise
+        pipeline only for a predicted gain of at least max(min_gain_s, min_gain_rel * T)."""
+        c = self.costs(num_layers, layer_bytes, load_tokens, edge_tokens, cold)
+        if spent_s:
+            c = replace(c, t_fixed=c.t_fixed + spent_s)
+        preds = predict_all(c)
+        if layers_per_message and 1 < layers_per_message < num_layers:
+            preds["grouped"] = (pipelined_time(c, layers_per_message), layers_per_message)
+        forced = strategy != "auto"
+        if forced:
+            if strategy == "recompute" and "recompute" not in preds:
+                preds["recompute"] = (math.nan, 0)  # no edge measurement yet
+            if strategy == "grouped" and "grouped" not in preds:
+                strategy = "layerwise" if num_layers == 1 else "bulk"
+            choice = strategy
+        else:
+            # Alternatives to the paper's layer-wise pipeline only once their inputs are measured.
+            allowed = ["layerwise"]
+            if self.transfer.count >= 2:
+                allowed += ["grouped", "bulk"]
+            if self.edge.count >= 2 and "recompute" in preds:
+                allowed.append("recompute")
+            best = min((s for s in allowed if s in preds), key=lambda s: preds[s][0])
+            base = preds["layerwise"][0]
+            gain = base - preds[best][0]
+            choice = best if gain >= max(min_gain_s, min_gain_rel * base) else "layerwise"
+        t, g = preds[choice]
+        d = Decision(req_id, prompt_id, choice, g, t, {k: v[0] for k, v in preds.items()},
+                     load_tokens, edge_tokens, "cold" if cold else "warm", forced, asdict(c))
+        with self._lock:
+            self.decisions[choice] += 1
+            self.records.append(d)
+            self._pending[req_id] = d
+        logger.info("planner: request %s, cloud prompt %s (%d tokens, %s), edge %d tokens: %s%s, "
+                    "predicted TTFT %.1f ms [%s]; t_e %.2f ms, t_tr %.2f ms, t_c %.2f ms per layer",
+                    req_id, prompt_id, load_tokens, d.cloud_state, edge_tokens, choice,
+                    f" (g={g})" if choice == "grouped" else "", 1e3 * t,
+                    ", ".join(f"{k} {1e3 * v[0]:.1f}" for k, v in preds.items()),
+                    1e3 * c.t_e, 1e3 * c.t_msg(1), 1e3 * c.t_c)
+        return d
+
+    # ---------------- observations ----------------
+    def observe_messages(self, messages: list[tuple[int, float]]) -> None:
+        """(raw bytes, seconds from the pull's start to decoded and ready) per message."""
+        with self._lock:
+            for nbytes, s in messages:
+                self.transfer.add([1.0, float(nbytes)], s)
+
+    def observe_stream_start(self, first_header_s: float, cloud_compute_s: float) -> None:
+        with self._lock:
+            self.t_init.add(max(0.0, first_header_s - cloud_compute_s))
+
+    def observe_cloud(self, tokens: int, per_layer_s: list[float]) -> None:
+        """Cold prefill: compute_s of each layer from the headers (layer 0 includes the start)."""
+        if len(per_layer_s) < 2 or tokens <= 0:
+            return
+        mean = sum(per_layer_s[1:]) / (len(per_layer_s) - 1)
+        with self._lock:
+            self.cloud.add([float(tokens), prefill_attn_work(tokens, 0)], mean)
+            self.t_cloud_start.add(max(0.0, per_layer_s[0] - mean))
+
+    def observe_edge(self, new_tokens: int, attn_work: float, per_layer_s: float) -> None:
+        with self._lock:
+            self.edge.add(edge_features(new_tokens, attn_work), per_layer_s)
+
+    def observe_step(self, edge_compute: list | None, stream_messages: list[list[dict]],
+                     work: tuple[int, float] | None, start: float | None, enter0: float | None,
+                     end: float, num_layers: int, bytes_per_token: int,
+                     stream_cold: list[bool] | None = None) -> None:
+        """One forward step, measured by the worker side (plain data: it may come from another
+        process, `step_observation`): `edge_compute` the load timeline's per-layer edge compute
+        (None: no load this step), each LayerStream's `messages`, `work` the step's (new tokens,
+        attention work) from the scheduler, perf_counter times (CLOCK_MONOTONIC: one clock for
+        every process of the machine) of start_load_kv, layer 0's attention and the step's end;
+        `stream_cold`: per stream, whether the planner expected the cloud to compute it."""
+        loaded = edge_compute is not None
+        fwd_start = start if loaded else enter0
+        if fwd_start is not None:
+            self.forward_done(fwd_start, end)
+        for i, msgs in enumerate(stream_messages):
+            cold = bool(stream_cold[i]) if stream_cold and i < len(stream_cold) else False
+            self.observe_messages([(m["nbytes"], m["ready_s"] - m["pull_s"]) for m in msgs])
+            if msgs and msgs[0]["layers"][:1] == [0] and not cold:  # warm: the header is the RPC
+                self.observe_stream_start(msgs[0]["header_s"], 0.0)
+            # (headers of a warm prompt repeat the compute times of its original prefill)
+            compute = [c for m in msgs for c in m["cloud_compute_s"]]
+            if cold and len(compute) == num_layers and all(c > 0 for c in compute):
+                self.observe_cloud(msgs[0]["nbytes"] // len(msgs[0]["layers"]) // bytes_per_token,
+                                   compute)
+        if work is None:
+            return
+        new_tokens, attn_work = work
+        if loaded:  # load step: the compute between layers, without the waits
+            per = [x for x in edge_compute[:-1] if x is not None]
+            if per and len(per) == num_layers - 1:
+                self.observe_edge(new_tokens, attn_work, sum(per) / len(per))
+            elif num_layers == 1 and edge_compute[0] is not None:
+                self.observe_edge(new_tokens, attn_work, edge_compute[0])
+        elif enter0 is not None:
+            self.observe_edge(new_tokens, attn_work, (end - enter0) / num_layers)
+
+    # The step clock (same process only): build_connector_meta -> forward -> next scheduler call.
+    def step_built(self, req_ids: list[str]) -> None:
+        self.step_done()
+        with self._lock:
+            for r in self._step_reqs:  # never measured (its forward was not reported): drop
+                self._pending.pop(r, None)
+            self._step_built, self._step_forward = time.perf_counter(), None
+            self._step_reqs = [r for r in req_ids if r in self._pending]
+
+    def forward_done(self, start: float, end: float) -> None:
+        with self._lock:
+            self._step_forward = (start, end)
+
+    def step_done(self) -> None:
+        """The scheduler has the step's output (its first tokens sampled): close the decisions
+        of that step. A no-op until the step's forward was reported."""
+        now = time.perf_counter()
+        with self._lock:
+            built, fwd, reqs = self._step_built, self._step_forward, self._step_reqs
+            if built is None or fwd is None:
+                return
+            self._step_built, self._step_forward, self._step_reqs = None, None, []
+            overhead = (fwd[0] - built) + (now - fwd[1])
+            if 0 <= overhead < 0.25:  # longer: the engine was idle, not busy
+                self.t_fixed.add(overhead)
+            for r in reqs:
+                d = self._pending.pop(r, None)
+                if d is None:
+                    continue
+                d.measured_forward_s = fwd[1] - fwd[0]
+                d.measured_s = now - built
+                self.measured += 1
+                if d.predicted_s > 0 and math.isfinite(d.predicted_s):
+                    self.abs_rel_err.add(abs(d.predicted_s - d.measured_s) / d.measured_s)
+
+    def forget_link(self) -> None:
+        """The route to the cloud changed: re-learn transfer and T_init from the next fetches
+        (the edge and cloud compute estimates stay)."""
+        with self._lock:
+            self.transfer = Fit(self.transfer.names, self.transfer.prior, self.transfer.rows.maxlen, 1)
+            self.t_init = Ewma(self.t_init.value, self.alpha)
+
+    def forget(self, req_id: str) -> None:
+        """The request finished; a decision still waiting for its step's report stays until then."""
+        with self._lock:
+            if req_id not in self._step_reqs:
+                self._pending.pop(req_id, None)
+
+    # ---------------- export ----------------
+    def stats(self) -> dict:
+        with self._lock:
+            last = self.records[-1] if self.records else None
+            lat, s_per_byte = self.transfer.coef
+            return {
+                "decisions": {s: self.decisions.get(s, 0) for s in STRATEGIES},
+                "decisions_total": sum(self.decisions.values()),
+                "measured_total": self.measured,
+                "prediction_abs_rel_err_ewma": self.abs_rel_err.value,
+                "bandwidth_bytes_per_s": 1.0 / max(s_per_byte, 1e-15),
+                "latency_s": lat,
+                "t_init_s": self.t_init.value,
+                "t_fixed_s": self.t_fixed.value,
+                "t_cloud_start_s": self.t_cloud_start.value,
+                "observations": {"messages": self.transfer.count, "edge_steps": self.edge.count,
+                                 "cloud_prefills": self.cloud.count},
+                "edge_model": self.edge.to_dict(), "cloud_model": self.cloud.to_dict(),
+                "last": None if last is None else {
+                    "strategy": last.strategy, "layers_per_message": last.layers_per_message,
+                    "predicted_s": last.predicted_s, "measured_s": last.measured_s,
+                    "load_tokens": last.load_tokens, "cloud_state": last.cloud_state},
+            }
+
+
+_PLANNER: Planner | None = None
+_PLANNER_LOCK = threading.Lock()
+
+
+def get_planner(alpha: float | None = None) -> Planner:
+    """This process's planner (created on first use)."""
+    global _PLANNER
+    with _PLANNER_LOCK:
+        if _PLANNER is None:
+            _PLANNER = Planner(alpha if alpha is not None else 0.3)
+        return _PLANNER
+
+
+def reset_planner() -> None:
+    """Forget every estimate (tests; a benchmark after it changed the link)."""
+    global _PLANNER
+    with _PLANNER_LOCK:
+        alpha = _PLANNER.alpha if _PLANNER is not None else 0.3
+        _PLANNER = Planner(alpha)
+
+
+def planner_stats() -> dict:
+    """A plain dict of the planner's counters and estimates (read by the serving layer)."""
+    return get_planner().stats()
+
+
+__all__ = ["Costs", "Decision", "Planner", "get_planner", "planner_stats", "reset_planner",
+           "pipelined_time", "recompute_time", "cached_time", "predict_all", "closed_form_pipelined",
+           "closed_form_eq12", "closed_form_eq13", "message_sizes"]
+
+
+def step_observation(edge_compute, stream_messages, work, start, enter0, end, num_layers,
+                     bytes_per_token, stream_cold=None) -> dict:
+    """Planner.observe_step's arguments as plain data (travels worker -> scheduler)."""
+    return {"edge_compute": edge_compute, "stream_messages": stream_messages, "work": work,
+            "start": start, "enter0": enter0, "end": end, "num_layers": num_layers,
+            "bytes_per_token": bytes_per_token, "stream_cold": stream_cold}

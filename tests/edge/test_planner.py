@@ -1,0 +1,209 @@
+"""edge/planner.py: the communication model against its closed forms (DESIGN.md; paper Eq. 12/13),
+the online estimates, and the strategy choice."""
+
+import json
+import math
+import random
+import time
+
+import pytest
+
+from edgeprompt_vllm.edge import planner as P
+from edgeprompt_vllm.edge.planner import Costs, Planner
+
+
+def costs(**kw) -> Costs:
+    base = dict(num_layers=32, layer_bytes=1e6, bandwidth=1e8, latency=0.0, t_e=0.004,
+                t_c=0.0, t_init=0.002)
+    base.update(kw)
+    return Costs(**base)
+
+
+def rand_costs(rng: random.Random, cold: bool) -> Costs:
+    L = rng.choice([1, 2, 4, 7, 16, 32, 80])
+    t_tr = rng.uniform(1e-4, 2e-2)
+    lat = rng.uniform(0, t_tr / 2)
+    t_e = rng.uniform(1e-4, 2e-2)
+    return costs(num_layers=L, latency=lat, bandwidth=1e6 / (t_tr - lat), layer_bytes=1e6, t_e=t_e,
+                 t_c=rng.uniform(1e-5, max(t_tr, t_e)) if cold else 0.0,
+                 t_init=rng.uniform(0, 0.01), t_cloud_start=rng.uniform(0, 0.01) if cold else 0.0,
+                 t_fixed=rng.uniform(0, 0.005))
+
+
+@pytest.mark.parametrize("cold", [False, True])
+def test_layerwise_recurrence_equals_the_pipelined_closed_form(cold):
+    rng = random.Random(0 + cold)
+    for _ in range(500):
+        c = rand_costs(rng, cold)
+        t_init = c.t_init + c.t_cloud_start  # the paper's T_init: everything before layer 1
+        want = c.t_fixed + P.closed_form_pipelined(t_init, c.t_c, c.t_msg(1), c.t_e, c.num_layers)
+        assert P.pipelined_time(c, 1) == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_eq12_communication_bound_and_eq13_compute_bound():
+    rng = random.Random(1)
+    for _ in range(300):
+        c = rand_costs(rng, cold=rng.random() < 0.5)
+        t_init, t_tr = c.t_init + c.t_cloud_start, c.t_msg(1)
+        T = P.pipelined_time(c, 1) - c.t_fixed
+        if t_tr >= c.t_e:
+            assert T == pytest.approx(P.closed_form_eq12(t_init, c.t_c, t_tr, c.t_e, c.num_layers))
+        else:
+            assert T == pytest.approx(P.closed_form_eq13(t_init, c.t_c, t_tr, c.t_e, c.num_layers))
+
+
+def test_warm_drops_t_c_and_cached_drops_t_tr():
+    cold = costs(t_c=0.003, t_cloud_start=0.01)
+    warm = costs(t_c=0.0, t_cloud_start=0.01)  # start overhead only applies to a cold prompt
+    L, t_tr = cold.num_layers, cold.t_msg(1)
+    assert P.pipelined_time(warm) == pytest.approx(P.closed_form_pipelined(0.002, 0.0, t_tr, 0.004, L))
+    assert P.pipelined_time(cold) - P.pipelined_time(warm) == pytest.approx(0.003 + 0.01)
+    assert P.cached_time(warm) == pytest.approx(L * 0.004)
+
+
+def test_cloud_bound_pipeline_generalises_the_closed_form():
+    c = costs(t_c=0.02, t_e=0.004, t_cloud_start=0.005)  # the link waits for the cloud
+    L, t_tr = c.num_layers, c.t_msg(1)
+    want = c.t_init + c.t_cloud_start + c.t_c + t_tr + (L - 1) * max(c.t_c, t_tr, c.t_e) + c.t_e
+    assert P.pipelined_time(c) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("g", [2, 4, 8, 32])
+def test_grouped_messages_closed_form(g):
+    for lat, t_e in [(0.02, 0.004), (0.0005, 0.03), (0.0, 0.0)]:
+        c = costs(latency=lat, t_e=t_e)
+        L, M = c.num_layers, c.num_layers // g
+        t_m = lat + g * c.layer_bytes / c.bandwidth  # message time: g * bytes / bw + latency
+        want = c.t_init + t_m + (M - 1) * max(t_m, g * t_e) + g * t_e
+        assert P.pipelined_time(c, g) == pytest.approx(want)
+    assert P.message_sizes(10, 4) == [4, 4, 2] and P.message_sizes(3, 8) == [3]
+
+
+def test_bulk_is_one_message_and_recompute_is_the_edge_prefill():
+    c = costs(latency=0.01, t_c=0.001, t_cloud_start=0.003, t_e_recompute=0.02, t_fixed=0.001)
+    L = c.num_layers
+    bulk = c.t_fixed + c.t_init + c.t_cloud_start + L * c.t_c + c.latency + L * c.layer_bytes / c.bandwidth \
+        + L * c.t_e
+    assert P.pipelined_time(c, L) == pytest.approx(bulk)
+    assert P.recompute_time(c) == pytest.approx(c.t_fixed + L * 0.02)
+    preds = P.predict_all(c)
+    assert preds["bulk"] == (pytest.approx(bulk), L) and preds["recompute"][1] == 0
+    assert preds["grouped"][1] in P.group_candidates(L)
+
+
+def test_strategy_choice_follows_the_link():
+    L = 32
+    # fast, low-latency link, edge-bound: layer-wise hides the transfer; nothing beats it
+    p = P.predict_all(costs(latency=1e-4, bandwidth=1e10, t_e=0.004, t_e_recompute=0.05))
+    assert min(p, key=lambda s: p[s][0]) == "layerwise"
+    # high round trip, small layers: latency dominates -> several layers per message
+    p = P.predict_all(costs(latency=0.05, layer_bytes=1e4, t_e=0.002, t_e_recompute=0.05))
+    best = min(p, key=lambda s: p[s][0])
+    assert best in ("grouped", "bulk") and p[best][0] < 0.6 * p["layerwise"][0]
+    # a link slower than the edge's own prefill: recompute
+    p = P.predict_all(costs(bandwidth=1e6, t_e=0.004, t_e_recompute=0.01))
+    assert min(p, key=lambda s: p[s][0]) == "recompute"
+    assert len(P.predict_all(costs(num_layers=L))) == 3  # no recompute without an edge estimate
+
+
+def test_estimator_recovers_latency_bandwidth_and_edge_compute():
+    pl = Planner()
+    rng = random.Random(3)
+    lat, bw = 0.012, 2.5e8
+    pl.observe_messages([(n, lat + n / bw * rng.uniform(0.98, 1.02))
+                         for n in (rng.choice([2 ** 16, 2 ** 18, 2 ** 20, 2 ** 22]) for _ in range(40))])
+    st = pl.stats()
+    assert st["latency_s"] == pytest.approx(lat, rel=0.1)
+    assert st["bandwidth_bytes_per_s"] == pytest.approx(bw, rel=0.05)
+    a0, a1, a2 = 2e-4, 3e-6, 4e-10
+    for _ in range(30):
+        n, ctx = rng.randint(16, 2048), rng.randint(0, 4096)
+        w = P.prefill_attn_work(n, ctx)
+        pl.observe_edge(n, w, a0 + a1 * n + a2 * w)
+    c = pl.costs(num_layers=4, layer_bytes=1e6, load_tokens=1024, edge_tokens=512, cold=False)
+    assert c.t_e == pytest.approx(a0 + a1 * 512 + a2 * P.prefill_attn_work(512, 1024), rel=1e-6)
+    assert c.t_e_recompute == pytest.approx(a0 + a1 * 1536 + a2 * P.prefill_attn_work(1536, 0), rel=1e-6)
+    pl.observe_cloud(1024, [0.02] + [0.003] * 3)
+    assert pl.costs(num_layers=4, layer_bytes=1e6, load_tokens=1024, edge_tokens=512, cold=True).t_c \
+        == pytest.approx(0.003)
+    assert pl.stats()["t_cloud_start_s"] == pytest.approx(0.017)
+
+
+def test_planner_explores_nothing_before_it_measured_and_obeys_forced_strategies():
+    pl = Planner()
+    kw = dict(num_layers=4, layer_bytes=4e6, load_tokens=4096, edge_tokens=64, cold=False)
+    assert pl.plan("r0", "p", **kw).strategy == "layerwise"  # priors only: the paper's default
+    for s in ("grouped", "bulk", "recompute", "layerwise"):
+        d = pl.plan(f"r-{s}", "p", strategy=s, **kw)
+        assert d.strategy == s and d.forced
+    assert pl.plan("r-g", "p", strategy="grouped", layers_per_message=2, **kw).layers_per_message == 2
+    # a slow link, and the edge computes fast: recompute, and bulk is never better than layerwise
+    pl.observe_messages([(n, 0.001 + n / 1e7) for n in (2 ** 18, 2 ** 20, 2 ** 22)])
+    for n in (64, 512, 4160):
+        pl.observe_edge(n, P.prefill_attn_work(n, 0), 2e-6 * n)
+    d = pl.plan("r1", "p", **kw)
+    assert d.strategy == "recompute" and d.layers_per_message == 0
+    assert d.predicted_s == pytest.approx(min(d.predictions.values()))
+    st = P.Planner.stats(pl)
+    json.dumps(st)  # a plain dict, for /metrics
+    assert st["decisions"]["recompute"] >= 2 and st["decisions_total"] == 7
+
+
+def test_step_clock_measures_the_decision_and_the_fixed_overhead():
+    pl = Planner(alpha=1.0)
+    d = pl.plan("r", "p", num_layers=4, layer_bytes=1e5, load_tokens=128, edge_tokens=32, cold=False)
+    pl.step_built(["r", "other"])
+    t0 = time.perf_counter()
+    time.sleep(0.02)
+    pl.forward_done(t0, time.perf_counter())
+    pl.step_done()
+    assert d.measured_forward_s == pytest.approx(0.02, abs=0.015)
+    assert d.measured_s >= d.measured_forward_s
+    assert 0 <= pl.t_fixed.value < 0.01 and pl.stats()["measured_total"] == 1
+
+
+def test_observe_step_reads_the_timeline_and_the_messages():
+    pl = Planner()
+    L, bpt = 4, 1024
+    msgs = [{"layers": [l], "nbytes": 256 * bpt, "header_s": 0.004 + 0.002 * (l == 0) * 0,
+             "pull_s": 0.004 + 0.01 * l, "ready_s": 0.014 + 0.01 * l,
+             "cloud_compute_s": [0.003 if l else 0.008]} for l in range(L)]
+    obs = P.step_observation([0.005] * L, [msgs], (512, P.prefill_attn_work(512, 256)), 0.0, 0.001,
+                             0.1, L, bpt, [True])
+    pl.observe_step(**json.loads(json.dumps(obs)))  # plain data: it travels between processes
+    st = pl.stats()
+    assert st["observations"] == {"messages": 4, "edge_steps": 1, "cloud_prefills": 1}
+    assert pl.cloud.rows[-1][0][0] == 256  # tokens from bytes per layer
+    assert st["t_init_s"] == 2e-3  # a cold header waited for the cloud: not the RPC's time
+    pl.observe_step(**P.step_observation([0.005] * L, [msgs], None, 0.0, 0.001, 0.1, L, bpt, [False]))
+    st = pl.stats()  # warm: the first header is the round trip; its stored compute times are old
+    assert st["t_init_s"] == pytest.approx(0.004)  # (the first measurement replaces the prior)
+    assert st["observations"]["cloud_prefills"] == 1
+
+
+def test_global_planner_and_stats():
+    P.reset_planner()
+    a = P.get_planner()
+    assert P.get_planner() is a
+    s = P.planner_stats()
+    assert set(s["decisions"]) == set(P.STRATEGIES) and math.isfinite(s["latency_s"])
+
+
+def test_one_observation_gives_the_proportional_model():
+    pl = Planner()
+    pl.observe_edge(1000, P.prefill_attn_work(1000, 500), 0.01)  # 10 us per token
+    c = pl.costs(num_layers=4, layer_bytes=1e6, load_tokens=500, edge_tokens=100, cold=False)
+    assert c.t_e == pytest.approx(0.001)
+    pl.observe_messages([(1 << 20, 0.01)])
+    assert pl.stats()["bandwidth_bytes_per_s"] == pytest.approx((1 << 20) / 0.01)
+
+
+def test_auto_leaves_layerwise_only_for_a_real_gain():
+    pl = Planner()
+    pl.observe_messages([(n, 0.002 + n / 1e9) for n in (2 ** 16, 2 ** 20, 2 ** 22)])
+    for n in (64, 512, 2048):
+        pl.observe_edge(n, P.prefill_attn_work(n, 0), 1e-6 * n)
+    kw = dict(num_layers=4, layer_bytes=64 * 1024, load_tokens=64, edge_tokens=32, cold=False)
+    d = pl.plan("r", "p", min_gain_s=0.05, **kw)  # recompute predicted faster, by < 50 ms
+    assert d.predictions["recompute"] < d.predictions["layerwise"] and d.strategy == "layerwise"
+    assert pl.plan("r2", "p", min_gain_s=0.0, min_gain_rel=0.0, **kw).strategy != "layerwise"
