@@ -16,6 +16,9 @@ GPU tensor transports (Ray direct transport over NCCL) are not measured here (se
 
 import argparse
 import json
+import sys
+import subprocess
+import os
 import platform
 import time
 from pathlib import Path
@@ -103,6 +106,8 @@ def main():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  object_store_memory=2 << 30)
     fp = fingerprint()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
     rows = []
     for mib in args.sizes_mib:
         size = int(mib * (1 << 20))
@@ -118,14 +123,21 @@ def main():
                 gbps = bench_client(actor, fp, copy=name.endswith("copy"), reps=args.reps)
                 ray.kill(actor)
             row = {"transport": name, "layer_mib": mib, "layers": LAYERS, "GBps": round(gbps, 3),
-                   "host": platform.node(), "cpu": platform.processor() or platform.machine(),
-                   "ray": ray.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                   "host": platform.node(), "cpu": _cpu_model(), "ray": ray.__version__,
+                   "commit": commit, "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             rows.append(row)
             print(f"{name:14s} layer {mib:8.4f} MiB  {gbps:8.3f} GB/s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
