@@ -115,7 +115,7 @@ def _arrived(layer: dict) -> bool:
 def run(args: argparse.Namespace) -> int:
     from openai import OpenAI
 
-    from edgeprompt_vllm.cloud.launch import has_cuda, resolve_dtype
+    from edgeprompt_vllm.cloud.launch import has_cuda, resolve_dtype, stop_cloud
     from edgeprompt_vllm.cloud.prompt_files import PromptFileError, default_registry_dir, load_registry
     from edgeprompt_vllm.config import EdgePromptConfig
     from edgeprompt_vllm.serving.edge_args import edge_command, edge_serve_args, ray_env
@@ -249,14 +249,7 @@ def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
         if ray_started:
-            import ray
-
-            if actor is not None:
-                try:
-                    ray.kill(actor)
-                except Exception:
-                    pass
-            ray.shutdown()
+            stop_cloud(actor)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if rc == 0:
         shutil.rmtree(work, ignore_errors=True)  # (kept on failure: the server log is in it)

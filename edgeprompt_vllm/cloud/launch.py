@@ -60,6 +60,18 @@ def connect_ray(address: str | None, namespace: str, num_cpus: int | None = None
     return ray.get_runtime_context().gcs_address, started
 
 
+def stop_cloud(actor) -> None:
+    """Kills the cloud actor (if any; already gone is fine) and leaves the Ray cluster."""
+    import ray
+
+    if actor is not None:
+        try:
+            ray.kill(actor)
+        except Exception:
+            pass
+    ray.shutdown()
+
+
 def start_cloud(model: str | Path, specs: list[PromptSpec], *, name: str = DEFAULT_ACTOR_NAME,
                 namespace: str = DEFAULT_NAMESPACE, resources: dict | None = None,
                 detached: bool = False, num_cpus: float = 1, num_gpus: float = 0,

@@ -47,7 +47,7 @@ def build_cloud_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_cloud(args: argparse.Namespace) -> int:
-    from edgeprompt_vllm.cloud.launch import connect_ray, has_cuda, resolve_dtype, start_cloud
+    from edgeprompt_vllm.cloud.launch import connect_ray, has_cuda, resolve_dtype, start_cloud, stop_cloud
     from edgeprompt_vllm.cloud.prompt_files import PromptFileError, load_registry
 
     try:
@@ -110,12 +110,7 @@ def run_cloud(args: argparse.Namespace) -> int:
         print("\n[cloud] stopping", flush=True)
         return 0
     finally:
-        if actor is not None:
-            try:
-                ray.kill(actor)
-            except Exception:
-                pass
-        ray.shutdown()
+        stop_cloud(actor)
 
 
 def build_edge_args_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
