@@ -10,6 +10,15 @@ import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+RECORDER = None  # set by replay.LayerReplay while it records a layer's launches
+
+
+def launch(kernel, grid: tuple, **kwargs) -> None:
+    """`kernel[grid](**kwargs)`, reported to the active recorder (replay.py) if there is one."""
+    compiled = kernel[grid](**kwargs)
+    if RECORDER is not None:
+        RECORDER(kernel, grid, kwargs, compiled)
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""

@@ -23,7 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_lse, check_out, check_shape, check_tensor, device_sms, next_pow2
+from ._launch import (
+    check_lse,
+    check_out,
+    check_shape,
+    check_tensor,
+    device_sms,
+    launch,
+    next_pow2,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -98,7 +106,9 @@ def _launch_merge(output, output_lse, a_out, a_lse, b_out, b_lse) -> None:
         block_h //= 2
     grid = (num_tokens, triton.cdiv(num_heads, block_h))
     lse_out = output_lse if output_lse is not None else a_lse  # a dummy pointer when not stored
-    _merge_states_kernel[grid](
+    launch(
+        _merge_states_kernel,
+        grid,
         out_ptr=output,
         out_lse_ptr=lse_out,
         a_out_ptr=a_out,
@@ -191,7 +201,7 @@ def _absorb_splits(
     return m_i, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_ol_head", "stride_al_head", "stride_bl_head"])  # per-step
 def _merge_states_kernel(
     out_ptr,  # [num_tokens, num_heads, head_size]
     out_lse_ptr,  # [num_heads, num_tokens] float32 (written when STORE_LSE)

@@ -41,6 +41,7 @@ from ._launch import (
     device_sms,
     dot_flags,
     host_int,
+    launch,
     next_pow2,
 )
 from ._paged_attend import paged_attend
@@ -111,11 +112,10 @@ def paged_suffix(
         part_lse = torch.empty(
             num_splits, num_q_heads, num_tokens, dtype=torch.float32, device=query.device
         )
-    else:  # the kernel writes out / lse directly; part_* are unused dummies
-        part_out, part_lse = (
-            out.unsqueeze(0),
-            (lse if lse is not None else out.new_empty(1, 1, 1)).unsqueeze(0),
-        )
+    else:  # the kernel writes out / lse directly; part_* are unused dummies (not views of
+        # out or lse, so that replay.LayerReplay can re-point a recorded launch at another layer)
+        part_out = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=query.device)
+        part_lse = torch.empty((1, 1, 1), dtype=torch.float32, device=query.device)
     if prefix_state is not None:
         pre_out, pre_lse = prefix_state
     else:
@@ -123,7 +123,9 @@ def paged_suffix(
     lse_arg = lse if lse is not None else part_lse[0]
     upcast, precision = dot_flags(query.dtype)
     grid = (n_q_tiles, num_kv_heads, num_splits)
-    _paged_suffix_kernel[grid](
+    launch(
+        _paged_suffix_kernel,
+        grid,
         out_ptr=out,
         lse_ptr=lse_arg,
         part_out_ptr=part_out,
@@ -217,11 +219,14 @@ def _pick_num_splits(num_programs: int, max_seq_len: int, tile_n: int, sms: int)
     Splitting costs a merge launch plus fp32 partial traffic, so a batch that already has >= one
     program per SM stays unsplit (and then gets the fused prefix merge with no extra launch).
     Otherwise aim at ~2 programs per SM, keeping >= 4 tiles (256 keys) per split (guessed).
+    The count is rounded down to a power of two: the merge kernel is compiled per split count,
+    and five counts (2..32) are quick to compile at start-up (attention/warmup.py).
     """
     if num_programs >= sms:
         return 1
     max_useful = max(cdiv(max_seq_len, 4 * tile_n), 1)
-    return max(1, min(cdiv(2 * sms, num_programs), max_useful, 32))
+    splits = max(1, min(cdiv(2 * sms, num_programs), max_useful, 32))
+    return 1 << (splits.bit_length() - 1)
 
 
 def _check_suffix_args(
@@ -270,7 +275,10 @@ def _find_request(query_start_loc_ptr, num_reqs, q_tile_idx, BLOCK_Q: tl.constex
     return lo - 1
 
 
-@triton.jit
+# Per-step sizes are not specialized (Triton would compile a variant per divisibility by 16):
+# a decode step compiles nothing new once its tile and split choices have been seen.
+@triton.jit(do_not_specialize=["num_reqs", "stride_l_head", "stride_pl_head", "stride_xl_head",
+                               "stride_bt_req"])
 def _paged_suffix_kernel(
     out_ptr,  # [num_tokens, num_q_heads, head_size] (written when not SPLIT_KV)
     lse_ptr,  # [num_q_heads, num_tokens] float32 (written when STORE_LSE and not SPLIT_KV)

@@ -34,6 +34,7 @@ from ._launch import (
     device_sms,
     dot_flags,
     host_int,
+    launch,
     next_pow2,
 )
 from ._paged_attend import paged_attend
@@ -160,7 +161,9 @@ def relay_prefix_partials(
         return part_out, part_lse
     upcast, precision = dot_flags(query.dtype)
     grid = (num_groups * m_tiles, num_kv_heads, num_splits)
-    _relay_prefix_kernel[grid](
+    launch(
+        _relay_prefix_kernel,
+        grid,
         part_out_ptr=part_out,
         part_lse_ptr=part_lse,
         query_ptr=query,
@@ -264,7 +267,7 @@ def _check_prefix_args(
 # ---------------------------------------------------------------- kernel
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_tiles_per_group", "stride_pl_head", "stride_gbt"])  # per-step
 def _relay_prefix_kernel(
     part_out_ptr,  # [num_splits, num_tokens, num_q_heads, head_size] float32
     part_lse_ptr,  # [num_splits, num_q_heads, num_tokens] float32

@@ -1,15 +1,19 @@
 """Relay attention on CUDA: a FlashAttention subclass selected by `--attention-backend CUSTOM`.
 
-Per step the builder finds the groups of requests that share leading physical blocks and asks
-the cost model (kernels/cost_model.py) which are worth a prefix pass. Batches with no such
-group run vLLM's FlashAttention unchanged; the others run the relay kernels: one prefix pass
-per group over the shared blocks (read once), each request's own blocks, LSE merge fused.
+Per step the builder finds the groups of decode requests that share leading physical blocks and
+asks the cost model (kernels/cost_model.py) which are worth a prefix pass. Batches with no such
+group run vLLM's FlashAttention unchanged; in the others the grouped requests run the relay
+kernels (one prefix pass per group over the shared blocks, read once; each request's own
+blocks; LSE merge fused into the suffix kernel) and the rest (prefill chunks, unshared requests)
+run FlashAttention. The relay launches are planned at the first layer of a step and replayed at
+the others (kernels/replay.py), so eager attention costs little host time per layer.
 
 CUDA graphs: the builder reports NEVER, so vLLM captures piecewise graphs and runs attention
 eagerly (it is a splitting op). Full graphs would need the grouping computed on the device into
 fixed-size buffers and grids sized for the capture batch; see the README.
 """
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -25,13 +29,24 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from edgeprompt_vllm.attention.relay_batch import RelayBatch, RestBatch, build_relay_batch
 from edgeprompt_vllm.attention.stats import RELAY_STATS
+from edgeprompt_vllm.attention.warmup import warm_up_relay_kernels
 from edgeprompt_vllm.kernels import relay_attention
 from edgeprompt_vllm.kernels.cost_model import AttentionShape, GroupShape, choose_relay
+from edgeprompt_vllm.kernels.replay import LayerReplay
 
 
 @dataclass
 class RelayFlashMetadata(FlashAttentionMetadata):
     relay: RelayBatch | None = None  # None: this batch runs stock FlashAttention
+
+
+# Requests with more query tokens than this (prefill chunks) are left to FlashAttention: prefill
+# is compute-bound, FA3 runs it 2.5x faster than our prefix kernel (benchmarks/results, prefill
+# row), and one long query in the relay batch would size every decode request's tile for it.
+# 16 keeps speculative-decoding steps (a few tokens per request) in the groups.
+MAX_GROUP_QUERY_LEN = 16
+
+_WARMED_UP: list[tuple[int, float]] = []  # once per process: the kernels are compiled for every layer alike
 
 
 class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
@@ -43,14 +58,20 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
                                     head_size=self.headdim, dtype_bytes=self.model_config.dtype.itemsize)
         self.relay_enabled = vllm_config.attention_config.backend == AttentionBackendEnum.CUSTOM \
             and self.kv_cache_dtype == self.model_config.dtype
+        if self.relay_enabled and not _WARMED_UP:
+            _WARMED_UP.append(warm_up_relay_kernels(
+                self.num_heads_q, self.num_heads_kv, self.headdim, self.block_size,
+                self.model_config.dtype, device, vllm_config.scheduler_config.max_num_seqs,
+                self.model_config.max_model_len))
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> RelayFlashMetadata:
         stock = super().build(common_prefix_len, common_attn_metadata, fast_build)
         relay = None
         if self.relay_enabled and not stock.use_cascade:
+            start = time.perf_counter()
             relay = build_relay_batch(common_attn_metadata, self.block_size, keep=self._worth_relaying,
-                                      split_rest=True)
-            RELAY_STATS.record(relay)
+                                      split_rest=True, max_group_query_len=MAX_GROUP_QUERY_LEN)
+            RELAY_STATS.record(relay, time.perf_counter() - start)
         return RelayFlashMetadata(**vars(stock), relay=relay)
 
     def _worth_relaying(self, groups, query_lens):
@@ -71,15 +92,29 @@ class RelayFlashImpl(FlashAttentionImpl):
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
         n = relay.num_tokens
         if relay.token_order is None:
-            relay_attention(query[:n], key_cache, value_cache, relay.meta, self.scale,
-                            out=output[:n], validate=False)
+            q, out = query[:n], output[:n]
         else:
-            out = relay_attention(query[relay.token_order], key_cache, value_cache, relay.meta,
-                                  self.scale, validate=False)
+            q = query[relay.token_order]
+            out = torch.empty_like(q)
+        self._layer_replay(relay)(query=q, key_cache=key_cache, value_cache=value_cache, out=out)
+        if relay.token_order is not None:
             output[relay.token_order] = out
         if relay.rest is not None:
             self._flash_attention(query, key_cache, value_cache, relay.rest, output)
         return output
+
+    def _layer_replay(self, relay: RelayBatch) -> LayerReplay:
+        """The batch's relay pipeline, planned at its first layer and replayed at the others
+        (kernels/replay.py). One stream: the "fused" schedule (prefix partials folded into the
+        suffix kernel's epilogue), two launches per layer when the suffix is not split."""
+        replay = relay.replays.get(self.scale)
+        if replay is None:
+            meta, scale = relay.meta, self.scale
+            replay = relay.replays[scale] = LayerReplay(
+                lambda query, key_cache, value_cache, out: relay_attention(
+                    query, key_cache, value_cache, meta, scale, out=out, validate=False,
+                    schedule="fused"))
+        return replay
 
     def _flash_attention(self, query, key_cache, value_cache, rest: RestBatch, output) -> None:
         """FlashAttention over the requests no group relays (prefills, unshared requests)."""

@@ -27,12 +27,17 @@ class RelayPlan:
 
 
 def find_groups(block_table: np.ndarray, seq_lens: np.ndarray, query_lens: np.ndarray,
-                block_size: int, min_group_size: int = 2) -> list[tuple[list[int], int]]:
+                block_size: int, min_group_size: int = 2,
+                max_query_len: int | None = None) -> list[tuple[list[int], int]]:
     """block_table [num_reqs, >= max blocks] (host), seq_lens / query_lens [num_reqs] ->
-    [(requests of the group, shared prefix tokens)], each group of >= `min_group_size`."""
+    [(requests of the group, shared prefix tokens)], each group of >= `min_group_size`.
+    Requests with more than `max_query_len` query tokens (prefill chunks) join no group."""
     context_blocks = (seq_lens - query_lens) // block_size  # whole blocks before the first query
+    eligible = context_blocks > 0
+    if max_query_len is not None:
+        eligible &= query_lens <= max_query_len
     by_first_block = defaultdict(list)
-    for r in np.flatnonzero(context_blocks > 0):
+    for r in np.flatnonzero(eligible):
         by_first_block[int(block_table[r, 0])].append(int(r))
     groups = []
     for reqs in by_first_block.values():

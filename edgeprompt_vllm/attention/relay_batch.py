@@ -1,7 +1,7 @@
 """Per-step relay state, built once per batch by a metadata builder and used by every layer."""
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ class RelayBatch:
     groups: list[tuple[int, int, int]]  # host copy of the groups: (req start, req end, prefix_len)
     used_blocks: torch.Tensor | None = None  # CPU only: [n] block ids meta.block_table indexes into
     rest: RestBatch | None = None  # CUDA only: requests left to FlashAttention
+    replays: dict = field(default_factory=dict)  # CUDA only: softmax scale -> kernels' LayerReplay
 
 
 def host_batch(common) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,16 +54,18 @@ def _tokens_of(qsl: np.ndarray, reqs) -> np.ndarray:
 
 
 def build_relay_batch(common, block_size: int, keep: GroupFilter, remap_blocks: bool = False,
-                      split_rest: bool = False) -> RelayBatch | None:
+                      split_rest: bool = False, max_group_query_len: int | None = None) -> RelayBatch | None:
     """None when no group is worth relaying: the layer then runs the stock kernel.
 
     remap_blocks (CPU): every request goes through the relay path, over the blocks the batch
     reads renumbered 0..n-1 (`used_blocks`). split_rest (CUDA): only the relayed groups' requests
     go through the relay kernels; the others are described in `rest` for FlashAttention.
+    Requests with more than `max_group_query_len` query tokens join no group.
     """
     qsl, seq_lens, block_table = host_batch(common)
     query_lens = np.diff(qsl)
-    groups = keep(find_groups(block_table, seq_lens, query_lens, block_size), query_lens)
+    groups = keep(find_groups(block_table, seq_lens, query_lens, block_size,
+                             max_query_len=max_group_query_len), query_lens)
     if not groups:
         return None
     plan = plan_relay(common.num_reqs, groups)

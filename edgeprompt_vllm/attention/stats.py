@@ -10,9 +10,11 @@ class RelayStats:
     groups: int = 0  # relayed groups, summed over batches
     grouped_requests: int = 0  # requests served by a prefix pass, summed over batches
     shared_tokens: int = 0  # prefix tokens read once per group instead of once per request
+    build_s: float = 0.0  # host seconds spent building relay batches (incl. any device sync)
 
-    def record(self, relay) -> None:
+    def record(self, relay, build_s: float = 0.0) -> None:
         self.batches += 1
+        self.build_s += build_s
         if relay is None:
             return
         self.relay_batches += 1  # host-side numbers only: no device sync per step
