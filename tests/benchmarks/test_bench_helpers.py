@@ -1,0 +1,62 @@
+"""The benchmark helpers without engines: workload, Poisson arrivals, metrics, sustainable rate."""
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from edgeprompt_vllm.bench.load import Result, poisson_offsets, summarize, sustainable_rate
+from edgeprompt_vllm.bench.workload import describe_workload, make_workload
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    return AutoTokenizer.from_pretrained(str(tiny_model))
+
+
+def test_workload_shapes_passes_and_output_lens(tok):
+    w = make_workload(tok, 100, 30, 40, output_len=None, max_output_len=64)
+    assert len(w.cloud) == 100 and w.cloud[0] == tok.bos_token_id
+    assert len(w.edges) == 40 and all(len(e) == 30 for e in w.edges)
+    assert len({tuple(e) for e in w.edges}) == 40  # distinct human turns: no shared edge prefixes
+    assert all(4 <= n <= 64 for n in w.output_lens) and len(set(w.output_lens)) > 1
+    second = w.part(20, 20)
+    assert second.edges == w.edges[20:] and second.output_lens == w.output_lens[20:]
+    assert second.prompts()[0] == w.cloud + w.edges[20]
+    fixed = make_workload(tok, 100, 30, 4, output_len=16)
+    assert fixed.output_lens is None and fixed.edges == w.edges[:4]
+    d = describe_workload(fixed, 16)
+    assert d["sharegpt_complete_records"] > 10_000 and d["output_lens"] == "fixed 16 (ignore_eos)"
+    assert "from ShareGPT" in describe_workload(w, None, 64)["output_lens"]
+
+
+def test_poisson_offsets():
+    t = poisson_offsets(20_000, rate=5.0, seed=1)
+    assert t[0] == 0 and np.all(np.diff(t) >= 0)
+    assert abs(np.diff(t).mean() - 0.2) < 0.01
+    assert np.array_equal(t, poisson_offsets(20_000, 5.0, seed=1))
+
+
+def test_summarize():
+    ok = Result(ok=True, ttft_s=0.1, latency_s=1.1, output_tokens=11, itl_s=[0.1] * 10)
+    bad = Result(error="HTTP 500")
+    m = summarize([ok, ok, bad], duration_s=2.0)
+    assert m["completed"] == 2 and m["failed"] == 1 and m["errors"] == ["HTTP 500"]
+    assert m["output_tok_per_s"] == 11.0
+    assert m["tpot_ms"]["p50"] == pytest.approx(100.0) and m["ttft_ms"]["p99"] == pytest.approx(
+        100.0
+    )
+    assert m["itl_ms"]["mean"] == pytest.approx(100.0)
+
+
+def _pts(*pairs, failed_at=None):
+    return [{"rate": r, "tpot_ms": {"p99": t}, "failed": int(r == failed_at)} for r, t in pairs]
+
+
+def test_sustainable_rate():
+    s = sustainable_rate(_pts((2, 20), (4, 30), (8, 70)), slo_ms=50)
+    assert s["rate"] == 4 and s["interpolated"] == pytest.approx(6.0) and not s["censored"]
+    s = sustainable_rate(_pts((2, 20), (4, 30)), slo_ms=50)
+    assert s["rate"] == 4 and s["censored"]
+    assert sustainable_rate(_pts((2, 60), (4, 30)), slo_ms=50)["rate"] == 0  # lowest fails
+    s = sustainable_rate(_pts((2, 20), (4, 30), (8, 40), failed_at=8), slo_ms=50)
+    assert s["rate"] == 4 and s["interpolated"] == 4  # failures are not interpolated
