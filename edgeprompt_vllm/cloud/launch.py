@@ -39,9 +39,14 @@ def connect_ray(address: str | None, namespace: str, num_cpus: int | None = None
     """-> (GCS address "host:port" for the edges, whether this process started the cluster).
 
     address "local": start a private cluster in this process (it lives as long as we do);
-    "auto": the cluster already running on this machine (`ray start --head`);
+    "auto": the cluster already running on this machine
+    (`RAY_AUTH_MODE=token ray start --head`);
     None: "auto", else start one; "HOST:PORT": join that cluster.
+    Always with Ray's token authentication (transport/client.require_token_auth).
     """
+    from edgeprompt_vllm.transport.client import require_token_auth
+
+    require_token_auth(starting=False)
     kw = dict(namespace=namespace, log_to_driver=False, logging_level="WARNING")
     started = False
     if address in (None, "auto"):
@@ -54,6 +59,7 @@ def connect_ray(address: str | None, namespace: str, num_cpus: int | None = None
     elif address != "local":
         ray.init(address=address, **kw)
     if address == "local":
+        require_token_auth(starting=True)
         ray.init(address="local", include_dashboard=False, num_cpus=num_cpus,
                  _temp_dir=temp_dir, **kw)
         started = True
@@ -90,6 +96,10 @@ def start_cloud(model: str | Path, specs: list[PromptSpec], *, name: str = DEFAU
     return actor, fp
 
 
+class PromptRefused(ValueError):
+    """The cloud actor refused a registry prompt (e.g. longer than its max_model_len)."""
+
+
 def register_with_progress(actor, spec: PromptSpec, fp: Fingerprint, progress: bool = True,
                            out=None, poll_s: float = 0.2) -> dict:
     """Registers and prefills one prompt; a bar counts its layers as the cloud computes them."""
@@ -108,7 +118,12 @@ def register_with_progress(actor, spec: PromptSpec, fp: Fingerprint, progress: b
                 continue
             done = sum(1 for c in d["checksums"] if c)
             bar.update(done - bar.n)
-        info = ray.get(ref)  # raises the actor's error (bad prompt, too long...)
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:  # the actor refused it (too long, ...)
+            cause = getattr(e, "cause", None) or e
+            raise PromptRefused(f"{spec.path or spec.name}: cloud prompt {spec.name!r} was refused "
+                                f"by the cloud: {type(cause).__name__}: {cause}") from None
         bar.update(fp.num_layers - bar.n)
         bar.set_postfix_str(f"{info['num_tokens']} tokens, {info['shipped_tokens']} shipped, "
                             f"{time.monotonic() - t0:.1f} s")

@@ -5,7 +5,9 @@ It runs the same model as the edges in a vLLM engine inside this actor process
 and captures per-layer K, V with hooks (capture.py). Threaded (max_concurrency): fetches of a
 cold prompt wait on per-layer slots that fill while the prefill runs (the paper's timeline).
 
-Edge-facing methods take only a prompt id, the fingerprint digest and a layer index.
+Edge-facing methods take only a prompt id, the fingerprint digest and a layer index, each
+checked (a registered id, this model's digest, an int layer in range, a known codec) before
+anything else runs; anything else is refused with an error naming the parameter.
 """
 
 import os
@@ -51,6 +53,7 @@ class CloudPromptService:
         self._sources: dict[str, dict] = {}  # prompt id -> {"kind", "content"}: how it was given
         self.prefills = 0
         self._encodings: dict = {}  # (prompt, layer, checksum, codec) -> encoded (header, ref)
+        self._stalls: dict[tuple[str, int], float] = {}  # tests only: stall_layer_for_testing
 
     # ---------------- registration (operators, configs) ----------------
     def register_prompt(self, prompt_id: str, token_ids: list[int] | None = None,
@@ -127,9 +130,22 @@ class CloudPromptService:
                      **self._sources.get(pid, {"kind": "tokens", "content": None})}
                     for pid in self.registry.ids()]
 
+    def _registered(self, prompt_id) -> CloudPrompt:
+        if not isinstance(prompt_id, str):
+            raise TypeError(f"prompt_id must be a string, not {type(prompt_id).__name__}")
+        with self._reg_lock:
+            return self.registry.get(prompt_id)  # KeyError: not registered
+
+    def _layer(self, layer) -> int:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"layer must be an int, not {type(layer).__name__}")
+        if not 0 <= layer < self.fingerprint.num_layers:
+            raise IndexError(f"layer {layer} outside 0..{self.fingerprint.num_layers - 1}")
+        return layer
+
     def describe(self, prompt_id: str, digest: str) -> dict:
         self._check(digest)
-        prompt = self.registry.get(prompt_id)
+        prompt = self._registered(prompt_id)
         kv = self.store.get(prompt_id)
         slots = kv.slots if kv else []
         return {"prompt_id": prompt_id, "token_ids": list(prompt.token_ids),
@@ -141,11 +157,17 @@ class CloudPromptService:
                 "state": "warm" if kv and kv.complete else ("computing" if kv else "cold")}
 
     def fetch_layer(self, prompt_id: str, digest: str, layer: int, timeout_s: float = 120.0):
-        """-> (header dict, [ObjectRef of the raw bytes]); waits until the layer is computed."""
+        """-> (header dict, [ObjectRef of the raw bytes]); waits until the layer is computed
+        (at most `timeout_s`, capped at _MAX_WAIT_S)."""
         self._check(digest)
-        if not 0 <= layer < self.fingerprint.num_layers:
-            raise IndexError(f"layer {layer} outside 0..{self.fingerprint.num_layers - 1}")
-        kv = self._ensure(self.registry.get(prompt_id))
+        layer = self._layer(layer)
+        kv = self._ensure(self._registered(prompt_id))
+        if not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            raise ValueError(f"timeout_s must be a positive number, not {timeout_s!r}")
+        timeout_s = min(float(timeout_s), _MAX_WAIT_S)
+        stall = self._stalls.get((prompt_id, layer)) or self._stalls.get((prompt_id, -1))
+        if stall:  # tests only (stall_layer_for_testing)
+            time.sleep(stall)
         slot = kv.slots[layer]
         if not slot.ready.wait(timeout_s):
             raise TimeoutError(f"layer {layer} of {prompt_id!r} not computed in {timeout_s} s")
@@ -161,9 +183,13 @@ class CloudPromptService:
         from edgeprompt_vllm.transport.codecs import check_codec
 
         check_codec(codec)
+        if not isinstance(layers, list) or not 0 < len(layers) <= self.fingerprint.num_layers:
+            raise ValueError(f"layers must be a list of 1 to {self.fingerprint.num_layers} layer "
+                             "indices")
+        layers = [self._layer(layer) for layer in layers]
         out = []
         for layer in layers:
-            header_d, (ref,) = self.fetch_layer(prompt_id, digest, int(layer), timeout_s)
+            header_d, (ref,) = self.fetch_layer(prompt_id, digest, layer, timeout_s)
             if codec != "none":
                 header_d, ref = self._encoded(header_d, ref, codec)
             out.append((header_d, [ref]))
@@ -230,8 +256,19 @@ class CloudPromptService:
 
     # ---------------- operations and tests ----------------
     def stats(self) -> dict:
+        import psutil
+
         return {"prefills": self.prefills, "store": self.store.summary(),
+                "registered": len(self.registry), "rss_bytes": psutil.Process().memory_info().rss,
                 "fingerprint": self.fingerprint.to_dict(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def stall_layer_for_testing(self, prompt_id: str, layer: int, seconds: float) -> None:
+        """Fetches of this layer (-1: every layer) of the prompt answer `seconds` late (fault
+        tests: a stalled cloud); 0 ends it."""
+        if seconds:
+            self._stalls[(prompt_id, int(layer))] = float(seconds)
+        else:
+            self._stalls.pop((prompt_id, int(layer)), None)
 
     def corrupt_layer_for_testing(self, prompt_id: str, layer: int) -> None:
         """Replaces a stored layer by flipped bytes under the old checksum (integrity tests)."""
@@ -243,6 +280,7 @@ class CloudPromptService:
 
 
 _MAX_ENCODINGS = 256
+_MAX_WAIT_S = 300.0  # no fetch holds one of the actor's threads longer than this
 
 
 def _itemsize(dtype: str) -> int:

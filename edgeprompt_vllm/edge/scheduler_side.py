@@ -50,7 +50,7 @@ class SchedulerSide:
     def refresh(self) -> None:
         self._last_refresh = time.monotonic()
         registry = PromptRegistry(self.block_size)
-        for p in self.client.registry():
+        for p in self.client.registry(self.config.health_timeout_s):
             registry.add(p)
         self.registry = registry
 
@@ -79,6 +79,10 @@ class SchedulerSide:
         status = {"cloud_prompt": match.prompt.prompt_id, "cloud_tokens": match.num_tokens}
         if num_computed_tokens >= match.num_tokens:  # vLLM's prefix cache holds it already
             self._status[request.request_id] = {**status, "status": "cached", "loaded_tokens": 0}
+            return 0, False
+        if self.client.down_reason is not None:  # a dead or stalled cloud: the edge computes it
+            self._status[request.request_id] = {**status, "status": "cloud_unavailable",
+                                                "loaded_tokens": 0}
             return 0, False
         decision = self._plan(request, match, num_computed_tokens)
         if decision.strategy == "recompute":  # the link is slower than the edge's own prefill
@@ -120,7 +124,7 @@ class SchedulerSide:
         state, when = self._cloud_state.get(prompt_id, (None, 0.0))
         if state is None or time.monotonic() - when > _STATE_TTL_S:
             try:
-                state = self.client.describe(prompt_id)["state"]
+                state = self.client.describe(prompt_id, self.config.health_timeout_s)["state"]
             except Exception as e:  # the planner assumes the worst; the load itself will tell
                 logger.warning("cannot ask the cloud about %s: %s", prompt_id, e)
                 state = "cold"

@@ -36,7 +36,8 @@ _COUNTERS = ("cloud_bytes", "cloud_layers", "layer_failures", "loads", "loaded_t
 _LISTS = ("layer_waits", "load_seconds", "relay_groups_per_step")
 MISS_REASONS = {"unknown_cloud_prompt": "unknown_cloud_prompt",
                 "prefix_mismatch": "prefix_mismatch", "load_failed_recomputed": "load_failed",
-                "recompute": "planned_recompute"}  # the planner chose to compute it on the edge
+                "recompute": "planned_recompute",  # the planner chose to compute it on the edge
+                "cloud_unavailable": "cloud_unavailable"}  # a dead or stalled cloud
 _MAX_LIST = 4096  # observations kept per list between two collections (bounded memory)
 
 

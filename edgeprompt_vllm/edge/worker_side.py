@@ -22,7 +22,7 @@ from edgeprompt_vllm.edge.stats import EdgePromptStats
 from edgeprompt_vllm.edge.timeline import Timeline
 from edgeprompt_vllm.fingerprint import Fingerprint
 from edgeprompt_vllm.log import get_logger
-from edgeprompt_vllm.transport.client import CloudClient, UnknownCloudPrompt
+from edgeprompt_vllm.transport.client import CloudClient, CloudUnavailable, UnknownCloudPrompt
 
 logger = get_logger(__name__)
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -38,6 +38,7 @@ class WorkerSide:
         self._isa: dict[str, str | None] = {}
         self._active: list[tuple[LoadSpec, object, torch.Tensor]] = []  # (spec, stream, slots)
         self._invalid: set[int] = set()
+        self._failed_streams: set[int] = set()  # id() of this step's streams that failed
         self.timeline: Timeline | None = None
         self._stats = EdgePromptStats()
         self._relay_seen = _relay_counts()
@@ -63,7 +64,7 @@ class WorkerSide:
             return self.client.fetch_layers(prompt_id, layers, **kw)
 
     def start_load_kv(self, metadata: EdgePromptMetadata) -> None:
-        self._active = []
+        self._active, self._failed_streams = [], set()
         self._step.update(work=metadata.step_work, start=time.perf_counter())
         if not metadata.loads:
             return
@@ -87,6 +88,8 @@ class WorkerSide:
         layer = self.layer_of[layer_name]
         self.timeline.enter(layer)
         for spec, stream, slots in self._active:
+            if id(stream) in self._failed_streams:  # its blocks are already marked for recompute
+                continue
             try:
                 header, kv = stream.result(layer, self.config.fetch_timeout_s)
                 if kv.shape[1] < spec.end:
@@ -94,10 +97,21 @@ class WorkerSide:
                 write_layer(self.kv_caches[layer_name], kv[0, spec.start:spec.end],
                             kv[1, spec.start:spec.end], slots, self._layer_isa(layer_name, kv.dtype))
             except Exception as e:
-                logger.error("layer %d of cloud prompt %s failed (%s: %s); its blocks are recomputed",
-                             layer, spec.prompt_id, type(e).__name__, e)
-                self._invalid |= spec.loaded_block_ids(self.block_size)
+                self._fail_layer(stream, layer, e)
         self.timeline.leave(layer)
+
+    def _fail_layer(self, stream, layer: int, error: Exception) -> None:
+        """A layer of `stream` failed (timeout, checksum, dead cloud): every request loading from
+        it is recomputed on the edge. After a timeout or an unavailable cloud no later layer of
+        it is waited for: a stalled cloud costs a step at most `fetch_timeout_s`, not one
+        timeout per layer."""
+        if isinstance(error, (TimeoutError, CloudUnavailable)):
+            self._failed_streams.add(id(stream))
+        for spec, s, _ in self._active:
+            if s is stream:
+                self._invalid |= spec.loaded_block_ids(self.block_size)
+        logger.error("layer %d of cloud prompt %s failed (%s: %s); its blocks are recomputed on "
+                     "the edge", layer, stream.prompt_id, type(error).__name__, error)
 
     def _layer_isa(self, layer_name: str, dtype: torch.dtype) -> str | None:
         if layer_name not in self._isa:

@@ -47,7 +47,14 @@ def build_cloud_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_cloud(args: argparse.Namespace) -> int:
-    from edgeprompt_vllm.cloud.launch import connect_ray, has_cuda, resolve_dtype, start_cloud, stop_cloud
+    from edgeprompt_vllm.cloud.launch import (
+        PromptRefused,
+        connect_ray,
+        has_cuda,
+        resolve_dtype,
+        start_cloud,
+        stop_cloud,
+    )
     from edgeprompt_vllm.cloud.prompt_files import PromptFileError, load_registry
 
     try:
@@ -65,14 +72,15 @@ def run_cloud(args: argparse.Namespace) -> int:
     num_gpus = args.num_gpus if args.num_gpus is not None else (1 if has_cuda() else 0)
     try:
         address, started = connect_ray(args.ray_address, args.namespace)
-    except ConnectionError as e:
+    except (ConnectionError, RuntimeError) as e:
         print(f"edgeprompt cloud: error: cannot join the Ray cluster {args.ray_address!r}: {e}",
               file=sys.stderr)
         return 2
     if started and args.detach:
         ray.shutdown()
         print("edgeprompt cloud: error: --detach needs a Ray cluster that outlives this command "
-              "(`ray start --head`, then --ray-address auto)", file=sys.stderr)
+              "(`RAY_AUTH_MODE=token ray start --head`, then --ray-address auto)",
+              file=sys.stderr)
         return 2
     print(f"[cloud] Ray cluster {address} ({'started here' if started else 'joined'}), "
           f"namespace {args.namespace!r}", flush=True)
@@ -106,6 +114,9 @@ def run_cloud(args: argparse.Namespace) -> int:
         print("[cloud] serving; Ctrl-C stops it", flush=True)
         while True:
             time.sleep(3600)
+    except PromptRefused as e:
+        print(f"edgeprompt cloud: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\n[cloud] stopping", flush=True)
         return 0

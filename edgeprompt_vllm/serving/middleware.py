@@ -76,6 +76,10 @@ def requested_cloud_prompt(req: dict) -> str | None:
     if "strategy" in params:
         _check_strategy(params["strategy"])
     name = params.get("cloud_prompt", params.get("cloud_prompt_id"))
+    if "cloud_prompt" in params and "cloud_prompt_id" in params and \
+            params["cloud_prompt"] != params["cloud_prompt_id"]:
+        raise _bad("kv_transfer_params has both cloud_prompt and cloud_prompt_id, and they differ; "
+                   "send cloud_prompt only", "kv_transfer_params.cloud_prompt")
     if name is None:
         return None
     if not isinstance(name, str):

@@ -13,6 +13,12 @@ A stream moves `layers_per_message` layers per message (1: layer-wise; L: one bu
 optionally encoded on the wire (codecs.py). Messages are pulled one after another (a serial
 link); `stream.messages` records each one's timing for the planner (edge/planner.py).
 
+FAULTS (docs/reliability.md): a call that times out or finds the actor dead marks the cloud
+down. While down, calls fail at once (CloudUnavailable: no engine step waits on a dead cloud);
+at most every `RETRY_S` the next call looks the actor up again by name and repeats the
+handshake, so a restarted cloud is used again, and one restarted with another model is refused
+(its handshake fails; the client stays down and says why).
+
 EMULATED LINKS (tests and benchmarks only, labelled as such in the log): `emulated_rtt_s` adds a
 round trip to every message, `emulated_layer_delay_s` makes every layer occupy a serial link for
 that long. They stand in for netem where the kernel lacks it (netlab.py); the bandwidth of an
@@ -30,8 +36,8 @@ import ray
 
 from edgeprompt_vllm.config import EdgePromptConfig
 from edgeprompt_vllm.fingerprint import Fingerprint, FingerprintMismatch
-from edgeprompt_vllm.prompts import CloudPrompt, check_prompt_id
 from edgeprompt_vllm.log import get_logger
+from edgeprompt_vllm.prompts import CloudPrompt, check_prompt_id
 from edgeprompt_vllm.transport.audit import AuditLog
 from edgeprompt_vllm.transport.codecs import check_codec
 from edgeprompt_vllm.transport.wire import LayerHeader, decode_layer
@@ -40,6 +46,10 @@ logger = get_logger(__name__)
 
 # Benchmarks change the emulated link of a running engine (same process) through this.
 _EMULATION_OVERRIDE: dict = {}
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def set_emulated_link(rtt_s: float | None = None, layer_delay_s: float | None = None) -> None:
@@ -62,20 +72,55 @@ class UnknownCloudPrompt(KeyError):
     pass
 
 
+RETRY_S = 2.0  # a cloud marked down is looked up again at most this often
+_RELOOK_S = 0.2  # ... or this soon after its actor died (a restarted cloud is a new actor)
+
+
 def ensure_ray(address: str | None, namespace: str, node_ip: str | None = None) -> None:
     """`node_ip`: attach to the Ray node with that address (a host running several nodes would
-    otherwise attach to its head node)."""
+    otherwise attach to its head node). Joins with Ray's token authentication on
+    (RAY_AUTH_MODE=token unless set otherwise: docs/reliability.md)."""
     if not ray.is_initialized():
+        require_token_auth(starting=False)
         kw = {"_node_ip_address": node_ip} if node_ip else {}
         ray.init(address=address or "auto", namespace=namespace, log_to_driver=False,
                  logging_level="WARNING", include_dashboard=False, **kw)
 
 
+def require_token_auth(starting: bool) -> None:
+    """Ray's token authentication for this process and its children: RAY_AUTH_MODE=token unless
+    the environment says otherwise. Starting a cluster without it is refused; joining one
+    without it is logged as a warning."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:  # Ray caches its config: refresh it, as Ray does when it enables token auth
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except (ImportError, AttributeError):  # pragma: no cover (other Ray versions)
+            pass
+    mode = os.environ["RAY_AUTH_MODE"].lower()
+    if mode == "token":
+        return
+    if starting:
+        raise RuntimeError(f"refusing to start a Ray cluster with RAY_AUTH_MODE={mode!r}: "
+                           "EdgePrompt clusters use token authentication (unset it, or set "
+                           "RAY_AUTH_MODE=token)")
+    logger.warning("joining Ray with RAY_AUTH_MODE=%r: without token authentication anyone who "
+                   "reaches the cluster can run code in it", mode)
+
+
 class CloudClient:
     def __init__(self, actor, fingerprint: Fingerprint, timeout_s: float = 60.0,
                  audit: AuditLog | None = None, emulated_layer_delay_s: float = 0.0,
-                 emulated_rtt_s: float = 0.0, emulated_link_path: str | None = None):
+                 emulated_rtt_s: float = 0.0, emulated_link_path: str | None = None,
+                 locate=None, health_timeout_s: float = 5.0):
+        """`locate`: () -> the actor handle by name (raises ValueError if absent), to reconnect."""
         self._actor = actor
+        self._locate, self._health_timeout_s = locate, health_timeout_s
+        self._down: str | None = None  # why the cloud is considered down; None: up
+        self._retry_at = 0.0
+        self._lock = threading.Lock()
         self._fp = fingerprint
         self._digest = fingerprint.digest()
         self._timeout_s = timeout_s
@@ -101,35 +146,87 @@ class CloudClient:
                                            f"{config.namespace!r}: {e}") from e
                 time.sleep(0.5)
         client = cls(actor, fingerprint, config.connect_timeout_s, AuditLog(config.audit_path),
-                     config.emulated_layer_delay_s, config.emulated_rtt_s, config.emulated_link_path)
+                     config.emulated_layer_delay_s, config.emulated_rtt_s, config.emulated_link_path,
+                     locate=lambda: ray.get_actor(config.actor_name, namespace=config.namespace),
+                     health_timeout_s=config.health_timeout_s)
         client.handshake()
         client._timeout_s = config.fetch_timeout_s
         return client
 
-    # -- the calls toward the cloud: every argument goes through _call (and the audit) --
+    # -- the calls toward the cloud: every argument goes through _send (and the audit) --
     def _call(self, method: str, *args):
+        self._ensure_up()
+        return self._send(self._actor, method, *args)
+
+    def _send(self, actor, method: str, *args):
         self._audit.record(method, args)
-        return getattr(self._actor, method).remote(*args)
+        return getattr(actor, method).remote(*args)
 
     def _get(self, ref, timeout_s: float | None = None):
+        timeout_s = timeout_s or self._timeout_s
         try:
-            return ray.get(ref, timeout=timeout_s or self._timeout_s)
+            return ray.get(ref, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError as e:
-            raise CloudUnavailable(f"cloud did not answer in {timeout_s or self._timeout_s} s") from e
-        except ray.exceptions.RayActorError as e:
-            raise CloudUnavailable(f"cloud actor died: {e}") from e
+            raise self._mark_down(f"cloud did not answer in {timeout_s} s") from e
+        except ray.exceptions.RayActorError as e:  # a restarted cloud is a new actor: look soon
+            raise self._mark_down(f"cloud actor died: {_first_line(e)}", _RELOOK_S) from e
+        except (ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError) as e:
+            raise self._mark_down(f"cloud data lost: {_first_line(e)}") from e
 
-    def handshake(self) -> dict:
+    # -- down / reconnect (the module docstring, FAULTS) --
+    @property
+    def down_reason(self) -> str | None:
+        """Why the cloud is considered down (None: up, or due for another look)."""
+        return self._down if self._down and time.monotonic() < self._retry_at else None
+
+    def _mark_down(self, reason: str, retry_s: float = RETRY_S) -> CloudUnavailable:
+        with self._lock:
+            if self._down is None:
+                logger.warning("cloud unavailable: %s; the edge computes cloud prompts itself "
+                               "until it answers again", reason)
+            self._down, self._retry_at = reason, time.monotonic() + retry_s
+        return CloudUnavailable(reason)
+
+    def _ensure_up(self) -> None:
+        """Raises CloudUnavailable while down; when a new look is due, finds the actor by name and
+        shakes hands with it (other callers fail at once meanwhile)."""
+        if self._down is None:
+            return
+        with self._lock:
+            if self._down is None:
+                return
+            if time.monotonic() < self._retry_at or self._locate is None:
+                raise CloudUnavailable(self._down)
+            self._retry_at = time.monotonic() + RETRY_S
+            reason = self._down
+        try:
+            actor = self._locate()
+            self.handshake(self._health_timeout_s, actor)
+        except FingerprintMismatch as e:
+            logger.error("the cloud came back with another model; its KV is refused: %s", e)
+            raise self._mark_down(f"the cloud now runs another model: {e}") from None
+        except CloudUnavailable:
+            raise
+        except Exception as e:  # noqa: BLE001 (no actor by that name, no GCS...: still down)
+            raise self._mark_down(f"{reason}; no cloud now: {type(e).__name__}: "
+                                  f"{_first_line(e)}") from None
+        with self._lock:
+            self._actor, self._down = actor, None
+        logger.warning("cloud available again (handshake done)")
+
+    def handshake(self, timeout_s: float | None = None, actor=None) -> dict:
         """Refuses (FingerprintMismatch) unless the cloud runs the same model and layout."""
-        reply = self._get(self._call("handshake", self._fp.to_dict()))
+        ref = self._send(actor or self._actor, "handshake", self._fp.to_dict())
+        reply = self._get(ref, timeout_s)
         if not reply["ok"]:
             raise FingerprintMismatch(reply["error"])
         self._fp.check_same(Fingerprint.from_dict(reply["fingerprint"]))
         self.cloud_info = reply
         return reply
 
-    def registry(self) -> list[CloudPrompt]:
-        prompts = [CloudPrompt.from_dict(d) for d in self._get(self._call("registry", self._digest))]
+    def registry(self, timeout_s: float | None = None) -> list[CloudPrompt]:
+        prompts = [CloudPrompt.from_dict(d)
+                   for d in self._get(self._call("registry", self._digest), timeout_s)]
         self._known = {p.prompt_id for p in prompts}
         return prompts
 
@@ -145,8 +242,8 @@ class CloudClient:
             raise ValueError(f"layer indices {out} outside 0..{self._fp.num_layers - 1}")
         return out
 
-    def describe(self, prompt_id: str) -> dict:
-        return self._get(self._call("describe", self._check_id(prompt_id), self._digest))
+    def describe(self, prompt_id: str, timeout_s: float | None = None) -> dict:
+        return self._get(self._call("describe", self._check_id(prompt_id), self._digest), timeout_s)
 
     def fetch_layers(self, prompt_id: str, layers: Iterable[int], max_inflight: int = 8,
                      layers_per_message: int = 1, codec: str = "none") -> "LayerStream":
@@ -212,16 +309,21 @@ class LayerStream:
     def _run(self) -> None:
         refs = {}
         for i, group in enumerate(self.groups):
-            while len(refs) < self._inflight and len(refs) + i < len(self.groups):
-                j = i + len(refs)
-                refs[j] = self._call(self.groups[j])
-            ref = refs.pop(i)
             try:
-                self._finish(group, ref)
-            except BaseException as e:  # each message fails on its own; never hang the waiter
-                for l in group:
-                    if not self.futures[l].done():
-                        self.futures[l].set_exception(e)
+                while len(refs) < self._inflight and len(refs) + i < len(self.groups):
+                    j = i + len(refs)
+                    refs[j] = self._call(self.groups[j])
+                self._finish(group, refs.pop(i))
+            except CloudUnavailable as e:  # the cloud is gone or stalls: so is the rest of the
+                self._fail(self.layers, e)  # stream; every layer not delivered fails now
+                return
+            except BaseException as e:  # a bad message (checksum...): that message only
+                self._fail(group, e)
+
+    def _fail(self, layers, error: BaseException) -> None:
+        for layer in layers:
+            if not self.futures[layer].done():
+                self.futures[layer].set_exception(error)
 
     def _now(self) -> float:
         return time.perf_counter() - self.t_start
