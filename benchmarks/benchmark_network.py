@@ -457,6 +457,12 @@ def plots(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def _cpus_line(cpus) -> str:
+    if isinstance(cpus, dict):
+        return f"cloud pinned to CPU {cpus['cloud']}, edge to CPU {cpus['edge']} (taskset)"
+    return "cloud and edge share every CPU"
+
+
 def markdown(meta: dict, summary: dict, acc: dict | None, codec_rows: list[dict]) -> str:
     def ms(x):
         return "" if x is None else f"{1e3 * x:.1f}"
@@ -474,6 +480,7 @@ def markdown(meta: dict, summary: dict, acc: dict | None, codec_rows: list[dict]
         f"{meta['edge_tokens']} tokens; one request at a time, max_tokens 1; best of {meta['reps']} rep(s)",
         f"- link: veth between two network namespaces, bandwidth by the kernel ({meta['shaper']}); "
         f"RTT: {meta['rtt_mode']}",
+        f"- CPUs: {_cpus_line(meta.get('cpus'))}",
         f"- wall time: {meta['wall_s']:.0f} s", "",
         "## Targets", "",
         "| target | result | met |", "| --- | --- | --- |",
@@ -538,6 +545,8 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--no-accuracy", action="store_true", help="skip the fp8 accuracy runs")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="let cloud and edge share all CPUs (default: half the CPUs each)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--report-only", action="store_true",
@@ -568,7 +577,9 @@ def main():
     args.workdir = str(workdir)
     model = deep_model(args.layers, max(8192, max(args.sizes) + args.edge_tokens + 4 * BLOCK))
     tag = uuid.uuid4().hex[:6]
-    with netlab.NetLab(rate_mbit=args.bandwidths_mbit[0], tag=tag, workdir=str(workdir / "lab")) as lab:
+    cpus = None if args.no_pin else netlab.split_cpus()
+    with netlab.NetLab(rate_mbit=args.bandwidths_mbit[0], tag=tag, workdir=str(workdir / "lab"),
+                       cpus=cpus) as lab:
         lab.start_ray(cloud_cpus=1, edge_cpus=2, object_store_bytes=3 << 30)
         spec = {"ray_address": lab.ray_address, "namespace": f"ep-bench-{tag}", "actor_name": f"cloud-{tag}",
                 "model": str(model), "sizes": args.sizes, "layers": args.layers, "edge_tokens": args.edge_tokens,
@@ -592,6 +603,7 @@ def main():
             "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "command": "python benchmarks/benchmark_network.py " + " ".join(sys.argv[1:]),
             "layers": args.layers, "edge_tokens": args.edge_tokens, "reps": args.reps, "shaper": shaper,
+            "cpus": cpus or "shared",
             "rtt_mode": "netem" if spec["netem"] else
             "EMULATED in the transport (no netem in this kernel): one round trip added per message",
             "wall_s": time.time() - t_start}

@@ -68,9 +68,33 @@ def available() -> tuple[bool, str]:
         _run("ip", "netns", "del", name, check=False)
 
 
+def _count(cpus: str) -> int:
+    """Number of CPUs in a taskset list such as "0", "2-3" or "0,2-3"."""
+    n = 0
+    for part in cpus.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+def split_cpus(n: int | None = None) -> dict[str, str] | None:
+    """Half of the CPUs for the cloud, the other half for the edge; None with fewer than 2."""
+    n = n or os.cpu_count() or 1
+    if n < 2:
+        return None
+    half = n // 2
+    span = lambda lo, hi: str(lo) if lo == hi else f"{lo}-{hi}"  # noqa: E731
+    return {"cloud": span(0, half - 1), "edge": span(half, n - 1)}
+
+
 class NetLab:
-    def __init__(self, rate_mbit: float = 1000, tag: str | None = None, workdir: str | None = None):
+    def __init__(self, rate_mbit: float = 1000, tag: str | None = None, workdir: str | None = None,
+                 cpus: dict[str, str] | None = None):
+        """cpus: optional CPU list per side ({"cloud": "0", "edge": "1"}): every process of that
+        side is pinned there (taskset, and vLLM's CPU thread binding), so that cloud and edge do
+        not steal each other's cores and timings measure the link, not the scheduler."""
         self.tag = tag or uuid.uuid4().hex[:6]
+        self.cpus = cpus or {}
         self.ns = {"cloud": f"ep-cloud-{self.tag}", "edge": f"ep-edge-{self.tag}"}
         self.dev = {"cloud": f"epc-{self.tag}", "edge": f"epe-{self.tag}"}
         self.ip = {"cloud": CLOUD_IP, "edge": EDGE_IP}
@@ -155,9 +179,14 @@ class NetLab:
     def popen(self, side: str, argv: list[str], log: str | Path | None = None, **kw) -> subprocess.Popen:
         """A process in `side`'s namespace, in its own session (ended by `down`)."""
         out = open(log, "ab") if log else subprocess.DEVNULL
-        p = subprocess.Popen(["ip", "netns", "exec", self.ns[side], *argv], stdout=out,
-                             stderr=subprocess.STDOUT, start_new_session=True,
-                             env=kw.pop("env", None) or self.env(), **kw)
+        env = kw.pop("env", None) or self.env()
+        pin = []
+        if side in self.cpus:
+            cpus = self.cpus[side]
+            pin = ["taskset", "-c", cpus]
+            env = {**env, "VLLM_CPU_OMP_THREADS_BIND": cpus, "OMP_NUM_THREADS": str(_count(cpus))}
+        p = subprocess.Popen(["ip", "netns", "exec", self.ns[side], *pin, *argv], stdout=out,
+                             stderr=subprocess.STDOUT, start_new_session=True, env=env, **kw)
         self._procs.append(p)
         return p
 

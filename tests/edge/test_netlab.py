@@ -80,3 +80,10 @@ def test_shaped_link_overlaps_and_stays_exact(tiny_model, tmp_path, lab):
           f"{100 * (L - 1) / L:.0f}% + the compute before layer 0)")
     assert transfer >= L * layer_bytes / (RATE_MBIT * 1e6 / 8) * 0.8  # the shaping was in force
     assert hidden >= 0.5, f"only {hidden:.0%} of the transfer was hidden"
+
+
+def test_cpus_are_split_between_cloud_and_edge():
+    assert netlab.split_cpus(1) is None  # nothing to split: both sides share the CPU
+    assert netlab.split_cpus(2) == {"cloud": "0", "edge": "1"}
+    assert netlab.split_cpus(7) == {"cloud": "0-2", "edge": "3-6"}
+    assert [netlab._count(c) for c in ("0", "3-6", "0,2-3")] == [1, 4, 3]
