@@ -31,13 +31,13 @@ ttft_pred_vs_measured.png, ttft_by_strategy.png, overlap.png.
 import argparse
 import json
 import os
-import platform
 import random
-import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
+
+from edgeprompt_vllm.bench.env import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "network"
@@ -46,27 +46,6 @@ BLOCK = 32
 
 
 # ============================ helpers ============================
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except OSError:
-        return "?"
-
-
 def deep_model(layers: int, max_pos: int) -> Path:
     """tiny-llama with `layers` layers and longer positions; dummy weights (no weight files)."""
     from edgeprompt_vllm.models.make_model import default_model_dir, make_model
@@ -599,8 +578,9 @@ def main():
     import torch
     import vllm
 
-    meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "vllm": vllm.__version__, "torch": torch.__version__,
-            "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M"),
+    env = environment()
+    meta = {"cpu": env["cpu"], "cores": os.cpu_count(), "vllm": vllm.__version__, "torch": torch.__version__,
+            "commit": (env["commit"] or "?") + ("+dirty" if env["dirty"] else ""), "date": time.strftime("%Y-%m-%d %H:%M"),
             "command": "python benchmarks/benchmark_network.py " + " ".join(sys.argv[1:]),
             "layers": args.layers, "edge_tokens": args.edge_tokens, "reps": args.reps, "shaper": shaper,
             "cpus": cpus or "shared",

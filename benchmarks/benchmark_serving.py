@@ -47,6 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgeprompt_vllm.bench.cli import add_workload_args
+
 SCHEMES = ("paged", "paged-pc", "cascade", "relay", "edgeprompt")
 # --cpu-smoke: the tiny model, fp32, eager, a 1 GiB KV cache, block 32, small counts; the SLO is
 # loose (CPU latencies say nothing about the GPU's)
@@ -282,29 +284,13 @@ def plot_only(paths: list[Path], out: Path, slo_ms: float | None) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="model directory (edgeprompt-make-model)")
-    p.add_argument("--load-format", default="auto", help="'dummy' for config-only presets")
-    p.add_argument("--dtype", default="auto",
-                   help="auto: fp32 on CPU, the model's half dtype on GPU")
-    p.add_argument("--block-size", type=int, help="KV block size (default: 16 on GPU, 32 on CPU)")
-    p.add_argument("--schemes", default=",".join(SCHEMES))
-    p.add_argument("--cloud-lens", default="512,1024")
-    p.add_argument("--edge-len", type=int, default=512)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--output-len-from-data", action="store_true",
-                   help="each request's output length is its ShareGPT answer's (ignore_eos)")
-    p.add_argument("--max-output-len", type=int, default=1024)
+    add_workload_args(p, SCHEMES, cloud_lens="512,1024", engine="server")
     p.add_argument("--rates", default="4,8,12,16,20,24,28,32",
                    help="requests/s, comma list; 'inf': all at once")
     p.add_argument("--num-prompts", type=int, default=200, help="requests per rate")
     p.add_argument("--warmup-requests", type=int, default=32)
     p.add_argument("--tpot-slo-ms", type=float, default=50.0,
                    help="p99 TPOT for the sustainable rate")
-    p.add_argument("--gpu-memory-utilization", type=float,
-                   help="every scheme's server (GPU; default 0.9 - the cloud's share)")
-    p.add_argument("--cloud-gpu-memory-utilization", type=float, default=0.25)
-    p.add_argument("--edge-strategy", default="layerwise",
-                   help="the edge's transfer strategy (edge/planner.py), or auto")
     p.add_argument("--vllm-args", default="", help="extra `vllm serve` flags, one string")
     p.add_argument("--startup-timeout-s", type=float, default=600)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serving/serving.json"))

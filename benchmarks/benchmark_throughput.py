@@ -58,6 +58,8 @@ import threading
 import time
 from pathlib import Path
 
+from edgeprompt_vllm.bench.cli import add_workload_args
+
 SCHEMES = ("paged", "paged-pc", "cascade", "relay", "edgeprompt")
 CLOUD_PROMPT_ID = "bench-cloud"
 # --cpu-smoke: the tiny model, fp32, eager, a 1 GiB KV cache, block 32, small counts
@@ -307,29 +309,11 @@ def plot_only(paths: list[Path], out: Path) -> int:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="model directory (edgeprompt-make-model)")
-    p.add_argument("--load-format", default="auto", help="'dummy' for config-only presets")
-    p.add_argument("--dtype", default="auto",
-                   help="auto: fp32 on CPU, the model's half dtype on GPU")
-    p.add_argument("--block-size", type=int, help="KV block size (default: 16 on GPU, 32 on CPU)")
-    p.add_argument("--schemes", default=",".join(SCHEMES))
-    p.add_argument("--cloud-lens", default="64,128,256,512,1024,2048,4096",
-                   help="comma list of cloud prompt lengths")
-    p.add_argument("--edge-len", type=int, default=512)
+    add_workload_args(p, SCHEMES, cloud_lens="64,128,256,512,1024,2048,4096", engine="engine")
     p.add_argument("--num-requests", type=int, default=1000)
     p.add_argument("--groups", type=int, default=100, help="submission groups (1: all at once)")
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--output-len-from-data", action="store_true",
-                   help="each request's output length is its ShareGPT answer's (ignore_eos)")
-    p.add_argument("--max-output-len", type=int, default=1024)
     p.add_argument("--passes", type=int, default=2,
                    help="timed passes in the same engine; the last is the steady state")
-    p.add_argument("--gpu-memory-utilization", type=float,
-                   help="every scheme's engine (GPU; default 0.9 - the cloud's share)")
-    p.add_argument("--cloud-gpu-memory-utilization", type=float, default=0.25,
-                   help="the cloud actor's engine, on the same GPU (edgeprompt)")
-    p.add_argument("--edge-strategy", default="layerwise",
-                   help="the edge's transfer strategy (edge/planner.py), or auto")
     p.add_argument("--engine-args", default="{}", help="JSON of extra LLM(...) arguments")
     p.add_argument("--timeout-s", type=float, default=3600, help="per scheme and cloud length")
     p.add_argument("--out", type=Path,

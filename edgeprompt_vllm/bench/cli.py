@@ -1,0 +1,27 @@
+"""Command-line options shared by benchmark_throughput.py and benchmark_serving.py."""
+
+import argparse
+
+
+def add_workload_args(p: argparse.ArgumentParser, schemes: tuple[str, ...], cloud_lens: str,
+                      engine: str) -> None:
+    """Model, schemes and the paper's workload; `engine` names what --gpu-memory-utilization
+    sizes ("engine" offline, "server" interactive)."""
+    p.add_argument("--model", help="model directory (edgeprompt-make-model)")
+    p.add_argument("--load-format", default="auto", help="'dummy' for config-only presets")
+    p.add_argument("--dtype", default="auto",
+                   help="auto: fp32 on CPU, the model's half dtype on GPU")
+    p.add_argument("--block-size", type=int, help="KV block size (default: 16 on GPU, 32 on CPU)")
+    p.add_argument("--schemes", default=",".join(schemes))
+    p.add_argument("--cloud-lens", default=cloud_lens, help="comma list of cloud prompt lengths")
+    p.add_argument("--edge-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--output-len-from-data", action="store_true",
+                   help="each request's output length is its ShareGPT answer's (ignore_eos)")
+    p.add_argument("--max-output-len", type=int, default=1024)
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   help=f"every scheme's {engine} (GPU; default 0.9 - the cloud's share)")
+    p.add_argument("--cloud-gpu-memory-utilization", type=float, default=0.25,
+                   help="the cloud actor's engine, on the same GPU (edgeprompt)")
+    p.add_argument("--edge-strategy", default="layerwise",
+                   help="the edge's transfer strategy (edge/planner.py), or auto")
