@@ -33,8 +33,9 @@ def test_cache_salt_isolates_tenants_and_keeps_relay_exact(stack):
     ref = stock_reference(stack, CLOUD, prompt)
     a, b = (f"tenant-{t}-{uuid.uuid4().hex[:8]}" for t in "ab")
 
-    def ask(salt, text=prompt, reference=ref):
-        r = complete(edge, stack.edge.model, text, cloud=CLOUD, extra_body={"cache_salt": salt})
+    def ask(salt, text=prompt, reference=ref, max_tokens=12):
+        r = complete(edge, stack.edge.model, text, cloud=CLOUD, max_tokens=max_tokens,
+                     extra_body={"cache_salt": salt})
         assert_same_as_stock(r, reference)
         return r
 
@@ -48,13 +49,15 @@ def test_cache_salt_isolates_tenants_and_keeps_relay_exact(stack):
     # other tenant's edge prompt; a tenant's second request reuses its own edge blocks too
     assert cached_tokens(a1) == cached_tokens(b1) == cloud_tokens
     assert cached_tokens(a2) > cloud_tokens and cached_tokens(b2) == cached_tokens(a2)
-    # both tenants at once, two users each: relay attention groups each tenant's requests on
-    # that tenant's own cloud blocks, and every answer is still stock vLLM's
+    # both tenants at once, three users each: relay attention groups each tenant's requests on
+    # that tenant's own cloud blocks, and every answer is still stock vLLM's. Long answers, so
+    # that the decodes overlap even when the 2 CPUs are busy with other work.
     groups_before = relay_groups(stack)
-    texts = [edge_text(f"user {i}") for i in range(4)]
-    refs = [stock_reference(stack, CLOUD, t) for t in texts]
-    with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(ask, [a, a, b, b], texts, refs))
+    tokens = 48
+    texts = [edge_text(f"user {i}") for i in range(6)]
+    refs = [stock_reference(stack, CLOUD, t, max_tokens=tokens) for t in texts]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(ask, [a, a, a, b, b, b], texts, refs, [tokens] * 6))
     assert all(status(r)["status"] == "cached" for r in got)
     deadline = time.monotonic() + 15  # the engine publishes its counters every few steps
     while relay_groups(stack) <= groups_before and time.monotonic() < deadline:
