@@ -38,6 +38,16 @@ from .paged_suffix import paged_suffix, paged_suffix_ref
 from .relay_prefix import relay_prefix, relay_prefix_partials, relay_prefix_ref
 
 
+def upload(values, device: torch.device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Host values (list or numpy) -> tensor on `device` without waiting for the device: on CUDA
+    through pinned memory and a non-blocking copy (a pageable copy synchronizes with the stream,
+    stalling the host until the kernels queued before it finish)."""
+    host = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class RelayMetadata:
     """What the relay kernels need to know about one batch (int32 tensors on the query's device)."""
@@ -72,26 +82,31 @@ class RelayMetadata:
         are read from block_table[req_start] (prefix caching makes them the same ids in every
         row)."""
         dev = block_table.device
-        i32 = dict(dtype=torch.int32, device=dev)
+        num_reqs, num_groups = len(seq_lens), len(groups)
         qsl = [0]
         for n in query_lens:
             qsl.append(qsl[-1] + n)
-        prefix = [0] * len(seq_lens)
+        prefix = [0] * num_reqs
         for r0, r1, plen in groups:
             prefix[r0:r1] = [plen] * (r1 - r0)
+        # every small host array in one upload: [qsl | seq_lens | prefix | starts | ends | plens]
+        host = qsl + list(seq_lens) + prefix + [g[0] for g in groups] + [g[1] for g in groups] \
+            + [g[2] for g in groups]
+        qsl_t, seq_t, prefix_t, start_t, end_t, plen_t = upload(host, dev).split(
+            [num_reqs + 1, num_reqs, num_reqs, num_groups, num_groups, num_groups])
         width = max([cdiv(p, block_size) for _, _, p in groups] + [1])
-        gbt = torch.zeros(len(groups), width, **i32)
+        gbt = torch.zeros(num_groups, width, dtype=torch.int32, device=dev)
         for g, (r0, _, plen) in enumerate(groups):
             gbt[g, : cdiv(plen, block_size)] = block_table[r0, : cdiv(plen, block_size)]
         return cls(
-            query_start_loc=torch.tensor(qsl, **i32),
-            seq_lens=torch.tensor(seq_lens, **i32),
+            query_start_loc=qsl_t,
+            seq_lens=seq_t,
             block_table=block_table.to(torch.int32),
-            prefix_lens=torch.tensor(prefix, **i32),
-            group_req_start=torch.tensor([g[0] for g in groups], **i32),
-            group_req_end=torch.tensor([g[1] for g in groups], **i32),
+            prefix_lens=prefix_t,
+            group_req_start=start_t,
+            group_req_end=end_t,
             group_block_table=gbt,
-            group_prefix_len=torch.tensor([g[2] for g in groups], **i32),
+            group_prefix_len=plen_t,
             max_query_len=max(query_lens, default=0),
             max_seq_len=max(seq_lens, default=0),
             max_group_query_len=max([qsl[r1] - qsl[r0] for r0, r1, _ in groups], default=0),

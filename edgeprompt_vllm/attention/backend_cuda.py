@@ -27,6 +27,7 @@ from vllm.v1.attention.backends.flash_attn import (
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
+from edgeprompt_vllm.attention import host_block_table
 from edgeprompt_vllm.attention.relay_batch import RelayBatch, RestBatch, build_relay_batch
 from edgeprompt_vllm.attention.stats import RELAY_STATS
 from edgeprompt_vllm.attention.warmup import warm_up_relay_kernels
@@ -58,6 +59,8 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
                                     head_size=self.headdim, dtype_bytes=self.model_config.dtype.itemsize)
         self.relay_enabled = vllm_config.attention_config.backend == AttentionBackendEnum.CUSTOM \
             and self.kv_cache_dtype == self.model_config.dtype
+        if self.relay_enabled:
+            host_block_table.install()
         if self.relay_enabled and not _WARMED_UP:
             _WARMED_UP.append(warm_up_relay_kernels(
                 self.num_heads_q, self.num_heads_kv, self.headdim, self.block_size,

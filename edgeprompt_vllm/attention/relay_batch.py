@@ -7,7 +7,9 @@ import numpy as np
 import torch
 
 from edgeprompt_vllm.attention.grouping import find_groups, plan_relay
+from edgeprompt_vllm.attention.host_block_table import host_rows
 from edgeprompt_vllm.kernels import RelayMetadata
+from edgeprompt_vllm.kernels.relay_attention import upload
 
 # Decides which groups relay: ([(requests, prefix_len)], query_lens) -> the kept groups.
 GroupFilter = Callable[[list[tuple[list[int], int]], np.ndarray], list[tuple[list[int], int]]]
@@ -36,17 +38,19 @@ class RelayBatch:
     replays: dict = field(default_factory=dict)  # CUDA only: softmax scale -> kernels' LayerReplay
 
 
-def host_batch(common) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """query_start_loc [R+1], seq_lens [R], block_table [R, W] on the host, from vLLM's
-    CommonAttentionMetadata (a device sync only where vLLM keeps no host copy)."""
+def host_batch(common, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """query_start_loc [R+1], seq_lens [R], block_table [R, W] (W: blocks of the longest
+    sequence) on the host, from vLLM's CommonAttentionMetadata and the runners' host copies
+    (host_block_table.py); a device sync only where vLLM keeps none."""
     num_reqs = common.num_reqs
     qsl = common.query_start_loc_cpu[: num_reqs + 1].numpy()
     seq_lens = common.seq_lens[:num_reqs]
     if seq_lens.device.type != "cpu":
         host = getattr(common, "seq_lens_cpu_upper_bound", None)
         seq_lens = host[:num_reqs] if host is not None else seq_lens.cpu()
-    block_table = common.block_table_tensor[:num_reqs].cpu().numpy()
-    return qsl, seq_lens.numpy(), block_table
+    seq_lens = seq_lens.numpy()
+    width = int(-(-seq_lens.max() // block_size)) if num_reqs else 0
+    return qsl, seq_lens, host_rows(common.block_table_tensor, num_reqs, width)
 
 
 def _tokens_of(qsl: np.ndarray, reqs) -> np.ndarray:
@@ -62,7 +66,7 @@ def build_relay_batch(common, block_size: int, keep: GroupFilter, remap_blocks: 
     go through the relay kernels; the others are described in `rest` for FlashAttention.
     Requests with more than `max_group_query_len` query tokens join no group.
     """
-    qsl, seq_lens, block_table = host_batch(common)
+    qsl, seq_lens, block_table = host_batch(common, block_size)
     query_lens = np.diff(qsl)
     groups = keep(find_groups(block_table, seq_lens, query_lens, block_size,
                              max_query_len=max_group_query_len), query_lens)
@@ -76,7 +80,7 @@ def build_relay_batch(common, block_size: int, keep: GroupFilter, remap_blocks: 
         order, rest_reqs = order[:num_grouped], order[num_grouped:]
         rest = _rest_batch(common, qsl, seq_lens, rest_reqs) if len(rest_reqs) else None
     device = common.block_table_tensor.device
-    table = common.block_table_tensor[:common.num_reqs][torch.from_numpy(order).to(device)]
+    table = common.block_table_tensor[:common.num_reqs][upload(order, device, torch.int64)]
     used = None
     if remap_blocks:
         width = int(-(-seq_lens.max() // block_size))
@@ -86,7 +90,7 @@ def build_relay_batch(common, block_size: int, keep: GroupFilter, remap_blocks: 
                                plan.groups, block_size)
     token_order = None
     if not (len(order) == common.num_reqs and plan.is_identity):
-        token_order = torch.from_numpy(_tokens_of(qsl, order)).to(common.query_start_loc.device)
+        token_order = upload(_tokens_of(qsl, order), device, torch.int64)
     return RelayBatch(meta=meta, token_order=token_order, num_tokens=int(qsl[-1]), groups=plan.groups,
                       used_blocks=used, rest=rest)
 
@@ -95,10 +99,10 @@ def _rest_batch(common, qsl: np.ndarray, seq_lens: np.ndarray, reqs: np.ndarray)
     device = common.query_start_loc.device
     q_lens = np.diff(qsl)[reqs]
     rest_qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    index = torch.from_numpy(reqs).to(device)
+    index = upload(reqs, device, torch.int64)
     return RestBatch(
-        token_index=torch.from_numpy(_tokens_of(qsl, reqs)).to(device),
-        query_start_loc=torch.from_numpy(rest_qsl).to(device),
-        seq_lens=torch.from_numpy(seq_lens[reqs].astype(np.int32)).to(device),
+        token_index=upload(_tokens_of(qsl, reqs), device, torch.int64),
+        query_start_loc=upload(rest_qsl, device),
+        seq_lens=upload(seq_lens[reqs], device),
         block_table=common.block_table_tensor[:common.num_reqs][index],
         max_query_len=int(q_lens.max()), max_seq_len=int(seq_lens[reqs].max()))

@@ -28,4 +28,6 @@ RELAY_STATS = RelayStats()
 
 def relay_stats(_worker=None) -> dict:
     """For `LLM.collective_rpc(relay_stats)`: this worker's counters."""
-    return asdict(RELAY_STATS)
+    from edgeprompt_vllm.attention.host_block_table import LOOKUPS
+
+    return asdict(RELAY_STATS) | LOOKUPS

@@ -47,10 +47,14 @@ def test_llama2_7b_shape_relay_close_to_stock_on_gpu(tmp_path, runner):
                                          "kv_cache_memory_bytes": None,
                                          "gpu_memory_utilization": 0.8, "max_model_len": 2048,
                                          "max_num_seqs": 64, "enforce_eager": False}),
-           "EP_MAX_TOKENS": "32", "VLLM_USE_V2_MODEL_RUNNER": "1" if runner == "v2" else "0"}
+           "EP_MAX_TOKENS": "32", "VLLM_USE_V2_MODEL_RUNNER": "1" if runner == "v2" else "0",
+           "EDGEPROMPT_CHECK_HOST_BLOCK_TABLE": "1"}  # every host lookup checked against the device
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))  # too long for argv
     args = (str(tmp_path / "m"), f"@{tmp_path / 'prompts.json'}")
     stock = run_script("relay_generate.py", *args, "stock", env=env)
     relay = run_script("relay_generate.py", *args, "relay", env=env)
-    assert relay["relay_stats"]["relay_batches"] > 0, relay["relay_stats"]
+    stats = relay["relay_stats"]
+    assert stats["relay_batches"] > 0, stats
+    # The builder read its block ids from the runner's host copies, never from the device.
+    assert stats["host_rows_noted"] > 0 and stats["host_rows_copied"] == 0, stats
     assert close_in_top_k(stock, relay, FP16_LOGPROB_ATOL) == []
