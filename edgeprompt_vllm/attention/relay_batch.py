@@ -49,8 +49,7 @@ def host_batch(common, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndar
         host = getattr(common, "seq_lens_cpu_upper_bound", None)
         seq_lens = host[:num_reqs] if host is not None else seq_lens.cpu()
     seq_lens = seq_lens.numpy()
-    width = int(-(-seq_lens.max() // block_size)) if num_reqs else 0
-    return qsl, seq_lens, host_rows(common.block_table_tensor, num_reqs, width)
+    return qsl, seq_lens, host_rows(common.block_table_tensor, -(-seq_lens // block_size))
 
 
 def _tokens_of(qsl: np.ndarray, reqs) -> np.ndarray:

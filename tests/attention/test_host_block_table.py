@@ -50,7 +50,7 @@ def test_mirror_follows_appends_overwrites_and_reused_rows(blocks_per_kv_block):
 
 def test_a_cpu_table_is_read_directly():  # the CPU runner's block table lives on the host
     table = torch.arange(5 * 8, dtype=torch.int32).reshape(5, 8)
-    np.testing.assert_array_equal(hbt.host_rows(table, 2, 3), table[:2, :3].numpy())
+    np.testing.assert_array_equal(hbt.host_rows(table, np.array([3, 1])), table[:2, :3].numpy())
 
 
 class DeviceLikeTensor:
@@ -81,20 +81,22 @@ def test_lookups_use_the_note_fall_back_to_a_copy_and_check_when_asked(monkeypat
     unnoted = DeviceLikeTensor(host[rows])
 
     hbt.note(device, host, rows)
-    np.testing.assert_array_equal(hbt.host_rows(device, 3, 4), host[rows, :4])
+    np.testing.assert_array_equal(hbt.host_rows(device, np.array([4, 2, 3])), host[rows, :4])
     assert device.copies == 0
-    np.testing.assert_array_equal(hbt.host_rows(unnoted, 3, 4), host[rows, :4])
+    np.testing.assert_array_equal(hbt.host_rows(unnoted, np.array([4, 2, 3])), host[rows, :4])
     assert unnoted.copies == 1
     hbt.note(unnoted, host, rows[:2])  # a note for fewer rows than asked is not used
-    hbt.host_rows(unnoted, 3, 4)
+    hbt.host_rows(unnoted, np.array([4, 2, 3]))
     assert unnoted.copies == 2
 
     monkeypatch.setenv("EDGEPROMPT_CHECK_HOST_BLOCK_TABLE", "1")
-    hbt.host_rows(device, 3, 4)  # equal: passes, after one checking copy
+    hbt.host_rows(device, np.array([4, 2, 3]))  # equal: passes, after one checking copy
     assert device.copies == 1
+    host[1, 3] += 1  # past request 1's blocks (row 1 of the batch is state 1: 2 blocks): unchecked
+    hbt.host_rows(device, np.array([4, 2, 3]))
     host[1, 0] += 1  # the mirror went wrong
     with pytest.raises(AssertionError, match="differs from the device"):
-        hbt.host_rows(device, 3, 4)
+        hbt.host_rows(device, np.array([4, 2, 3]))
 
 
 def test_v1_note_without_rows_means_the_first_rows(monkeypatch):
@@ -102,5 +104,5 @@ def test_v1_note_without_rows_means_the_first_rows(monkeypatch):
     host = np.arange(4 * 6, dtype=np.int32).reshape(4, 6)
     device = DeviceLikeTensor(host)
     hbt.note(device, host, None)
-    np.testing.assert_array_equal(hbt.host_rows(device, 2, 5), host[:2, :5])
+    np.testing.assert_array_equal(hbt.host_rows(device, np.array([5, 1])), host[:2, :5])
     assert device.copies == 0
