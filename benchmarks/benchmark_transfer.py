@@ -1,6 +1,7 @@
 """Cloud -> edge layer transfer: GB/s per transport and per layer size.
 
     python benchmarks/benchmark_transfer.py [--address HOST:PORT] [--sizes-mib 0.0625 1 16 64]
+    python benchmarks/benchmark_transfer.py --device cuda [--sizes-mib 1 16 64]   # on a GPU
 
 Transports (all through the real CloudClient/LayerStream, checksum verified, against a
 synthetic cloud actor that serves the same API as CloudPromptService without a model):
@@ -12,14 +13,29 @@ synthetic cloud actor that serves the same API as CloudPromptService without a m
   raw-ray-get   plain ray.get of a numpy array in the object store, no client (the floor)
 Prints one line per (transport, size) and appends JSON rows to benchmarks/results/transfer.jsonl.
 GPU tensor transports (Ray direct transport over NCCL) are not measured here (see README).
+
+--device cuda (one GPU; rows with the device name, default benchmarks/results/transfer/cuda.jsonl;
+model-like layers: 8 KV heads x 128, bf16, block size 16):
+  naive-cuda       the cloud holds each layer as a CUDA tensor and returns `.cpu()` through Ray
+                   (all L calls submitted at once); the edge ray.get's each in order, then
+                   `.cuda()` (pageable memory, on the compute stream)
+  edgeprompt-cuda  the real CloudClient/LayerStream from the object store (checksum verified)
+                   and the edge's LayerLoader (edge/cuda_loader.py): pinned copy, H2D and scatter
+                   into a paged CUDA cache (random block table) on the side stream; the compute
+                   stream waits on each layer's event
+GBps: the layers' bytes over the wall time of a pass with nothing else on the GPU (best of
+--reps). Then one pass emulates --layer-compute-ms of work per layer on the compute stream
+(torch.cuda._sleep) after each layer's wait: compute_blocked_ms is the GPU time the compute
+stream spent stalled in the waits (CUDA events around each), host_blocked_ms the host time in
+them (ray.get + .cuda() for the naive path; until the layer is issued for ours).
 """
 
 import argparse
 import json
-import sys
-import subprocess
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -39,10 +55,13 @@ class SyntheticCloud:
 
     def __init__(self, fp: dict, size_bytes: int):
         self.fp = Fingerprint.from_dict(fp)
-        t = max(1, size_bytes // (2 * 2 * 64 * 4))  # [2, T, 2 heads, 64] fp32
+        f = self.fp
+        dtype = getattr(torch, f.dtype)
+        per_token = 2 * f.num_kv_heads * f.head_size * dtype.itemsize
+        t = max(1, size_bytes // per_token)  # [2, T, H, hs]
         self.slots = []
         for l in range(LAYERS):
-            k, v = torch.randn(2, t, 2, 64).unbind(0)
+            k, v = torch.randn(2, t, f.num_kv_heads, f.head_size).to(dtype).unbind(0)
             h, raw = encode_layer("bench", l, k, v)
             self.slots.append((h.to_dict(), ray.put(raw)))
 
@@ -96,18 +115,45 @@ def bench_raw(size: int, reps: int) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--address", help="a Ray cluster with a `cloud` node (for ray-xnode)")
-    ap.add_argument("--sizes-mib", type=float, nargs="+", default=[0.0625, 1, 16, 64])
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "transfer.jsonl"))
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: the naive GPU path against the edge's layer loader (one GPU)")
+    ap.add_argument("--sizes-mib", type=float, nargs="+",
+                    help="layer sizes (default: 0.0625 1 16 64; with --device cuda 1 16 64)")
+    ap.add_argument("--reps", type=int, default=None, help="default: 5 (cpu), 3 (cuda)")
+    ap.add_argument("--layer-compute-ms", type=float, default=1.0,
+                    help="--device cuda: emulated compute per layer for compute_blocked_ms")
+    ap.add_argument("--out", help="JSONL to append to (default: benchmarks/results/"
+                                  "transfer.jsonl; with --device cuda transfer/cuda.jsonl)")
     args = ap.parse_args()
+    results = Path(__file__).parent / "results"
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda needs a CUDA GPU")
+        args.sizes_mib = args.sizes_mib or [1, 16, 64]
+        args.reps = args.reps or 3
+        args.out = args.out or str(results / "transfer" / "cuda.jsonl")
+    else:
+        args.sizes_mib = args.sizes_mib or [0.0625, 1, 16, 64]
+        args.reps = args.reps or 5
+        args.out = args.out or str(results / "transfer.jsonl")
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
+        gpus = {"num_gpus": 1} if args.device == "cuda" else {}
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=2 << 30)
+                 object_store_memory=(4 if args.device == "cuda" else 2) << 30, **gpus)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False, cwd=Path(__file__).parent).stdout.strip()
+    env = {"host": platform.node(), "cpu": _cpu_model(), "ray": ray.__version__, "commit": commit,
+           "command": " ".join(sys.argv)}
+    rows = run_cuda(args, env) if args.device == "cuda" else run_cpu(args, env)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def run_cpu(args, env: dict) -> list[dict]:
     fp = fingerprint()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
     rows = []
     for mib in args.sizes_mib:
         size = int(mib * (1 << 20))
@@ -123,14 +169,156 @@ def main():
                 gbps = bench_client(actor, fp, copy=name.endswith("copy"), reps=args.reps)
                 ray.kill(actor)
             row = {"transport": name, "layer_mib": mib, "layers": LAYERS, "GBps": round(gbps, 3),
-                   "host": platform.node(), "cpu": _cpu_model(), "ray": ray.__version__,
-                   "commit": commit, "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                   **env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             rows.append(row)
             print(f"{name:14s} layer {mib:8.4f} MiB  {gbps:8.3f} GB/s", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    return rows
+
+
+# ---------------- --device cuda ----------------
+
+CUDA_FP = ("BenchCuda", LAYERS, 8, 128, "bfloat16", "{}", 16, "dummy")  # heads, hs, dtype, block
+
+
+class GpuTensorCloud:
+    """The naive path's cloud: each layer a CUDA tensor, served as `.cpu()` through Ray."""
+
+    def load(self, size_bytes: int) -> None:
+        self.layers = None
+        torch.cuda.empty_cache()
+        self.layers = [torch.randn(size_bytes // 2, device="cuda").to(torch.bfloat16)
+                       for _ in range(LAYERS)]
+        torch.cuda.synchronize()
+
+    def fetch(self, layer: int) -> torch.Tensor:
+        return self.layers[layer].cpu()
+
+
+class ComputeStream:
+    """The compute stream's side of a pass: CUDA events around each layer's wait, and the
+    emulated per-layer compute (torch.cuda._sleep, calibrated once)."""
+
+    cycles_per_ms: float | None = None
+
+    def __init__(self, compute_ms: float):
+        if ComputeStream.cycles_per_ms is None:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(1_000_000)
+            a.record()
+            torch.cuda._sleep(20_000_000)
+            b.record()
+            b.synchronize()
+            ComputeStream.cycles_per_ms = 20_000_000 / a.elapsed_time(b)
+        self.cycles = int(compute_ms * ComputeStream.cycles_per_ms)
+        self.stalls, self.host_s = [], 0.0
+
+    def layer(self, wait) -> None:
+        """Runs wait() (the host part of a layer's wait), timed on the host and the GPU, then
+        the emulated compute."""
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record()
+        t0 = time.perf_counter()
+        wait()
+        self.host_s += time.perf_counter() - t0
+        after.record()
+        self.stalls.append((before, after))
+        if self.cycles:
+            torch.cuda._sleep(self.cycles)
+
+    def blocked_ms(self) -> float:
+        return sum(a.elapsed_time(b) for a, b in self.stalls)
+
+
+def naive_pass(actor, compute: ComputeStream) -> None:
+    refs = [actor.fetch.remote(l) for l in range(LAYERS)]
+    for l in range(LAYERS):
+        compute.layer(lambda l=l: ray.get(refs[l]).cuda())
+
+
+class EdgePass:
+    """The edge's path into a paged cache [B, H, N, 2 * hs] (vLLM 0.26's logical view of NHD
+    memory), through a real CloudClient, for one layer size."""
+
+    def __init__(self, actor, fp: Fingerprint):
+        from edgeprompt_vllm.edge.cuda_loader import SideStream
+
+        self.client = CloudClient(actor, fp, timeout_s=120)
+        self.client.handshake()
+        self.client.registry()
+        header, _ = ray.get(actor.fetch_layer.remote("bench", fp.digest(), 0))
+        self.tokens, bs = header["num_tokens"], fp.block_size
+        num_blocks = 2 * (-(-self.tokens // bs))
+        self.block_ids = torch.randperm(num_blocks)[:num_blocks // 2]
+        t = torch.arange(self.tokens)
+        self.slots = self.block_ids[t // bs] * bs + t % bs
+        dtype = getattr(torch, fp.dtype)
+        self.caches = {l: [torch.zeros(num_blocks, bs, fp.num_kv_heads, 2 * fp.head_size,
+                                       dtype=dtype, device="cuda").permute(0, 2, 1, 3)]
+                       for l in range(LAYERS)}
+        self.side = SideStream("cuda")
+
+    def run(self, compute: ComputeStream) -> None:
+        from edgeprompt_vllm.edge.cuda_loader import LayerLoader
+
+        stream = self.client.fetch_layers("bench", range(LAYERS))
+        loader = LayerLoader(self.side, [(stream, [(0, self.tokens, self.slots)])], self.caches)
+        for l in range(LAYERS):
+            compute.layer(lambda l=l: loader.wait(stream, l, 120))
+        loader.close()
+        self.stream = stream
+
+    def check(self) -> None:
+        """The last pass's last layer really is in the cache (first block of the table)."""
+        _, kv = self.stream.result(LAYERS - 1, 1)
+        n = min(self.tokens, 16)
+        cache = self.caches[LAYERS - 1][0]  # [B, H, N, 2 * hs]
+        key = cache[int(self.block_ids[0]), :, :n, :kv.shape[-1]].transpose(0, 1).cpu()
+        assert torch.equal(key, kv[0, :n]), "edgeprompt-cuda: the cache does not hold the layer"
+
+
+def timed(pass_fn, compute_ms: float) -> tuple[float, ComputeStream]:
+    compute = ComputeStream(compute_ms)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    pass_fn(compute)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, compute
+
+
+def run_cuda(args, env: dict) -> list[dict]:
+    fp = Fingerprint(*CUDA_FP)
+    per_token = 2 * fp.num_kv_heads * fp.head_size * 2
+    env = {**env, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    gpu_cloud = ray.remote(GpuTensorCloud).options(num_gpus=1, num_cpus=0).remote()
+    rows = []
+    for mib in args.sizes_mib:
+        size = max(1, int(mib * (1 << 20)) // per_token) * per_token
+        cloud = ray.remote(SyntheticCloud).options(num_cpus=0).remote(fp.to_dict(), size)
+        ray.get([gpu_cloud.load.remote(size), cloud.node.remote()])
+        edge = EdgePass(cloud, fp)
+        passes = {"naive-cuda": lambda c: naive_pass(gpu_cloud, c), "edgeprompt-cuda": edge.run}
+        for name, pass_fn in passes.items():
+            timed(pass_fn, 0.0)  # warm-up: pinned and device allocations, Ray's first gets
+            best = min(timed(pass_fn, 0.0)[0] for _ in range(args.reps))
+            wall, compute = timed(pass_fn, args.layer_compute_ms)
+            if name == "edgeprompt-cuda":
+                edge.check()
+            gbps = size * LAYERS / best / 1e9
+            row = {"transport": name, "layer_mib": mib, "layers": LAYERS, "GBps": round(gbps, 3),
+                   "layer_compute_ms": args.layer_compute_ms,
+                   "compute_blocked_ms": round(compute.blocked_ms(), 3),
+                   "host_blocked_ms": round(1e3 * compute.host_s, 3),
+                   "wall_with_compute_ms": round(1e3 * wall, 3),
+                   **env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            rows.append(row)
+            print(f"{name:16s} layer {mib:7.3f} MiB  {gbps:8.3f} GB/s   with {args.layer_compute_ms}"
+                  f" ms compute/layer: compute stream blocked {row['compute_blocked_ms']:8.2f} ms, "
+                  f"host {row['host_blocked_ms']:8.2f} ms, wall {row['wall_with_compute_ms']:8.2f} ms",
+                  flush=True)
+        del edge, passes
+        ray.kill(cloud)
+    ray.kill(gpu_cloud)
+    return rows
 
 
 def _cpu_model() -> str:

@@ -2,10 +2,16 @@
 
 start_load_kv (before the forward) starts one LayerStream per cloud prompt of the step: all
 layers are fetched in order on a background thread, each checksum-verified there.
-wait_for_layer_load(l) (entry of attention layer l) waits for layer l only and writes it into
-the paged cache, so the transfer of l+1 overlaps the compute of l. A failed layer (timeout,
-checksum, dead actor) marks its blocks invalid: vLLM recomputes them (kv_load_failure_policy
-"recompute"); the edge knows those tokens, they are the request's own prompt.
+wait_for_layer_load(l) (entry of attention layer l) waits for layer l only, so the transfer of
+l+1 overlaps the compute of l:
+  CPU   it writes layer l into the paged cache (cpu_attn_reshape_and_cache), then returns.
+  CUDA  a LayerLoader (cuda_loader.py) already issued each layer as it arrived (pinned copy,
+        H2D and scatter on one side stream, one event per layer); the host waits until layer l
+        is issued, the compute stream waits on its event. The timeline's leave_s is then
+        "issued", not "written".
+A failed layer (timeout, checksum, dead actor) marks its blocks invalid: vLLM recomputes them
+(kv_load_failure_policy "recompute"); the edge knows those tokens, they are the request's own
+prompt.
 """
 
 import re
@@ -14,6 +20,7 @@ import time
 import torch
 
 from edgeprompt_vllm.config import EdgePromptConfig
+from edgeprompt_vllm.edge.cuda_loader import LayerLoader, SideStream
 from edgeprompt_vllm.edge.kv_writer import cpu_isa, write_layer
 from edgeprompt_vllm.edge.metadata import EdgePromptMetadata, LoadSpec
 from edgeprompt_vllm.edge.planner import get_planner, step_observation
@@ -39,6 +46,8 @@ class WorkerSide:
         self._active: list[tuple[LoadSpec, object, torch.Tensor]] = []  # (spec, stream, slots)
         self._invalid: set[int] = set()
         self._failed_streams: set[int] = set()  # id() of this step's streams that failed
+        self._side: SideStream | None = None  # CUDA: the one side stream (_side_stream)
+        self._loader: LayerLoader | None = None  # CUDA: this step's layer loader
         self.timeline: Timeline | None = None
         self._stats = EdgePromptStats()
         self._relay_seen = _relay_counts()
@@ -64,6 +73,7 @@ class WorkerSide:
             return self.client.fetch_layers(prompt_id, layers, **kw)
 
     def start_load_kv(self, metadata: EdgePromptMetadata) -> None:
+        self._close_loader()
         self._active, self._failed_streams = [], set()
         self._step.update(work=metadata.step_work, start=time.perf_counter())
         if not metadata.loads:
@@ -79,6 +89,36 @@ class WorkerSide:
                 self._invalid |= spec.loaded_block_ids(self.block_size)
         self.timeline = Timeline(self.fp.num_layers, [s for s, _, _ in self._active],
                                  list(streams.values()))
+        side = self._side_stream()
+        if side is not None and self._active:
+            self._loader = LayerLoader(side, self._loads_per_stream(), self._caches_per_layer())
+
+    def _side_stream(self) -> SideStream | None:
+        """The side stream when the KV cache is on CUDA (created once); None on CPU."""
+        if self._side is None:
+            cache = next(iter(self.kv_caches.values()), None)
+            if cache is not None and cache.device.type == "cuda":
+                self._side = SideStream(cache.device)
+        return self._side
+
+    def _loads_per_stream(self) -> list[tuple[object, list[tuple[int, int, torch.Tensor]]]]:
+        """-> [(stream, [(start, end, slots [end - start])])] for LayerLoader."""
+        loads: dict[int, tuple[object, list]] = {}
+        for spec, stream, slots in self._active:
+            loads.setdefault(id(stream), (stream, []))[1].append((spec.start, spec.end, slots))
+        return list(loads.values())
+
+    def _caches_per_layer(self) -> dict[int, list[torch.Tensor]]:
+        caches: dict[int, list[torch.Tensor]] = {}
+        for name, cache in self.kv_caches.items():
+            caches.setdefault(self.layer_of[name], []).append(cache)
+        return caches
+
+    def _close_loader(self) -> None:
+        """The step's end (or a new step): the loader writes nothing more (cuda_loader.py)."""
+        if self._loader is not None:
+            self._loader, loader = None, self._loader
+            loader.close()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self.layer_of.get(layer_name) == 0:
@@ -87,6 +127,24 @@ class WorkerSide:
             return
         layer = self.layer_of[layer_name]
         self.timeline.enter(layer)
+        if self._loader is not None:
+            self._wait_issued(layer)
+        else:
+            self._write_now(layer_name, layer)
+        self.timeline.leave(layer)
+
+    def _wait_issued(self, layer: int) -> None:
+        """CUDA: the host waits until layer `layer` is issued, the compute stream for its event."""
+        for stream in self._loader.streams:
+            if id(stream) in self._failed_streams:  # its blocks are already marked for recompute
+                continue
+            try:
+                self._loader.wait(stream, layer, self.config.fetch_timeout_s)
+            except Exception as e:
+                self._fail_layer(stream, layer, e)
+
+    def _write_now(self, layer_name: str, layer: int) -> None:
+        """CPU: fetch and write layer `layer` of every load, on this thread."""
         for spec, stream, slots in self._active:
             if id(stream) in self._failed_streams:  # its blocks are already marked for recompute
                 continue
@@ -98,7 +156,6 @@ class WorkerSide:
                             kv[1, spec.start:spec.end], slots, self._layer_isa(layer_name, kv.dtype))
             except Exception as e:
                 self._fail_layer(stream, layer, e)
-        self.timeline.leave(layer)
 
     def _fail_layer(self, stream, layer: int, error: Exception) -> None:
         """A layer of `stream` failed (timeout, checksum, dead cloud): every request loading from
@@ -126,6 +183,7 @@ class WorkerSide:
         return self._isa[layer_name]
 
     def wait_for_save(self) -> None:
+        self._close_loader()
         rec = None
         if self._active and self.timeline is not None:
             rec = self.timeline.finish(self.config.timeline_path)
