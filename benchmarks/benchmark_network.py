@@ -175,12 +175,15 @@ def worker(spec: dict, out_path: str) -> None:
             tl = json.loads(new[-1])
             transfer, exposed, waited = exposed_transfer(tl)
             e = [x["edge_compute_s"] for x in tl["layers"][:-1] if x["edge_compute_s"] is not None]
-            # cloud compute per layer (headers of a warm prompt repeat its original prefill's)
-            c = [x["cloud_compute_s"] for x in tl["layers"][1:]] if pid.startswith("cold") else [0.0]
+            # cloud compute per layer (headers of a warm prompt repeat its original prefill's);
+            # layer 0's is the prefill's start to layer 0's KV (the planner's t_c_first)
+            cold = pid.startswith("cold")
+            c = [x["cloud_compute_s"] for x in tl["layers"][1:]] if cold else [0.0]
             row.update(transfer_s=transfer, exposed_s=exposed, waited_s=waited,
                        hidden=1 - exposed / transfer if transfer > 0 else None,
                        t_e_layer_s=sum(e) / len(e) if e else None,
                        t_tr_layer_s=transfer / L, t_c_layer_s=sum(c) / max(1, len(c)),
+                       t_c_first_s=tl["layers"][0]["cloud_compute_s"] if cold else None,
                        messages=len(tl["messages"]),
                        wire_bytes=sum(m["wire_nbytes"] for m in tl["messages"]))
         return row

@@ -21,16 +21,28 @@ recurrence over layers; with uniform stages it equals the closed forms above (th
 check that). Cloud compute is pipelined too: if t_c > t_tr the link waits for the cloud, so the
 general form is T_init + t_c + t_tr + (L - 1) * max(t_c, t_tr, t_e) + t_e.
 
+A cold cloud prompt's first layer is not a whole t_c: the cloud captures layer l's K and V as
+layer l's attention starts (cloud/capture.py), so layer 0 is ready after the engine's start, the
+embedding and layer 0's QKV projection (t_c_first), and each later layer one full layer (the rest
+of layer l - 1 and layer l's projection: t_c) after the one before:
+
+    layer l ready at  T_init + t_c_first + l * t_c        (cold; the paper's "T_init + t_c" with
+                                                            t_c -> t_c_first for the first layer)
+
 The estimator learns every input online from what the edge measures (worker_side.py feeds it
 the per-layer timeline and per-message transfer timings):
   transfer   latency + bytes / bandwidth: least squares over the last messages (bytes vary with
              prompt length and layers per message, which separates the two)
   edge       per-layer compute of a step: a0 + a1 * new_tokens + a2 * sum(new * (context + new/2))
              (linear work + attention), least squares over the last steps
-  cloud      per-layer prefill of n tokens: b1 * n + b2 * n^2 / 2, plus a start overhead (layer 0)
+  cloud      per-layer prefill of n tokens: b1 * n + b2 * n^2 / 2 (layers 1..L-1 of the headers'
+             compute times), and t_c_first = c0 + c1 * n (layer 0's: start to layer 0's KV)
   T_init     first header on the edge, less the cloud compute inside it
-  T_fixed    per step outside the layer pipeline (scheduling, sampling), when scheduler and worker
+  T_fixed    per step outside the forward (scheduling, sampling), when scheduler and worker
              share a process (vLLM's UniProcExecutor: one GPU, or CPU)
+  edge pre   the edge's compute before layer 0's attention (embedding, layer 0's projection):
+             p0 + p1 * new tokens, from steps without a load. In a fetch it runs while layer 0 is
+             on its way; recompute pays it: T = T_fixed + pre(all tokens) + L * t_e_recompute
 The predicted time to first token is T_fixed + T. Decisions and predictions are logged at INFO
 and counted in `planner_stats()` (a plain dict, for the serving layer's /metrics).
 
@@ -63,11 +75,14 @@ class Costs:
     bandwidth: float  # bytes / s
     latency: float  # s per message
     t_e: float  # edge compute per layer of this step, cloud KV loaded
-    t_c: float = 0.0  # cloud compute per layer; 0: warm (already computed in the cloud)
+    t_c: float = 0.0  # cloud compute per layer after the first; 0: warm (computed in the cloud)
     t_init: float = 0.0  # stream start -> first message can go (RPC to the cloud)
-    t_cloud_start: float = 0.0  # cold only: the cloud engine's start before layer 0
+    # cold only: the cloud's prefill start -> layer 0's KV captured (engine start, embedding,
+    # layer 0's QKV projection); None: a whole t_c (the paper's T_init + t_c)
+    t_c_first: float | None = None
     t_e_recompute: float = math.inf  # edge compute per layer when the edge prefills it all
-    t_fixed: float = 0.0  # per step, outside the layer pipeline (added to every strategy)
+    t_e_pre_recompute: float = 0.0  # recompute only: the edge's compute before layer 0's attention
+    t_fixed: float = 0.0  # per step, outside the forward (added to every strategy)
 
     def t_msg(self, g: int) -> float:
         """One message of g layers on the serial link."""
@@ -82,15 +97,15 @@ def message_sizes(num_layers: int, g: int) -> list[int]:
 def pipelined_time(c: Costs, g: int = 1) -> float:
     """T of a fetch with g layers per message: cloud -> link -> edge, a recurrence over layers.
 
-    The cloud computes layer l at t_init + t_cloud_start + (l + 1) * t_c (cold; 0 when warm);
-    message m goes when its last layer is computed and the link is free; the edge runs layer l
-    when it finished layer l - 1 and layer l arrived."""
-    cold = c.t_c > 0
+    The cloud has layer l at t_init + t_c_first + l * t_c (cold; warm: t_c = 0 and no
+    t_c_first); message m goes when its last layer is computed and the link is free; the edge
+    runs layer l when it finished layer l - 1 and layer l arrived."""
+    first = c.t_c if c.t_c_first is None else c.t_c_first
     link_free = edge_free = 0.0
     layer = 0
     for n in message_sizes(c.num_layers, g):
         last = layer + n - 1
-        cloud_ready = c.t_init + ((c.t_cloud_start + (last + 1) * c.t_c) if cold else 0.0)
+        cloud_ready = c.t_init + first + last * c.t_c
         start = max(cloud_ready, link_free)
         link_free = arrive = start + c.t_msg(n)
         for _ in range(n):
@@ -100,7 +115,7 @@ def pipelined_time(c: Costs, g: int = 1) -> float:
 
 
 def recompute_time(c: Costs) -> float:
-    return c.t_fixed + c.num_layers * c.t_e_recompute
+    return c.t_fixed + c.t_e_pre_recompute + c.num_layers * c.t_e_recompute
 
 
 def cached_time(c: Costs) -> float:
@@ -108,7 +123,8 @@ def cached_time(c: Costs) -> float:
     return c.t_fixed + c.num_layers * c.t_e
 
 
-# The closed forms of the paper (uniform layers, one layer per message, t_c <= max(t_tr, t_e)):
+# The closed forms of the paper (uniform layers, one layer per message, t_c <= max(t_tr, t_e);
+# cold, the t_c after T_init is the first layer's, Costs.t_c_first):
 def closed_form_pipelined(t_init: float, t_c: float, t_tr: float, t_e: float, num_layers: int) -> float:
     return t_init + t_c + t_tr + (num_layers - 1) * max(t_tr, t_e) + t_e
 
@@ -264,8 +280,10 @@ class Planner:
         self.transfer = Fit(("latency_s", "s_per_byte"), [1e-3, 1e-9], window, primary=1)  # 1 GB/s
         self.edge = Fit(("a0_s", "s_per_token", "s_per_attn"), [0.0, 5e-6, 0.0], window, primary=1)
         self.cloud = Fit(("s_per_token", "s_per_attn"), [5e-6, 0.0], window, primary=0)
+        # layer 0's cloud time: engine start + embedding + QKV projection (prior: 5 ms + a t_c)
+        self.cloud_first = Fit(("s", "s_per_token"), [5e-3, 5e-6], window, primary=1)
+        self.edge_pre = Fit(("s", "s_per_token"), [0.0, 0.0], window, primary=1)
         self.t_init = Ewma(2e-3, alpha)
-        self.t_cloud_start = Ewma(5e-3, alpha)
         self.t_fixed = Ewma(0.0, alpha)
         self.decisions: Counter = Counter()
         self.records: deque[Decision] = deque(maxlen=256)
@@ -286,11 +304,12 @@ class Planner:
             n_all = load_tokens + edge_tokens
             t_e_re = self.edge(edge_features(n_all, prefill_attn_work(n_all, 0)))
             t_c = self.cloud([load_tokens, prefill_attn_work(load_tokens, 0)]) if cold else 0.0
+            t_c_first = max(self.cloud_first([1.0, load_tokens]), 0.0) if cold else None
             return Costs(num_layers=num_layers, layer_bytes=float(layer_bytes),
                          bandwidth=1.0 / max(s_per_byte, 1e-15), latency=lat, t_e=max(t_e, 0.0),
-                         t_c=max(t_c, 0.0), t_init=self.t_init.value,
-                         t_cloud_start=self.t_cloud_start.value if cold else 0.0,
+                         t_c=max(t_c, 0.0), t_init=self.t_init.value, t_c_first=t_c_first,
                          t_e_recompute=max(t_e_re, 0.0) if self.edge.count else math.inf,
+                         t_e_pre_recompute=max(self.edge_pre([1.0, n_all]), 0.0),
                          t_fixed=self.t_fixed.value)
 
     def plan(self, req_id: str, prompt_id: str, *, num_layers: int, layer_bytes: float,
@@ -352,13 +371,16 @@ class Planner:
             self.t_init.add(max(0.0, first_header_s - cloud_compute_s))
 
     def observe_cloud(self, tokens: int, per_layer_s: list[float]) -> None:
-        """Cold prefill: compute_s of each layer from the headers (layer 0 includes the start)."""
+        """Cold prefill: compute_s of each layer from the headers. The cloud stamps a layer when
+        its K, V are captured, at the start of the layer's attention: layer 0's is the prefill's
+        start to there (engine start, embedding, layer 0's QKV projection: t_c_first, often well
+        under a layer), each later one a whole layer (t_c)."""
         if len(per_layer_s) < 2 or tokens <= 0:
             return
         mean = sum(per_layer_s[1:]) / (len(per_layer_s) - 1)
         with self._lock:
             self.cloud.add([float(tokens), prefill_attn_work(tokens, 0)], mean)
-            self.t_cloud_start.add(max(0.0, per_layer_s[0] - mean))
+            self.cloud_first.add([1.0, float(tokens)], per_layer_s[0])
 
     def observe_edge(self, new_tokens: int, attn_work: float, per_layer_s: float) -> None:
         with self._lock:
@@ -375,7 +397,10 @@ class Planner:
         every process of the machine) of start_load_kv, layer 0's attention and the step's end;
         `stream_cold`: per stream, whether the planner expected the cloud to compute it."""
         loaded = edge_compute is not None
-        fwd_start = start if loaded else enter0
+        # the forward from start_load_kv (just before the model runs) in every step: what runs
+        # before layer 0's attention (embedding, layer 0's projections: proportional to the new
+        # tokens) is compute, not the fixed per-step overhead
+        fwd_start = start if start is not None else enter0
         if fwd_start is not None:
             self.forward_done(fwd_start, end)
         for i, msgs in enumerate(stream_messages):
@@ -399,6 +424,9 @@ class Planner:
                 self.observe_edge(new_tokens, attn_work, edge_compute[0])
         elif enter0 is not None:
             self.observe_edge(new_tokens, attn_work, (end - enter0) / num_layers)
+            if start is not None and enter0 >= start:  # (a load step's also sets up its streams)
+                with self._lock:
+                    self.edge_pre.add([1.0, float(new_tokens)], enter0 - start)
 
     # The step clock (same process only): build_connector_meta -> forward -> next scheduler call.
     def step_built(self, req_ids: list[str]) -> None:
@@ -462,10 +490,10 @@ class Planner:
                 "latency_s": lat,
                 "t_init_s": self.t_init.value,
                 "t_fixed_s": self.t_fixed.value,
-                "t_cloud_start_s": self.t_cloud_start.value,
                 "observations": {"messages": self.transfer.count, "edge_steps": self.edge.count,
                                  "cloud_prefills": self.cloud.count},
-                "edge_model": self.edge.to_dict(), "cloud_model": self.cloud.to_dict(),
+                "edge_model": self.edge.to_dict(), "edge_pre_model": self.edge_pre.to_dict(),
+                "cloud_model": self.cloud.to_dict(), "cloud_first_model": self.cloud_first.to_dict(),
                 "last": None if last is None else {
                     "strategy": last.strategy, "layers_per_message": last.layers_per_message,
                     "predicted_s": last.predicted_s, "measured_s": last.measured_s,

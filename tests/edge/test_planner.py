@@ -5,6 +5,7 @@ import json
 import math
 import random
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -26,8 +27,13 @@ def rand_costs(rng: random.Random, cold: bool) -> Costs:
     t_e = rng.uniform(1e-4, 2e-2)
     return costs(num_layers=L, latency=lat, bandwidth=1e6 / (t_tr - lat), layer_bytes=1e6, t_e=t_e,
                  t_c=rng.uniform(1e-5, max(t_tr, t_e)) if cold else 0.0,
-                 t_init=rng.uniform(0, 0.01), t_cloud_start=rng.uniform(0, 0.01) if cold else 0.0,
+                 t_init=rng.uniform(0, 0.01), t_c_first=rng.uniform(0, 0.02) if cold else None,
                  t_fixed=rng.uniform(0, 0.005))
+
+
+def first_layer(c: Costs) -> float:
+    """The paper's t_c after T_init: the cloud's time to the first layer (cold), 0 warm."""
+    return c.t_c if c.t_c_first is None else c.t_c_first
 
 
 @pytest.mark.parametrize("cold", [False, True])
@@ -35,8 +41,7 @@ def test_layerwise_recurrence_equals_the_pipelined_closed_form(cold):
     rng = random.Random(0 + cold)
     for _ in range(500):
         c = rand_costs(rng, cold)
-        t_init = c.t_init + c.t_cloud_start  # the paper's T_init: everything before layer 1
-        want = c.t_fixed + P.closed_form_pipelined(t_init, c.t_c, c.t_msg(1), c.t_e, c.num_layers)
+        want = c.t_fixed + P.closed_form_pipelined(c.t_init, first_layer(c), c.t_msg(1), c.t_e, c.num_layers)
         assert P.pipelined_time(c, 1) == pytest.approx(want, rel=1e-12, abs=1e-12)
 
 
@@ -44,28 +49,32 @@ def test_eq12_communication_bound_and_eq13_compute_bound():
     rng = random.Random(1)
     for _ in range(300):
         c = rand_costs(rng, cold=rng.random() < 0.5)
-        t_init, t_tr = c.t_init + c.t_cloud_start, c.t_msg(1)
+        t_tr, t_c = c.t_msg(1), first_layer(c)
         T = P.pipelined_time(c, 1) - c.t_fixed
         if t_tr >= c.t_e:
-            assert T == pytest.approx(P.closed_form_eq12(t_init, c.t_c, t_tr, c.t_e, c.num_layers))
+            assert T == pytest.approx(P.closed_form_eq12(c.t_init, t_c, t_tr, c.t_e, c.num_layers))
         else:
-            assert T == pytest.approx(P.closed_form_eq13(t_init, c.t_c, t_tr, c.t_e, c.num_layers))
+            assert T == pytest.approx(P.closed_form_eq13(c.t_init, t_c, t_tr, c.t_e, c.num_layers))
 
 
 def test_warm_drops_t_c_and_cached_drops_t_tr():
-    cold = costs(t_c=0.003, t_cloud_start=0.01)
-    warm = costs(t_c=0.0, t_cloud_start=0.01)  # start overhead only applies to a cold prompt
+    cold = costs(t_c=0.003)  # no t_c_first: the first layer takes a whole t_c (the paper's form)
+    warm = costs(t_c=0.0)
     L, t_tr = cold.num_layers, cold.t_msg(1)
     assert P.pipelined_time(warm) == pytest.approx(P.closed_form_pipelined(0.002, 0.0, t_tr, 0.004, L))
-    assert P.pipelined_time(cold) - P.pipelined_time(warm) == pytest.approx(0.003 + 0.01)
+    assert P.pipelined_time(cold) - P.pipelined_time(warm) == pytest.approx(0.003)
+    # link-bound (t_tr = 10 ms > t_c): only the first layer's cloud time shows
+    assert P.pipelined_time(replace(cold, t_c_first=0.0007)) - P.pipelined_time(warm) == pytest.approx(0.0007)
     assert P.cached_time(warm) == pytest.approx(L * 0.004)
 
 
 def test_cloud_bound_pipeline_generalises_the_closed_form():
-    c = costs(t_c=0.02, t_e=0.004, t_cloud_start=0.005)  # the link waits for the cloud
+    c = costs(t_c=0.02, t_e=0.004, t_c_first=0.005)  # the link waits for the cloud
     L, t_tr = c.num_layers, c.t_msg(1)
-    want = c.t_init + c.t_cloud_start + c.t_c + t_tr + (L - 1) * max(c.t_c, t_tr, c.t_e) + c.t_e
+    want = c.t_init + c.t_c_first + t_tr + (L - 1) * max(c.t_c, t_tr, c.t_e) + c.t_e
     assert P.pipelined_time(c) == pytest.approx(want)
+    # layer l is ready at t_init + t_c_first + l * t_c: the last one L - 1 whole layers later
+    assert P.pipelined_time(c) == pytest.approx(c.t_init + c.t_c_first + (L - 1) * c.t_c + t_tr + c.t_e)
 
 
 @pytest.mark.parametrize("g", [2, 4, 8, 32])
@@ -80,12 +89,13 @@ def test_grouped_messages_closed_form(g):
 
 
 def test_bulk_is_one_message_and_recompute_is_the_edge_prefill():
-    c = costs(latency=0.01, t_c=0.001, t_cloud_start=0.003, t_e_recompute=0.02, t_fixed=0.001)
+    c = costs(latency=0.01, t_c=0.001, t_c_first=0.003, t_e_recompute=0.02, t_e_pre_recompute=0.004,
+              t_fixed=0.001)
     L = c.num_layers
-    bulk = c.t_fixed + c.t_init + c.t_cloud_start + L * c.t_c + c.latency + L * c.layer_bytes / c.bandwidth \
-        + L * c.t_e
+    bulk = c.t_fixed + c.t_init + c.t_c_first + (L - 1) * c.t_c + c.latency \
+        + L * c.layer_bytes / c.bandwidth + L * c.t_e
     assert P.pipelined_time(c, L) == pytest.approx(bulk)
-    assert P.recompute_time(c) == pytest.approx(c.t_fixed + L * 0.02)
+    assert P.recompute_time(c) == pytest.approx(c.t_fixed + 0.004 + L * 0.02)
     preds = P.predict_all(c)
     assert preds["bulk"] == (pytest.approx(bulk), L) and preds["recompute"][1] == 0
     assert preds["grouped"][1] in P.group_candidates(L)
@@ -123,10 +133,11 @@ def test_estimator_recovers_latency_bandwidth_and_edge_compute():
     c = pl.costs(num_layers=4, layer_bytes=1e6, load_tokens=1024, edge_tokens=512, cold=False)
     assert c.t_e == pytest.approx(a0 + a1 * 512 + a2 * P.prefill_attn_work(512, 1024), rel=1e-6)
     assert c.t_e_recompute == pytest.approx(a0 + a1 * 1536 + a2 * P.prefill_attn_work(1536, 0), rel=1e-6)
-    pl.observe_cloud(1024, [0.02] + [0.003] * 3)
-    assert pl.costs(num_layers=4, layer_bytes=1e6, load_tokens=1024, edge_tokens=512, cold=True).t_c \
-        == pytest.approx(0.003)
-    assert pl.stats()["t_cloud_start_s"] == pytest.approx(0.017)
+    pl.observe_cloud(1024, [0.002] + [0.003] * 3)  # layer 0's KV after its projection only
+    c = pl.costs(num_layers=4, layer_bytes=1e6, load_tokens=1024, edge_tokens=512, cold=True)
+    assert c.t_c == pytest.approx(0.003) and c.t_c_first == pytest.approx(0.002)
+    assert pl.costs(num_layers=4, layer_bytes=1e6, load_tokens=1024, edge_tokens=512,
+                    cold=False).t_c_first is None
 
 
 def test_planner_explores_nothing_before_it_measured_and_obeys_forced_strategies():
@@ -175,6 +186,7 @@ def test_observe_step_reads_the_timeline_and_the_messages():
     assert st["observations"] == {"messages": 4, "edge_steps": 1, "cloud_prefills": 1}
     assert pl.cloud.rows[-1][0][0] == 256  # tokens from bytes per layer
     assert st["t_init_s"] == 2e-3  # a cold header waited for the cloud: not the RPC's time
+    assert pl.cloud_first.rows[-1] == ([1.0, 256.0], 0.008)  # layer 0's compute: t_c_first
     pl.observe_step(**P.step_observation([0.005] * L, [msgs], None, 0.0, 0.001, 0.1, L, bpt, [False]))
     st = pl.stats()  # warm: the first header is the round trip; its stored compute times are old
     assert st["t_init_s"] == pytest.approx(0.004)  # (the first measurement replaces the prior)
@@ -207,3 +219,75 @@ def test_auto_leaves_layerwise_only_for_a_real_gain():
     d = pl.plan("r", "p", min_gain_s=0.05, **kw)  # recompute predicted faster, by < 50 ms
     assert d.predictions["recompute"] < d.predictions["layerwise"] and d.strategy == "layerwise"
     assert pl.plan("r2", "p", min_gain_s=0.0, min_gain_rel=0.0, **kw).strategy != "layerwise"
+
+
+def test_cold_prediction_puts_layer_l_at_the_cumulative_header_times():
+    """The cloud stamps each layer when its K, V are captured (start of the layer's attention):
+    layer 0 after the engine start and its projection, each later layer one whole layer on.
+    A cloud-bound bulk fetch then waits exactly for the sum of the stamps."""
+    pl = Planner()
+    L, n = 8, 1024
+    trace = [0.007] + [0.033] * (L - 1)  # as measured: layer 0 far under a whole layer
+    for _ in range(3):
+        pl.observe_cloud(n, trace)
+    c = pl.costs(num_layers=L, layer_bytes=1e6, load_tokens=n, edge_tokens=512, cold=True)
+    assert c.t_c == pytest.approx(0.033) and c.t_c_first == pytest.approx(0.007)
+    want = c.t_fixed + c.t_init + sum(trace) + c.t_msg(L) + L * c.t_e
+    assert P.pipelined_time(c, L) == pytest.approx(want)
+    # layer-wise, link and edge faster than the cloud: the last layer leaves at the last stamp
+    fast = replace(c, latency=0.0, bandwidth=1e12, t_e=0.001)
+    assert P.pipelined_time(fast, 1) == pytest.approx(
+        fast.t_fixed + fast.t_init + sum(trace) + fast.t_msg(1) + fast.t_e)
+
+
+def test_cloud_first_layer_scales_with_the_prompt():
+    pl = Planner()
+    c0, c1 = 0.003, 4e-6  # engine start + per token (embedding, layer 0's QKV)
+    for n in (256, 1024, 4096, 256, 1024, 4096):
+        pl.observe_cloud(n, [c0 + c1 * n] + [1e-5 * n] * 7)
+    for n in (512, 2048, 8192):
+        c = pl.costs(num_layers=8, layer_bytes=1e6, load_tokens=n, edge_tokens=64, cold=True)
+        assert c.t_c_first == pytest.approx(c0 + c1 * n, rel=1e-6)
+        assert c.t_c == pytest.approx(1e-5 * n, rel=1e-6)
+
+
+def _plain_step(pl: Planner, new_tokens: int, pre_s: float, per_layer_s: float, L: int = 4) -> None:
+    """A step without a load: start_load_kv, `pre_s` of compute to layer 0's attention, L layers."""
+    start = time.perf_counter()
+    pl.observe_step(None, [], (new_tokens, P.prefill_attn_work(new_tokens, 0)), start, start + pre_s,
+                    start + pre_s + L * per_layer_s, L, 1024)
+
+
+def test_recompute_pays_the_edge_compute_before_layer_0():
+    pl = Planner()
+    p0, p1, a1 = 2e-4, 6e-6, 5e-5
+    for n in (768, 1536, 4608, 768, 1536, 4608):
+        _plain_step(pl, n, p0 + p1 * n, a1 * n)
+    c = pl.costs(num_layers=4, layer_bytes=1e6, load_tokens=4096, edge_tokens=512, cold=False)
+    assert c.t_e_pre_recompute == pytest.approx(p0 + p1 * 4608, rel=1e-6)
+    assert c.t_e_recompute == pytest.approx(a1 * 4608, rel=1e-6)
+    assert P.recompute_time(c) == pytest.approx(c.t_fixed + p0 + p1 * 4608 + 4 * a1 * 4608, rel=1e-6)
+    assert pl.stats()["edge_pre_model"]["n"] == 6
+    # a load step's start_load_kv also opens its streams: no pre-layer-0 observation from it
+    pl.observe_step([0.001] * 4, [], (512, P.prefill_attn_work(512, 4096)), 0.0, 0.01, 0.02, 4, 1024)
+    assert pl.edge_pre.count == 6
+
+
+def test_fixed_overhead_leaves_out_the_compute_before_layer_0():
+    """A step without a load: its forward runs from start_load_kv, so the embedding and layer 0's
+    projections (30 ms here) are compute, not the per-step overhead the other strategies pay."""
+    pl = Planner(alpha=1.0)
+    d = pl.plan("r", "p", num_layers=4, layer_bytes=1e5, load_tokens=4096, edge_tokens=512,
+                cold=False, strategy="recompute")
+    pl.step_built(["r"])
+    start = time.perf_counter()
+    time.sleep(0.03)
+    enter0 = time.perf_counter()
+    time.sleep(0.01)
+    pl.observe_step(None, [], (4608, P.prefill_attn_work(4608, 0)), start, enter0, time.perf_counter(),
+                    4, 1024)
+    pl.step_done()
+    assert d.measured_forward_s >= 0.04 and d.measured_s >= d.measured_forward_s
+    assert 0 <= pl.t_fixed.value < 0.02
+    assert pl.costs(num_layers=4, layer_bytes=1e5, load_tokens=4096, edge_tokens=512,
+                    cold=False).t_e_pre_recompute >= 0.03
