@@ -11,13 +11,32 @@ import torch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 RECORDER = None  # set by replay.LayerReplay while it records a layer's launches
+LAST_KERNEL = None  # the kernel of the latest launch() in this process (see follows_launch_of)
 
 
 def launch(kernel, grid: tuple, **kwargs) -> None:
     """`kernel[grid](**kwargs)`, reported to the active recorder (replay.py) if there is one."""
+    global LAST_KERNEL
     compiled = kernel[grid](**kwargs)
+    LAST_KERNEL = kernel
     if RECORDER is not None:
         RECORDER(kernel, grid, kwargs, compiled)
+
+
+def follows_launch_of(kernel) -> bool:
+    """Whether the latest launch() was of `kernel`: a launch made now follows it on the stream,
+    provided the caller enqueued no other kernel in between (used to chain launches with PDL)."""
+    return LAST_KERNEL is kernel
+
+
+def supports_pdl(t: torch.Tensor) -> bool:
+    """Programmatic dependent launch (a kernel starting while the previous one still runs; it
+    waits with griddepcontrol.wait before reading that kernel's output): CUDA, sm_90+, compiled."""
+    return (
+        t.is_cuda
+        and not interpreting()
+        and torch.cuda.get_device_capability(t.device)[0] >= 9
+    )
 
 
 def interpreting() -> bool:

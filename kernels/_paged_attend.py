@@ -4,10 +4,50 @@ range of paged KV.
 State convention inside kernels: (m, l, acc) in base 2, i.e. m = running max of the log2-scaled
 scores, l = sum 2^(s - m), acc = sum 2^(s - m) * v (unnormalised, fp32). Launchers convert to the
 public convention (lse: float32, natural log, [num_heads, num_tokens]) when a state leaves a kernel.
+
+Masking: a tile is "full" when every key of it is in range and visible to every row of the query
+tile. With UNMASKED_FULL_TILES the full tiles run a loop without any mask (no predicated loads, no
+score select), and only the rest (the partial last tile, causal diagonal tiles) the masked loop.
+Off (the default), every tile takes the masked loop. Rows that are padding (no query) see real
+scores in the unmasked loop; their q is 0, so their state stays finite, and it is never stored.
 """
 
 import triton
 import triton.language as tl
+
+from ._launch import interpreting
+
+# Programmatic dependent launch (PDL, sm_90+): griddepcontrol as inline PTX, not Triton's
+# tl.extra.cuda.gdc_* (whose form changed between releases, and an older launch_dependents was
+# marked pure, so an unused result could be dropped). The interpreter runs programs one after
+# another and has no PTX: there they are no-ops.
+if not interpreting():
+
+    @triton.jit
+    def grid_dependency_wait():
+        """Wait until the kernel this one was launched after (with PDL) has finished and its
+        writes are visible. Valid, and immediate, when the launch did not use PDL."""
+        tl.inline_asm_elementwise(
+            "griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+    @triton.jit
+    def grid_dependency_launch_dependents():
+        """Let the next kernel, if launched with PDL, start once every program got here."""
+        tl.inline_asm_elementwise(
+            "griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32, is_pure=False,
+            pack=1,
+        )  # fmt: skip
+
+else:
+
+    @triton.jit
+    def grid_dependency_wait():
+        pass
+
+    @triton.jit
+    def grid_dependency_launch_dependents():
+        pass
 
 
 @triton.jit
@@ -31,6 +71,7 @@ def paged_attend(
     kv_head,  # scalar: KV head of this program
     tile_begin,  # scalar: first tile (of TILE_N keys, counted from kv_lo) to visit
     tile_end,  # scalar: one past the last tile
+    full_tiles,  # scalar: tiles [0, full_tiles) are full (in range, visible to every row)
     kv_lo,  # scalar: first key position of tile 0
     kv_hi,  # scalar: keys at positions >= kv_hi are never loaded
     row_last_key,  # [BLOCK_M] int32: last key position each row may attend to (-1: none)
@@ -47,7 +88,40 @@ def paged_attend(
     HEAD_PAD: tl.constexpr,  # next power of 2 of HEAD_SIZE
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UNMASKED_FULL_TILES: tl.constexpr,  # full tiles skip every mask (see the module docstring)
 ):
+    """Tiles [tile_begin, tile_end) folded into (m_i, l_i, acc)."""
+    masked_begin = tile_begin
+    if UNMASKED_FULL_TILES:
+        masked_begin = tl.maximum(tl.minimum(tile_end, full_tiles), tile_begin)
+        m_i, l_i, acc = _attend_loop(
+            q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, block_row_ptr, kv_head,
+            tile_begin, masked_begin, kv_lo, kv_hi, row_last_key, qk_scale,
+            stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head,
+            BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_PAD, UPCAST_DOT, DOT_PRECISION, False,
+        )  # fmt: skip
+    return _attend_loop(
+        q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, block_row_ptr, kv_head,
+        masked_begin, tile_end, kv_lo, kv_hi, row_last_key, qk_scale,
+        stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head,
+        BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_PAD, UPCAST_DOT, DOT_PRECISION, True,
+    )  # fmt: skip
+
+
+@triton.jit
+def _attend_loop(
+    q, m_i, l_i, acc,  # as in paged_attend
+    key_cache_ptr, value_cache_ptr, block_row_ptr, kv_head,
+    tile_begin, tile_end, kv_lo, kv_hi, row_last_key, qk_scale,
+    stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr,  # False: every tile visited is full (the caller guarantees it)
+):  # fmt: skip
     offs_n = tl.arange(0, TILE_N)
     offs_d = tl.arange(0, HEAD_PAD)
     d_mask = offs_d < HEAD_SIZE
@@ -55,25 +129,37 @@ def paged_attend(
         key_pos = kv_lo + t * TILE_N + offs_n  # [TILE_N]
         in_range = key_pos < kv_hi
         page = key_pos // BLOCK_SIZE
-        blk = tl.load(block_row_ptr + page, mask=in_range, other=0).to(tl.int64)  # [TILE_N]
+        if MASKED:
+            blk = tl.load(block_row_ptr + page, mask=in_range, other=0)
+        else:
+            blk = tl.load(block_row_ptr + page)
+        blk = blk.to(tl.int64)  # [TILE_N]
         slot = key_pos % BLOCK_SIZE
         k_off = blk * stride_k_blk + slot * stride_k_slot + kv_head * stride_k_head
         v_off = blk * stride_v_blk + slot * stride_v_slot + kv_head * stride_v_head
-        # NOTE: slots past kv_hi are masked on load, not only in the scores: an unwritten slot may
-        # hold NaN, and 0 * NaN in P @ V would poison the row.
-        k_mask = d_mask[:, None] & in_range[None, :]
-        k = tl.load(key_cache_ptr + k_off[None, :] + offs_d[:, None], mask=k_mask, other=0.0)
-        # K^T : (HEAD_PAD, TILE_N)
-        v_mask = in_range[:, None] & d_mask[None, :]
-        v = tl.load(value_cache_ptr + v_off[:, None] + offs_d[None, :], mask=v_mask, other=0.0)
-        # V : (TILE_N, HEAD_PAD)
+        # K^T : (HEAD_PAD, TILE_N), V : (TILE_N, HEAD_PAD)
+        k_ptrs = key_cache_ptr + k_off[None, :] + offs_d[:, None]
+        v_ptrs = value_cache_ptr + v_off[:, None] + offs_d[None, :]
+        if MASKED:
+            # NOTE: slots past kv_hi are masked on load, not only in the scores: an unwritten slot
+            # may hold NaN, and 0 * NaN in P @ V would poison the row.
+            k = tl.load(k_ptrs, mask=d_mask[:, None] & in_range[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=in_range[:, None] & d_mask[None, :], other=0.0)
+        elif HEAD_PAD != HEAD_SIZE:
+            k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         s = tile_dot(q, k, UPCAST_DOT, DOT_PRECISION) * qk_scale  # S : (BLOCK_M, TILE_N)
-        visible = (key_pos[None, :] <= row_last_key[:, None]) & in_range[None, :]
-        s = tl.where(visible, s, float("-inf"))
+        if MASKED:
+            visible = (key_pos[None, :] <= row_last_key[:, None]) & in_range[None, :]
+            s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(
-            m_new == float("-inf"), 0.0, m_new
-        )  # an all-masked row stays empty, not NaN
+        if MASKED:  # an all-masked row stays empty, not NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:  # every score is finite, so m_new is
+            m_safe = m_new
         p = tl.math.exp2(s - m_safe[:, None])  # P : (BLOCK_M, TILE_N)
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)

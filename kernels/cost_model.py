@@ -120,7 +120,7 @@ def prefix_splits(group: GroupShape, shape: AttentionShape, device: DeviceModel)
     fused=False; a test keeps them in step)."""
     qpk_pad = _next_pow2(shape.num_q_heads // shape.num_kv_heads)
     rows = _next_pow2(max(group.num_query_tokens, 1) * qpk_pad)
-    big = rows >= 1024
+    big = rows >= 4096  # relay_prefix.BIG_ROWS
     block_m = max(128 if big else min(max(rows, 16), 64), qpk_pad)
     m_tiles = max(-(-group.num_query_tokens // max(block_m // qpk_pad, 1)), 1)
     tiles = max(-(-group.prefix_len // (32 if big else 64)), 1)

@@ -40,12 +40,16 @@ from ._launch import (
     check_tensor,
     device_sms,
     dot_flags,
+    follows_launch_of,
     host_int,
     launch,
     next_pow2,
+    supports_pdl,
 )
-from ._paged_attend import paged_attend
+from ._paged_attend import grid_dependency_wait, paged_attend
 from .merge import absorb_partial, finalize_state, merge_partial_states
+
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
 
 # ---------------------------------------------------------------- launcher
 
@@ -122,7 +126,13 @@ def paged_suffix(
         pre_out, pre_lse = part_out, part_lse  # dummies, NUM_PREFIX_PARTS is 0
     lse_arg = lse if lse is not None else part_lse[0]
     upcast, precision = dot_flags(query.dtype)
-    grid = (n_q_tiles, num_kv_heads, num_splits)
+    cfg["HEAD_FASTEST"] = bool(cfg["HEAD_FASTEST"]) and n_q_tiles <= MAX_GRID_Y
+    cfg["PDL"] = bool(cfg["PDL"]) and prefix_state is not None and _follows_prefix_pass(query)
+    pdl = dict(launch_pdl=True) if cfg["PDL"] else {}
+    if cfg["HEAD_FASTEST"]:  # a request's KV-head programs adjacent in launch order
+        grid = (num_kv_heads, n_q_tiles, num_splits)
+    else:
+        grid = (n_q_tiles, num_kv_heads, num_splits)
     launch(
         _paged_suffix_kernel,
         grid,
@@ -176,10 +186,19 @@ def paged_suffix(
         UPCAST_DOT=upcast,
         DOT_PRECISION=precision,
         **cfg,
+        **pdl,
     )
     if split_kv:
         merge_partial_states(out, part_out, part_lse, lse)
     return out, lse
+
+
+def _follows_prefix_pass(query: torch.Tensor) -> bool:
+    """Whether a launch now may use PDL: sm_90+ and the latest launch was the prefix kernel
+    (relay_attention's fused schedule launches the two back to back)."""
+    from .relay_prefix import _relay_prefix_kernel  # (relay_prefix imports this module)
+
+    return supports_pdl(query) and follows_launch_of(_relay_prefix_kernel)
 
 
 def _suffix_config(
@@ -192,11 +211,27 @@ def _suffix_config(
     """Tile sizes, chosen here (no autotune at serve time: the kernel runs under CUDA graphs).
 
     BLOCK_M rows = BLOCK_Q tokens x QPK_PAD heads. tl.dot needs M >= 16, so a decode row block
-    (one token) is padded to 16 rows. Decode: TILE_N = 64 keys (16 KB per K or V tile at head 128
-    fp16), 4 warps, 3 stages: 87-95% of the measured copy bandwidth on an H100 at batch 64-256,
-    ahead of FA3 on the same blocks; TILE_N 32/128, 2/8 warps and 2/4 stages were within 2% or
-    slower (measured, benchmarks/benchmark_kernels.py --tune). Prefill: 128 rows x 32 keys, 4 warps,
-    2 stages, the best of 24 configurations (measured; ~2.4x behind FA3, see relay_prefix).
+    (one token) is padded to 16 rows (GQA 4: 4 real rows of 16; the K/V tile is loaded once for the
+    4 heads). Decode: TILE_N = 64 keys (16 KB per K or V tile at head 128 fp16), 4 warps, 3 stages:
+    87-95% of the measured copy bandwidth on an H100 at batch 64-256 (MHA), ahead of FA3 on the same
+    blocks; TILE_N 32/128, 2/8 warps and 2/4 stages were within 2% or slower (measured,
+    benchmarks/benchmark_kernels.py --tune, prefix and suffix tiles changed together).
+    Prefill: 128 rows x 32 keys, 4 warps, 2 stages, the best of 24 configurations (measured; ~2.4x
+    behind FA3, see relay_prefix).
+    Pipelining (Triton 3.6 for sm_90, compiled on a CPU): the block-id loads take a stage of their
+    own, so at 3 (and 4) stages the decode K/V tiles get ONE shared-memory buffer: a program has
+    one 64-key tile (32 KB) in flight and none while it computes; 121 registers allow 4 programs
+    per SM. 5 stages double-buffer them (72 KB of shared memory: 3 programs per SM).
+    5 stages measured 2-15% slower (benchmarks/results/kernels/gqa_sweep_h100.md).
+    Switches, off by default (measured no faster there): HEAD_FASTEST launches the KV heads of one
+    request next to each other (they read adjacent 256-byte pieces of the same pages) instead of
+    the same KV head of consecutive requests; UNMASKED_FULL_TILES (see _paged_attend.py).
+    PDL, on by default (5-14% faster relay decode on an H100, GQA and MHA, same results), with
+    prefix_state: when this launch directly follows the prefix
+    kernel's (CUDA sm_90+), launch with programmatic dependent launch, so that (with the prefix's
+    LAUNCH_DEPENDENTS) this kernel streams its own KV while the prefix pass runs and waits for it
+    only before its epilogue reads the prefix states. The caller must enqueue no other kernel
+    between the two launches (the launcher checks only that no other launcher ran in between).
     """
     qpk_pad = next_pow2(queries_per_kv)
     rows = next_pow2(max(max_query_len, 1) * qpk_pad)
@@ -207,6 +242,9 @@ def _suffix_config(
         TILE_N=32 if big or head_size > 128 else 64,
         num_warps=4,
         num_stages=2 if big else 3,
+        HEAD_FASTEST=False,
+        UNMASKED_FULL_TILES=False,
+        PDL=True,
     )
     cfg.update(override or {})
     block_q = max(cfg["BLOCK_M"] // qpk_pad, 1)
@@ -328,15 +366,22 @@ def _paged_suffix_kernel(
     HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
-    ONE_TILE_PER_REQ: tl.constexpr,  # max_query_len <= BLOCK_Q: program 0-axis index = request
+    ONE_TILE_PER_REQ: tl.constexpr,  # max_query_len <= BLOCK_Q: query tile index = request
+    HEAD_FASTEST: tl.constexpr,  # grid (kv heads, query tiles, splits), else (query tiles, ...)
+    UNMASKED_FULL_TILES: tl.constexpr,  # see _paged_attend.py
+    PDL: tl.constexpr,  # launched with PDL after the prefix kernel: wait before reading its states
     NUM_PREFIX_PARTS: tl.constexpr,  # prefix partial states to fold in (fused merge); 0: none
     SPLIT_KV: tl.constexpr,  # write partial states instead of the output
     STORE_LSE: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEAD_FASTEST:
+        kv_head = tl.program_id(0)
+        pid_q = tl.program_id(1)
+    else:
+        pid_q = tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
     if ONE_TILE_PER_REQ:
@@ -372,6 +417,9 @@ def _paged_suffix_kernel(
     kv_lo = prefix_len
     # causal bound of the tile: its last query token sees up to position context_len + last row
     kv_hi = tl.minimum(seq_len, context_len + q_tile * BLOCK_Q + BLOCK_Q)
+    # keys every row of the tile sees: those up to its first query token's position (decode: all)
+    all_see = tl.minimum(kv_hi, context_len + q_tile * BLOCK_Q + 1)
+    full_tiles = tl.maximum(all_see - kv_lo, 0) // TILE_N
     num_tiles = tl.maximum(tl.cdiv(kv_hi - kv_lo, TILE_N), 0)
     tiles_per_split = tl.cdiv(num_tiles, num_splits)
     tile_begin = split * tiles_per_split
@@ -391,6 +439,7 @@ def _paged_suffix_kernel(
         kv_head,
         tile_begin,
         tile_end,
+        full_tiles,
         kv_lo,
         kv_hi,
         row_last_key,
@@ -407,6 +456,7 @@ def _paged_suffix_kernel(
         HEAD_PAD,
         UPCAST_DOT,
         DOT_PRECISION,
+        UNMASKED_FULL_TILES,
     )
     # Fused merge: split 0 of a grouped request folds in the shared-prefix partial states. The
     # loop is unrolled (constexpr count) so the loads of all parts are in flight together; masked
@@ -414,6 +464,8 @@ def _paged_suffix_kernel(
     # (Nested tl.where, not `row_valid & (split == 0) & ...`: a block & scalar-bool mask fails
     # under the interpreter with "mask has unsupported dtype".)
     x_mask = tl.where(row_valid, tl.where(split == 0, prefix_len, 0), 0) > 0
+    if PDL:  # the prefix kernel may still be running: wait for it (and its writes)
+        grid_dependency_wait()
     for j in tl.static_range(NUM_PREFIX_PARTS):
         x_lse = tl.load(
             prefix_lse_ptr + j * stride_xl_split + head * stride_xl_head + token * stride_xl_tok,

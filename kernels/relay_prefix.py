@@ -36,12 +36,17 @@ from ._launch import (
     host_int,
     launch,
     next_pow2,
+    supports_pdl,
 )
-from ._paged_attend import paged_attend
+from ._paged_attend import grid_dependency_launch_dependents, paged_attend
 from .merge import finalize_state, merge_partial_states
 from .paged_suffix import attend_ref
 
 MAX_FUSED_SPLITS, MAX_SPLITS = 4, 16  # see _pick_num_splits
+BIG_ROWS = 4096  # rows (tokens x padded heads per KV head) from which prefill tiles are used
+SPLIT_POLICIES = ("fill", "balanced")  # see _pick_num_splits
+# Launcher knobs a `config` may carry besides tile sizes, with their defaults (for measuring).
+LAUNCH_KNOBS = dict(big_rows=BIG_ROWS, split_policy="fill")
 
 # ---------------------------------------------------------------- launchers
 
@@ -68,7 +73,7 @@ def relay_prefix(
 
     `max_group_query_len` (most query tokens in one group) and `max_prefix_len` size the grid; pass
     them as host ints to avoid a device sync. `num_splits` overrides the prefix split, `config` the
-    tile choices of `_prefix_config` (for tuning).
+    tile choices of `_prefix_config` and the LAUNCH_KNOBS (for tuning).
     """
     check_query(query)
     num_tokens, num_q_heads, _ = query.shape
@@ -139,7 +144,10 @@ def relay_prefix_partials(
         max_prefix_len = host_int(max_prefix_len, lambda: group_prefix_len.max())
     else:
         max_group_query_len = max_prefix_len = 0
-    cfg = _prefix_config(num_q_heads // num_kv_heads, head_size, max_group_query_len, config)
+    knobs, tiles = split_launch_knobs(config)
+    cfg = _prefix_config(
+        num_q_heads // num_kv_heads, head_size, max_group_query_len, tiles, knobs["big_rows"]
+    )
     m_tiles = max(cdiv(max_group_query_len, cfg["BLOCK_T"]), 1)
     if num_splits is None:
         num_splits = _pick_num_splits(
@@ -148,6 +156,7 @@ def relay_prefix_partials(
             cfg["TILE_N"],
             device_sms(query),
             fused,
+            knobs["split_policy"],
         )
     alloc = torch.full if fill_empty else torch.empty
     extra = (float("-inf"),) if fill_empty else ()
@@ -160,6 +169,7 @@ def relay_prefix_partials(
     if num_groups == 0 or num_tokens == 0 or max_group_query_len == 0:
         return part_out, part_lse
     upcast, precision = dot_flags(query.dtype)
+    cfg["LAUNCH_DEPENDENTS"] = bool(cfg["LAUNCH_DEPENDENTS"]) and supports_pdl(query)
     grid = (num_groups * m_tiles, num_kv_heads, num_splits)
     launch(
         _relay_prefix_kernel,
@@ -202,36 +212,67 @@ def relay_prefix_partials(
     return part_out, part_lse
 
 
+def split_launch_knobs(config: dict | None) -> tuple[dict, dict]:
+    """Split a prefix `config` into (the launcher knobs, LAUNCH_KNOBS' defaults filling in those
+    it lacks; the rest: tile sizes and kernel switches)."""
+    tiles = dict(config or {})
+    knobs = {k: tiles.pop(k, default) for k, default in LAUNCH_KNOBS.items()}
+    if knobs["split_policy"] not in SPLIT_POLICIES:
+        raise ValueError(
+            f"split_policy must be one of {SPLIT_POLICIES}, got {knobs['split_policy']!r}"
+        )
+    return knobs, tiles
+
+
 def _prefix_config(
-    queries_per_kv: int, head_size: int, max_group_query_len: int, override: dict | None = None
+    queries_per_kv: int,
+    head_size: int,
+    max_group_query_len: int,
+    override: dict | None = None,
+    big_rows: int = BIG_ROWS,
 ) -> dict:
     """Tile sizes (chosen here, no autotune at serve time).
 
     M rows = BLOCK_T tokens x QPK_PAD heads, as many as the group has, from 16 (tl.dot minimum) to
     64 for decode-sized groups: a 64-request MHA decode group is one 64-row tile per KV head. On an
     H100 (benchmarks/benchmark_kernels.py, batch 64, prefix 1024) 64 rows beat 16 and 32 by 1-3 us
-    for MHA and GQA alike (measured). Prefill-sized groups (>= 1024 rows) take 128 rows x 32 keys,
+    for MHA and GQA alike (measured). Prefill-sized groups (>= 4096 rows) take 128 rows x 32 keys,
     4 warps, 2 stages: the best of 24 configurations for 8 x 512 queries on an H100, 227 TFLOP/s,
     6% ahead of 128 x 64 x 8 warps (measured; FA3 does ~2.4x better, so route prefill to FA3).
     Decode-sized: TILE_N = 64 keys (16 KB per K/V tile at head 128 fp16), 4 warps, 3 stages
     (measured within noise of 2 stages).
+    `big_rows` is where the prefill tiles start: 4096, so that a GQA-4 decode group of 256
+    requests (1024 rows) keeps the decode tiles (1-2% faster at prefix 2048-4096 with PDL on an
+    H100, benchmarks/results/kernels/gqa_sweep_h100.md; the backend sends prefill to FA3).
+    UNMASKED_FULL_TILES (off by default; not faster, same sweep): see _paged_attend.py.
+    LAUNCH_DEPENDENTS (on by default; acts on CUDA sm_90+ only): every program first signals that the
+    next kernel may start (griddepcontrol.launch_dependents), so a suffix kernel launched with PDL
+    (paged_suffix's PDL) streams its own KV while this pass computes. This kernel itself must be
+    launched without PDL: the suffix reads the query / KV the kernels before this one wrote.
     """
     qpk_pad = next_pow2(queries_per_kv)
     rows = next_pow2(max(max_group_query_len, 1) * qpk_pad)
-    big = rows >= 1024
+    big = rows >= big_rows
     block_m = max(128 if big else min(max(rows, 16), 64), qpk_pad)
     cfg = dict(
         BLOCK_M=block_m,
         TILE_N=32 if big or head_size > 128 else 64,
         num_warps=4,
         num_stages=2 if big else 3,
+        UNMASKED_FULL_TILES=False,
+        LAUNCH_DEPENDENTS=True,
     )
     cfg.update(override or {})
     return dict(cfg, QPK_PAD=qpk_pad, BLOCK_T=max(cfg["BLOCK_M"] // qpk_pad, 1))
 
 
 def _pick_num_splits(
-    num_programs: int, max_prefix_len: int, tile_n: int, sms: int, fused: bool
+    num_programs: int,
+    max_prefix_len: int,
+    tile_n: int,
+    sms: int,
+    fused: bool,
+    policy: str = "fill",
 ) -> int:
     """Enough splits for ~1 program per SM, at >= 2 tiles (128 keys) per split.
 
@@ -241,11 +282,24 @@ def _pick_num_splits(
     prefix pass itself was fastest at 4-8, so 4 is the cap there (measured). Reduced by
     merge_partial_states instead, 16 is the cap, for long prefixes with few programs (8 GQA
     requests, prefix 4096: 8 programs without splits). The count is rebalanced so no split is empty.
+    policy "balanced" (a knob, for measuring): when splitting, take the count in [that one, the cap]
+    whose programs fill their waves best (64 programs, 132 SMs: 3 splits leave the second wave 45%
+    full, 4 splits fill 97% of two waves; the fewest splits of the best).
     """
     cap = MAX_FUSED_SPLITS if fused else MAX_SPLITS
     max_tiles = max(cdiv(max_prefix_len, tile_n), 1)
-    splits = max(1, min(cdiv(sms, max(num_programs, 1)), cdiv(max_tiles, 2), cap))
+    limit = max(1, min(cdiv(max_tiles, 2), cap))
+    num_programs = max(num_programs, 1)
+    splits = max(1, min(cdiv(sms, num_programs), limit))
+    if policy == "balanced" and num_programs < sms:
+        fill = {s: round(wave_fill(num_programs * s, sms), 6) for s in range(splits, limit + 1)}
+        splits = max(fill, key=lambda s: (fill[s], -s))
     return cdiv(max_tiles, cdiv(max_tiles, splits))
+
+
+def wave_fill(programs: int, sms: int) -> float:
+    """Share of the SM slots that `programs` equal programs keep busy, one per SM per wave."""
+    return programs / (cdiv(programs, sms) * sms)
 
 
 def _check_prefix_args(
@@ -304,9 +358,13 @@ def _relay_prefix_kernel(
     HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
+    UNMASKED_FULL_TILES: tl.constexpr,  # see _paged_attend.py
+    LAUNCH_DEPENDENTS: tl.constexpr,  # let a PDL-launched suffix kernel start now (_prefix_config)
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:
+        grid_dependency_launch_dependents()
     group = tl.program_id(0) // m_tiles_per_group
     m_tile = tl.program_id(0) % m_tiles_per_group
     kv_head = tl.program_id(1)
@@ -352,6 +410,7 @@ def _relay_prefix_kernel(
         kv_head,
         tile_begin,
         tile_end,
+        prefix_len // TILE_N,  # full tiles: every row sees the whole prefix
         0,
         prefix_len,
         row_last_key,
@@ -368,6 +427,7 @@ def _relay_prefix_kernel(
         HEAD_PAD,
         UPCAST_DOT,
         DOT_PRECISION,
+        UNMASKED_FULL_TILES,
     )
     out, lse = finalize_state(m_i, l_i, acc)  # an empty split writes (0, -inf)
     tl.store(

@@ -72,6 +72,16 @@ VARIANTS = {
         dict(dtype=torch.bfloat16),
         dict(schedule="serial", suffix_splits=2, prefix_splits=3),
     ),
+    "gqa4_measuring_switches": (  # what .devstage/gqa_sweep.py's "combo" variant turns on
+        dict(queries_per_kv=4),
+        dict(
+            schedule="fused",
+            prefix_config=dict(
+                UNMASKED_FULL_TILES=True, TILE_N=16, big_rows=4096, split_policy="balanced"
+            ),
+            suffix_config=dict(UNMASKED_FULL_TILES=True, TILE_N=16, HEAD_FASTEST=True),
+        ),
+    ),
 }
 
 

@@ -1,0 +1,546 @@
+"""GQA decode sweep: variants of the relay decode path ("fused" schedule) on one GPU (issue 3).
+
+    python benchmarks/sweep_relay_decode.py [OUT.json] [--variants a,b,...] [--shapes gqa:64:1024,...]
+                                  [--budget 100] [--no-components] [--no-combo] [--fa3]
+                                  [--list]
+
+Shapes (head 128, block 16, fp16, decode: 1 query token per request, 576 own tokens per request,
+one group sharing the prefix): GQA 32 q / 8 kv heads at (batch, prefix) = (64, 1024),
+(128, 1024), (256, 2048), (256, 4096); MHA 32 / 32 at (64, 1024), (256, 2048).
+
+Each variant is one way of calling kernels.relay_attention(..., schedule="fused") (the CUDA
+backend's call): tile configs / launcher knobs through prefix_config / suffix_config, or forced
+split counts. Per shape and variant the script
+  - checks the output against the fp32 torch reference (plain attention over the whole KV) and
+    against the "base" variant's output (max abs error, PASS at the tests' fp16 atol/rtol 1e-3),
+  - times the call as benchmarks/benchmark_kernels.py does (CUDA-graph replay, L2 flushed between
+    replays, median of >= 50 replays), and also its two launches alone (prefix partials; suffix
+    with the prefix states folded in), unless --no-components,
+  - counts the bytes the problem must move (shared KV once, every own KV, queries, outputs) and
+    reports them as a share of a measured device-to-device copy bandwidth.
+One table goes to stdout at the end (progress to stderr); JSON to OUT.json when given.
+--budget (s): runs not started by then are recorded as skipped (Triton compiles count); past 85%
+of it, the components are no longer timed. Variants run in the order given, each on every shape.
+After the listed variants, "auto_combo" merges the knobs of those that beat base on the GQA
+shapes (and do not lose on MHA) and runs the merge on every shape (--no-combo: not).
+--fa3 adds FA3 over the own blocks only (needs vLLM; its import takes a few seconds).
+--list prints the variants (the defaults and the extras --variants can name).
+The "launches" column shows what ran: P(refix) / S(uffix) / M(erge) kernels, rows x keys per tile,
+warps, stages, z = split count, and the switches on (+pdl / +trig: PDL, +hf: HEAD_FASTEST,
++um: UNMASKED_FULL_TILES). Exit status 1 if any run fails its check or errors.
+Expected run time on an H100: about a minute (~45 Triton compiles of ~0.6 s, ~60 timed runs);
+--budget (default 100 s, counted from the start of the script) caps it.
+
+History: benchmarks/results/kernels/gqa_sweep_h100.md was measured when "base" had PDL off and
+prefill tiles from 1024 rows; "pdl_decode_tiles" won and became the defaults, so "base" is now
+that variant (and "pdl" / "prefix_decode_tiles" repeat it).
+"""
+
+import time
+
+START = time.perf_counter()  # the --budget counts from here (imports, CUDA start-up included)
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.testing as tt  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import benchmark_kernels as bk  # noqa: E402  (batch builder, byte count, copy bandwidth)
+
+kernels = bk.import_kernels()
+launch_mod = importlib.import_module(kernels.__name__ + "._launch")  # the launch recorder hook
+
+SHAPES = [
+    ("gqa", 64, 1024),
+    ("gqa", 128, 1024),
+    ("gqa", 256, 2048),
+    ("gqa", 256, 4096),
+    ("llama2-7b", 64, 1024),
+    ("llama2-7b", 256, 2048),
+]
+SUFFIX = 576
+DEVICE = "cuda"  # a CPU smoke test of this script (TRITON_INTERPRET=1) sets "cpu"
+
+# ---------------------------------------------------------------- variants
+# name -> (what it changes, shape -> relay_attention keyword arguments)
+
+UNMASKED = {"UNMASKED_FULL_TILES": True}
+DECODE_TILES = {"big_rows": 4096}  # prefix: decode tiles (64 x 64, 4 warps, 3 stages) to 4096 rows
+BALANCED = {"split_policy": "balanced"}
+PDL_TRIGGER = {"LAUNCH_DEPENDENTS": True}  # prefix kernel: let the next kernel start
+PDL = {"PDL": True}  # suffix kernel: launched with PDL, waits before reading the prefix states
+
+
+def _rows(s) -> int:
+    """Rows of the prefix pass per KV head: group tokens x query heads per KV head."""
+    return s.batch * s.query_len * (s.num_q_heads // s.num_kv_heads)
+
+
+def _suffix_programs(s) -> int:
+    return s.batch * s.num_kv_heads
+
+
+VARIANTS = {
+    "base": ("the kernels' defaults (what the backend runs)", lambda s: {}),
+    "pdl": (
+        "programmatic dependent launch: the suffix streams its KV while the prefix pass runs",
+        lambda s: dict(prefix_config=dict(PDL_TRIGGER), suffix_config=dict(PDL)),
+    ),
+    "pdl_decode_tiles": (
+        "pdl + prefix_decode_tiles (64-row prefix programs leave room for a suffix program per SM)",
+        lambda s: dict(
+            prefix_config={**PDL_TRIGGER, **DECODE_TILES}, suffix_config=dict(PDL)
+        ),
+    ),
+    "suffix_s5": (
+        "suffix 5 stages: K/V tiles double-buffered (3 stages: one 64-key tile in flight)",
+        lambda s: dict(suffix_config=dict(num_stages=5)),
+    ),
+    "suffix_n32s5": (
+        "suffix 32-key tiles, 5 stages: double-buffered, 96 regs, 5 programs per SM",
+        lambda s: dict(suffix_config=dict(TILE_N=32, num_stages=5)),
+    ),
+    "prefix_balanced": (
+        "prefix: split count that fills whole waves (split_policy=balanced)",
+        lambda s: dict(prefix_config=dict(BALANCED)),
+    ),
+    "prefix_decode_tiles": (
+        "prefix: decode tiles 64x64 w4 s3 up to 4096 rows (default: prefill tiles from 1024)",
+        lambda s: dict(prefix_config=dict(DECODE_TILES)),
+    ),
+    "head_fastest": (
+        "suffix grid (kv heads, requests): a request's KV heads launched together",
+        lambda s: dict(suffix_config={"HEAD_FASTEST": True}),
+    ),
+    "unmasked": (
+        "full tiles without masks, prefix and suffix (UNMASKED_FULL_TILES)",
+        lambda s: dict(prefix_config=dict(UNMASKED), suffix_config=dict(UNMASKED)),
+    ),
+    # ---- extras, only with --variants
+    "combo_pdl": (
+        "pdl + prefix_balanced + prefix_decode_tiles + head_fastest + unmasked",
+        lambda s: dict(
+            prefix_config={**UNMASKED, **DECODE_TILES, **BALANCED, **PDL_TRIGGER},
+            suffix_config={**UNMASKED, **PDL, "HEAD_FASTEST": True},
+        ),
+    ),
+    "suffix_m64": (
+        "suffix 64 rows (wgmma; K/V double-buffered at 3 stages; 2 programs per SM)",
+        lambda s: dict(suffix_config=dict(BLOCK_M=64)),
+    ),
+    "suffix_n32s4": (
+        "suffix 32-key tiles, 4 stages (single-buffered; less shared memory)",
+        lambda s: dict(suffix_config=dict(TILE_N=32, num_stages=4)),
+    ),
+    "prefix_128x64w8": (
+        "prefix tiles 128x64, 8 warps, 3 stages where rows >= 512",
+        lambda s: dict(
+            prefix_config=dict(BLOCK_M=128, TILE_N=64, num_warps=8, num_stages=3)
+            if _rows(s) >= 512
+            else None
+        ),
+    ),
+    "suffix_split2": (
+        "suffix split in 2 where there are < 4 programs per SM (+1 merge launch)",
+        lambda s: dict(suffix_splits=2 if _suffix_programs(s) < 4 * _sms() else None),
+    ),
+    "overlap": (
+        "schedule=overlap (prefix on a side stream, then merge_attn_states)",
+        lambda s: dict(schedule="overlap"),
+    ),
+}
+# In this order (a variant runs on every shape before the next starts, so a --budget cut drops
+# whole variants from the end). "auto_combo" (after them, unless --no-combo) merges the knobs of
+# those that beat base on the GQA shapes without losing on MHA; see auto_combo().
+DEFAULT_VARIANTS = ["base", "pdl", "pdl_decode_tiles", "suffix_s5", "suffix_n32s5",
+                    "prefix_balanced", "prefix_decode_tiles", "head_fastest",
+                    "unmasked"]  # fmt: skip
+
+
+def auto_combo(rows: list, names: list) -> tuple[str, list]:
+    """(description, variants) for the combination of the measured winners: a variant qualifies
+    when it is >= 0.5% faster than base on average over the GQA shapes and nowhere more than 1%
+    slower on MHA; qualifying variants are merged best first, one whose keys clash with an earlier
+    pick's (e.g. two suffix tile choices) is left out."""
+    speed = {}
+    for r in rows:
+        if r.get("vs_base") and r["variant"] in names and r["variant"] != "base":
+            speed.setdefault(r["variant"], {"gqa": [], "mha": []})[
+                "gqa" if r["model"] == "gqa" else "mha"
+            ].append(r["vs_base"])
+    good = [
+        (sum(v["gqa"]) / len(v["gqa"]), n)
+        for n, v in speed.items()
+        if v["gqa"] and sum(v["gqa"]) / len(v["gqa"]) >= 1.005 and min(v["mha"] or [1.0]) >= 0.99
+    ]
+    picked, keys = [], set()
+    probe = bk._shape("gqa", "decode", 64, 1024, SUFFIX, "fp16")
+    for _, n in sorted(good, reverse=True):
+        mine = _knob_keys(VARIANTS[n][1](probe))
+        if not mine & keys:
+            picked.append(n)
+            keys |= mine
+    return " + ".join(picked) or "(nothing beat base)", picked
+
+
+def _knob_keys(kw: dict) -> set:
+    """The knobs a variant sets: (argument, config key) pairs."""
+    keys = set()
+    for arg, value in kw.items():
+        if isinstance(value, dict):
+            keys |= {(arg, k) for k in value}
+            if {"TILE_N", "num_stages", "BLOCK_M", "num_warps"} & set(value):
+                keys.add((arg, "tiles"))  # tile choices clash with each other as a whole
+        elif value is not None:
+            keys.add((arg, None))
+    return keys
+
+
+def merged_kwargs(picked: list):
+    """shape -> the merged relay_attention arguments of the picked variants."""
+
+    def kwargs(s):
+        out = {}
+        for n in picked:
+            for arg, value in VARIANTS[n][1](s).items():
+                if isinstance(value, dict):
+                    out[arg] = {**out.get(arg, {}), **value}
+                elif value is not None:
+                    out[arg] = value
+        return out
+
+    return kwargs
+
+
+def _sms() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def graph_ms(fn, rep_ms: float) -> tuple[float, str]:
+    """(median ms of fn, "graph" or "eager"): one CUDA-graph replay of fn, L2 flushed before each
+    (triton's do_bench); eager calls if the capture fails."""
+    fn()
+    torch.cuda.synchronize()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # noqa: BLE001 - time it eagerly instead
+        log(f"# graph capture failed ({e!r}); timing eagerly")
+        torch.cuda.synchronize()
+        return tt.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"), "eager"
+    ms = tt.do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median")
+    del graph
+    return ms, "graph"
+
+
+def rep_for(ms_estimate: float) -> float:
+    """do_bench's rep (ms of replays incl. the ~0.1 ms L2 flush) for >= 60 replays."""
+    return max(60.0, 60 * (ms_estimate + 0.15))
+
+
+def relay_call(s, query, kc, vc, meta, kw: dict):
+    """The variant's relay_attention call (schedule "fused" unless the variant says otherwise)."""
+    kw = dict(kw)
+    schedule = kw.pop("schedule", "fused")
+    scale = s.head_size**-0.5
+    out = torch.empty_like(query)
+    return lambda: kernels.relay_attention(
+        query, kc, vc, meta, scale, out=out, validate=False, schedule=schedule, **kw
+    )
+
+
+def component_calls(s, query, kc, vc, meta, kw: dict):
+    """(prefix partials alone, suffix with the prefix states folded in) as the fused schedule
+    launches them (the suffix without PDL: alone, it has no prefix kernel to overlap)."""
+    scale = s.head_size**-0.5
+    prefix = lambda: kernels.relay_prefix_partials(  # noqa: E731
+        query, kc, vc, meta.query_start_loc, meta.group_req_start, meta.group_req_end,
+        meta.group_block_table, meta.group_prefix_len, scale,
+        max_group_query_len=meta.max_group_query_len, max_prefix_len=meta.max_prefix_len,
+        num_splits=kw.get("prefix_splits"), config=kw.get("prefix_config"),
+    )  # fmt: skip
+    parts = prefix()
+    out = torch.empty_like(query)
+    alone = {k: v for k, v in (kw.get("suffix_config") or {}).items() if k != "PDL"}  # no prior
+    suffix = lambda: kernels.paged_suffix(  # noqa: E731
+        query, kc, vc, meta.query_start_loc, meta.seq_lens, meta.block_table, meta.prefix_lens,
+        scale, out=out, return_lse=False, prefix_state=parts,
+        max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
+        num_splits=kw.get("suffix_splits"), config=alone,
+    )  # fmt: skip
+    return prefix, suffix
+
+
+SHOWN = ("BLOCK_M", "TILE_N", "num_warps", "num_stages", "NUM_PREFIX_PARTS", "NUM_A",
+         "HEAD_FASTEST", "UNMASKED_FULL_TILES", "PDL", "LAUNCH_DEPENDENTS",
+         "launch_pdl")  # fmt: skip
+
+
+def recorded_call(fn):
+    """(fn(), its kernel launches: name, grid and the tile / switch arguments of each)."""
+    seen = []
+
+    def record(kernel, grid, kwargs, compiled):
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+        shown = {k: kwargs[k] for k in SHOWN if k in kwargs}
+        seen.append(dict(kernel=name, grid=list(grid), **shown))
+
+    previous, launch_mod.RECORDER = launch_mod.RECORDER, record
+    try:
+        out = fn()
+    finally:
+        launch_mod.RECORDER = previous
+    return out, seen
+
+
+def launch_summary(launches: list) -> str:
+    """P(refix) / S(uffix) / M(erge): rows x keys, warps, stages, z = splits; switches on."""
+    flags = {"LAUNCH_DEPENDENTS": "trig", "launch_pdl": "pdl", "HEAD_FASTEST": "hf",
+             "UNMASKED_FULL_TILES": "um"}  # fmt: skip
+    out = []
+    for ln in launches:
+        tag = {"_relay_prefix_kernel": "P", "_paged_suffix_kernel": "S"}.get(ln["kernel"])
+        if tag is None:
+            out.append(f"M{ln.get('NUM_A', '')}")
+            continue
+        on = "".join(f"+{v}" for k, v in flags.items() if ln.get(k))
+        out.append(
+            f"{tag} {ln.get('BLOCK_M')}x{ln.get('TILE_N')}w{ln.get('num_warps')}"
+            f"s{ln.get('num_stages')} z{ln['grid'][2]}{on}"
+        )
+    return " | ".join(out)
+
+
+def prepare(model: str, batch: int, prefix: int) -> dict:
+    """The shape's paged batch (benchmark_kernels.py's builder) and its fp32 reference output."""
+    s = bk._shape(model, "decode", batch, prefix, SUFFIX, "fp16")
+    query, kc, vc, meta = built = bk.shape_batch(kernels, s, DEVICE)
+    ref = torch.empty(query.shape, dtype=torch.float32, device=DEVICE)
+    kernels.plain_attention_ref(
+        query, kc, vc, meta.query_start_loc, meta.seq_lens, meta.block_table, s.head_size**-0.5,
+        out=ref,
+    )  # fmt: skip
+    return dict(shape=s, batch=built, ref=ref, base_out=None)
+
+
+def run_case(case: dict, name: str, bw: float, args, start: float) -> dict:
+    """One variant on one shape; a failure or the time budget gives a row saying so."""
+    s = case["shape"]
+    head = dict(model=s.model, batch=s.batch, prefix=s.prefix, suffix=s.suffix, variant=name)
+    elapsed = time.perf_counter() - start
+    if elapsed > args.budget:
+        return dict(head, skipped="budget")
+    try:
+        components = not args.no_components and elapsed < 0.85 * args.budget
+        row, out = run_variant(s, name, case["batch"], case["ref"], case["base_out"], bw,
+                               components)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - one failing variant must not end the sweep
+        return dict(head, error=repr(e)[:300])
+    if name == "base":
+        case["base_out"] = out
+    return row
+
+
+def run_variant(s, name, batch, ref, base_out, bw, components: bool) -> tuple[dict, torch.Tensor]:
+    """(row, output) of one variant on one shape: check, time, and time the components."""
+    query, kc, vc, meta = batch
+    row = dict(model=s.model, batch=s.batch, prefix=s.prefix, suffix=s.suffix, variant=name)
+    kw = VARIANTS[name][1](s)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    row["kwargs"] = repr(kw)
+    t0 = time.perf_counter()
+    fn = relay_call(s, query, kc, vc, meta, kw)
+    out, launches = recorded_call(fn)  # compiles
+    out = out.clone()
+    torch.cuda.synchronize()
+    row["first_call_s"] = time.perf_counter() - t0
+    row["launches"] = launches
+    row["launch_summary"] = launch_summary(launches)
+    row["max_err_ref"] = (out.float() - ref).abs().max().item()
+    row["pass"] = bool(torch.allclose(out.float(), ref, atol=1e-3, rtol=1e-3)) and not bool(
+        out.isnan().any()
+    )
+    if base_out is not None:
+        row["max_diff_base"] = (out.float() - base_out.float()).abs().max().item()
+    floor_ms = bk.problem_bytes(s) / bw * 1e3
+    row["ms"], row["timing"] = graph_ms(fn, rep_for(floor_ms * 1.5))
+    row["bytes"] = bk.problem_bytes(s)
+    row["floor_ms"] = floor_ms
+    row["pct_bw"] = 100 * floor_ms / row["ms"]
+    if components and kw.get("schedule", "fused") == "fused":
+        prefix, suffix = component_calls(s, query, kc, vc, meta, kw)
+        row["prefix_ms"] = graph_ms(prefix, rep_for(0.05))[0]
+        row["suffix_ms"] = graph_ms(suffix, rep_for(floor_ms * 1.5))[0]
+    return row, out
+
+
+def fa3_suffix_row(s, batch, bw) -> dict | None:
+    """FA3 over each request's own blocks only (the ceiling: the shared prefix for free)."""
+    schemes = bk.make_schemes(kernels, s, *batch)
+    if "fa3_suffix" not in schemes:
+        return None
+    nbytes = bk.problem_bytes(s, suffix_only=True)
+    ms = graph_ms(schemes["fa3_suffix"], rep_for(nbytes / bw * 1.5e3))[0]
+    return dict(model=s.model, batch=s.batch, prefix=s.prefix, suffix=s.suffix,
+                variant="ref:fa3_suffix", ms=ms, bytes=nbytes, floor_ms=nbytes / bw * 1e3,
+                pct_bw=100 * nbytes / bw * 1e3 / ms)  # fmt: skip
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("out", nargs="?", help="write JSON here")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
+    p.add_argument("--shapes", help="model:batch:prefix,... (model gqa or llama2-7b)")
+    p.add_argument("--budget", type=float, default=100.0, help="seconds; later runs skipped")
+    p.add_argument("--no-components", action="store_true", help="time only the whole call")
+    p.add_argument("--fa3", action="store_true", help="add FA3 over the own blocks (vLLM)")
+    p.add_argument("--no-combo", action="store_true", help="skip the auto_combo run")
+    p.add_argument("--list", action="store_true", help="list the variants and exit")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    if args.list:
+        for name, (doc, _) in VARIANTS.items():
+            print(f"{name:22s} {doc}{'' if name in DEFAULT_VARIANTS else '   (extra)'}")
+        return 0
+    start = START
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; --list shows them")
+    if "base" in names:  # first: the others are diffed against it
+        names = ["base"] + [n for n in names if n != "base"]
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [(m, int(b), int(p)) for m, b, p in (x.split(":") for x in args.shapes.split(","))]
+    bw = bk.copy_bandwidth()
+    log(f"# {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s")
+    cases = [prepare(model, b, p) for model, b, p in shapes]  # every shape's batch stays alive
+    log(f"# {len(cases)} batches and references built, {time.perf_counter() - start:.0f} s")
+    rows = []
+    for name in names:
+        for case in cases:
+            rows.append(run_case(case, name, bw, args, start))
+            log(line(rows[-1]))
+    if not args.no_combo and "base" in names:
+        add_speedups(rows)
+        doc, picked = auto_combo(rows, names)
+        log(f"# auto_combo: {doc}")
+        if len(picked) > 1:
+            VARIANTS["auto_combo"] = (doc, merged_kwargs(picked))
+            names.append("auto_combo")
+            for case in cases:
+                rows.append(run_case(case, "auto_combo", bw, args, start))
+                log(line(rows[-1]))
+    if args.fa3:
+        for case in cases:
+            try:
+                row = fa3_suffix_row(case["shape"], case["batch"], bw)
+                if row:
+                    rows.append(row)
+                    log(line(row))
+            except Exception as e:  # noqa: BLE001 - FA3 is only a reference
+                log(f"# fa3_suffix failed: {e!r}")
+    order = {(m, b, p): i for i, (m, b, p) in enumerate(shapes)}
+    rows.sort(key=lambda r: order[(r["model"], r["batch"], r["prefix"])])  # stable: variant order
+    elapsed = time.perf_counter() - start
+    print(table(rows, bw, elapsed))
+    if args.out:
+        result = dict(env=environment(), copy_bandwidth_bytes_per_s=bw, elapsed_s=elapsed,
+                      variants={n: VARIANTS[n][0] for n in names}, rows=rows)  # fmt: skip
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"# wrote {args.out}")
+    return 0 if all(r.get("pass", True) and "error" not in r for r in rows) else 1
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _f(row: dict, key: str, fmt: str) -> str:
+    return format(row[key], fmt) if row.get(key) is not None else ""
+
+
+def line(r: dict) -> str:
+    if "error" in r or "skipped" in r:
+        what = r.get("error") or f"skipped ({r['skipped']})"
+        return f"| {r['model']} | {r['batch']} | {r['prefix']} | {r['variant']} | {what} |"
+    ok = {True: "PASS", False: "FAIL"}.get(r.get("pass"), "")
+    return (
+        f"| {r['model']} | {r['batch']} | {r['prefix']} | {r['variant']} | {_f(r, 'ms', '.4f')} "
+        f"| {_f(r, 'floor_ms', '.4f')} | {_f(r, 'pct_bw', '.0f')} | {_f(r, 'vs_base', '.3f')} "
+        f"| {_f(r, 'prefix_ms', '.4f')} | {_f(r, 'suffix_ms', '.4f')} "
+        f"| {_f(r, 'max_err_ref', '.1e')} {ok} | {_f(r, 'max_diff_base', '.1e')} "
+        f"| {_f(r, 'first_call_s', '.1f')} | {r.get('launch_summary', '')} "
+        f"{'' if r.get('timing', 'graph') == 'graph' else '(eager)'}|"
+    )
+
+
+def add_speedups(rows: list) -> None:
+    """row["vs_base"] = base ms / row ms on the same shape (> 1: faster than base)."""
+    base = {(r["model"], r["batch"], r["prefix"]): r["ms"] for r in rows
+            if r["variant"] == "base" and "ms" in r}  # fmt: skip
+    for r in rows:
+        key = (r["model"], r["batch"], r["prefix"])
+        if "ms" in r and key in base:
+            r["vs_base"] = base[key] / r["ms"]
+
+
+def table(rows: list, bw: float, elapsed: float) -> str:
+    add_speedups(rows)
+    head = ("| model | batch | prefix | variant | ms | floor ms | % copy BW | speedup vs base "
+            "| prefix ms | suffix ms | max err vs ref | diff vs base | 1st call s "
+            "| launches: rows x keys, warps, stages, z = splits |")  # fmt: skip
+    out = [f"# {torch.cuda.get_device_name()}, triton {triton.__version__}, copy bandwidth "
+           f"{bw / 1e9:.0f} GB/s; decode, suffix {SUFFIX}, fp16, head 128, block 16; "
+           f"{elapsed:.0f} s in all", head, "|" + "---|" * (head.count("|") - 1)]  # fmt: skip
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def environment() -> dict:
+    env = dict(
+        torch=torch.__version__,
+        triton=triton.__version__,
+        device=torch.cuda.get_device_name(),
+        sms=_sms(),
+        command=" ".join(sys.argv),
+    )
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        env["git_dirty"] = subprocess.run(
+            ["git", "-C", REPO, "status", "--porcelain", "kernels"], capture_output=True,
+            text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except Exception:  # noqa: BLE001 - no git on the device
+        env["git_commit"] = None
+    return env
+
+
+if __name__ == "__main__":
+    sys.exit(main())

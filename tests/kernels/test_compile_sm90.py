@@ -1,0 +1,80 @@
+"""The compiled path, which the interpreter never takes: the kernels compile for sm_90 (Hopper)
+on this CPU machine, with and without the measuring switches, and the PDL switches emit
+griddepcontrol. Runs in a child process: kernels decorated under TRITON_INTERPRET=1 (as the
+test session imports them) cannot be compiled."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import importlib, json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    suffix = importlib.import_module("edgeprompt_vllm.kernels.paged_suffix")
+    prefix = importlib.import_module("edgeprompt_vllm.kernels.relay_prefix")
+    FP32 = {"part_out_ptr", "part_lse_ptr", "prefix_out_ptr", "prefix_lse_ptr", "lse_ptr"}
+    FP16 = {"out_ptr", "query_ptr", "key_cache_ptr", "value_cache_ptr"}
+
+
+    def compile_sm90(kernel, consts):
+        consts = dict(consts)
+        opts = dict(num_warps=consts.pop("num_warps"), num_stages=consts.pop("num_stages"))
+        sig = {}
+        for name in kernel.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = "*fp32" if name in FP32 else "*fp16" if name in FP16 else "*i32"
+            else:
+                sig[name] = "fp32" if name == "qk_scale" else "i32"
+        cx = {(kernel.arg_names.index(k),): v for k, v in consts.items()}
+        src = ASTSource(fn=kernel, signature=sig, constexprs=cx)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
+        return "griddepcontrol.wait" in ptx, "griddepcontrol.launch_dependents" in ptx
+
+
+    common = dict(HEAD_SIZE=128, HEAD_PAD=128, BLOCK_SIZE=16, UPCAST_DOT=False, DOT_PRECISION=None)
+    out = {}
+    for name, over in [("default", {}), ("no_pdl", dict(PDL=False)),
+                       ("switches", dict(PDL=True, HEAD_FASTEST=True, UNMASKED_FULL_TILES=True))]:
+        cfg = suffix._suffix_config(4, 128, 16, 1, over)
+        out["suffix_" + name] = compile_sm90(suffix._paged_suffix_kernel, dict(
+            cfg, QUERIES_PER_KV=4, NUM_PREFIX_PARTS=2, SPLIT_KV=False, STORE_LSE=False, **common))
+    for name, over in [("default", {}), ("no_pdl", dict(LAUNCH_DEPENDENTS=False)),
+                       ("switches", dict(LAUNCH_DEPENDENTS=True, UNMASKED_FULL_TILES=True))]:
+        cfg = prefix._prefix_config(4, 128, 64, over)
+        out["prefix_" + name] = compile_sm90(prefix._relay_prefix_kernel,
+                                             dict(cfg, QUERIES_PER_KV=4, **common))
+    print(json.dumps(out))
+    """
+)
+
+
+def test_kernels_compile_for_sm90():
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300
+    )
+    if run.returncode and ("ptxas" in run.stderr or "No module named" in run.stderr):
+        pytest.skip(f"no sm_90 toolchain here: {run.stderr.strip().splitlines()[-1]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    # (griddepcontrol.wait in the PTX, griddepcontrol.launch_dependents in the PTX)
+    # PDL is on by default (the launchers still launch without it where it cannot act)
+    assert got == {
+        "suffix_default": [True, False],
+        "suffix_no_pdl": [False, False],
+        "suffix_switches": [True, False],
+        "prefix_default": [False, True],
+        "prefix_no_pdl": [False, False],
+        "prefix_switches": [False, True],
+    }
