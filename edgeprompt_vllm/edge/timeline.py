@@ -27,24 +27,28 @@ class Timeline:
     def leave(self, layer: int) -> None:
         self.leave_s[layer] = self._now()
 
+    def _offset(self, stream) -> float:
+        """A stream's times count from its own start: add this to put them on our clock."""
+        return getattr(stream, "t_start", self.t0) - self.t0
+
     def record(self) -> dict:
         layers = []
         for l in range(self.num_layers):
             nxt = self.enter_s[l + 1] if l + 1 < self.num_layers else self.end_s
-            tm = [s.timings.get(l, {}) for s in self.streams]
+            tm = [(s.timings.get(l, {}), self._offset(s)) for s in self.streams]
             layers.append({
                 "layer": l,
-                "cloud_compute_s": max((t.get("cloud_compute_s", 0.0) for t in tm), default=0.0),
-                "arrived_s": max((t.get("data_s", float("nan")) for t in tm), default=None),
-                "ready_s": max((t.get("ready_s", float("nan")) for t in tm), default=None),
-                "nbytes": sum(t.get("nbytes", 0) for t in tm),
+                "cloud_compute_s": max((t.get("cloud_compute_s", 0.0) for t, _ in tm), default=0.0),
+                "arrived_s": max((t.get("data_s", float("nan")) + o for t, o in tm), default=None),
+                "ready_s": max((t.get("ready_s", float("nan")) + o for t, o in tm), default=None),
+                "nbytes": sum(t.get("nbytes", 0) for t, _ in tm),
                 "enter_s": self.enter_s[l], "leave_s": self.leave_s[l],
                 "wait_s": None if self.enter_s[l] is None else self.leave_s[l] - self.enter_s[l],
                 "edge_compute_s": None if nxt is None or self.leave_s[l] is None else nxt - self.leave_s[l],
             })
         messages = []  # per message on the link (transport/client.py), in this timeline's clock
         for s in self.streams:
-            off = getattr(s, "t_start", self.t0) - self.t0
+            off = self._offset(s)
             for m in list(getattr(s, "messages", [])):
                 messages.append({"prompt_id": s.prompt_id, "layers": m["layers"], "nbytes": m["nbytes"],
                                  "wire_nbytes": m["wire_nbytes"], "header_s": m["header_s"] + off,
