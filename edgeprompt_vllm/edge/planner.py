@@ -429,13 +429,16 @@ class Planner:
                     self.edge_pre.add([1.0, float(new_tokens)], enter0 - start)
 
     # The step clock (same process only): build_connector_meta -> forward -> next scheduler call.
-    def step_built(self, req_ids: list[str]) -> None:
+    def step_built(self, req_ids) -> None:
+        """`req_ids`: the step's requests (any iterable; only those with a pending decision are
+        kept, and none is looked at while no decision is pending: the usual step)."""
         self.step_done()
         with self._lock:
             for r in self._step_reqs:  # never measured (its forward was not reported): drop
                 self._pending.pop(r, None)
             self._step_built, self._step_forward = time.perf_counter(), None
-            self._step_reqs = [r for r in req_ids if r in self._pending]
+            pending = self._pending
+            self._step_reqs = [r for r in req_ids if r in pending] if pending else []
 
     def forward_done(self, start: float, end: float) -> None:
         with self._lock:

@@ -42,6 +42,9 @@ class SchedulerSide:
         self._last_refresh = 0.0
         self.refresh()
         self._matched: dict[str, tuple[Match, int]] = {}  # req -> (match, local hit tokens)
+        # req -> (registry, requested prompt id, match): vLLM asks again for a waiting request
+        # every step until it is allocated, and again after a preemption; its tokens don't change
+        self._lookups: dict[str, tuple[PromptRegistry, str | None, Match | None]] = {}
         self._to_load: dict[str, tuple[Match, int]] = {}
         self._loads: dict[str, LoadSpec] = {}  # req -> its load, until finished
         self._status: dict[str, dict] = {}  # req -> reported in the request's kv_transfer_params
@@ -55,6 +58,13 @@ class SchedulerSide:
         self.registry = registry
 
     def _lookup(self, request) -> Match | None:
+        rid = request.request_id
+        seen = self._lookups.get(rid)
+        if seen is not None and seen[0] is self.registry:  # asked before, same registry
+            _, pid, match = seen
+            if match is None and pid is not None:
+                self._status[rid] = {"cloud_prompt": pid, "status": "prefix_mismatch"}
+            return match
         pid = requested_prompt(request)
         if pid is not None and pid not in self.registry and \
                 time.monotonic() - self._last_refresh > _REFRESH_MIN_S:
@@ -70,6 +80,7 @@ class SchedulerSide:
         match = self.registry.match(request.prompt_token_ids or [], pid)
         if match is None and pid is not None:
             self._status[request.request_id] = {"cloud_prompt": pid, "status": "prefix_mismatch"}
+        self._lookups[rid] = (self.registry, pid, match)
         return match
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
@@ -138,7 +149,7 @@ class SchedulerSide:
 
     def build_connector_meta(self, scheduler_output) -> EdgePromptMetadata:
         meta = EdgePromptMetadata(step_work=_step_work(scheduler_output))
-        self.planner.step_built(list(scheduler_output.num_scheduled_tokens))
+        self.planner.step_built(scheduler_output.num_scheduled_tokens.keys())
         for new in scheduler_output.scheduled_new_reqs:
             self._add(meta, new.req_id, new.block_ids[0])
         cached = scheduler_output.scheduled_cached_reqs
@@ -182,6 +193,7 @@ class SchedulerSide:
         self._decisions.pop(request.request_id, None)
         self._loads.pop(request.request_id, None)
         self._matched.pop(request.request_id, None)
+        self._lookups.pop(request.request_id, None)
         status = self._status.pop(request.request_id, None)
         if status and status["status"] == "loading":  # no load error came back for it
             status["status"] = "loaded"
