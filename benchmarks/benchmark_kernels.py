@@ -299,8 +299,9 @@ def _unified(query, kc, vc, qsl, seq, bt, s: Shape, scale):
     return out
 
 
-def time_ms(fn, eager: bool) -> tuple[float, str]:
-    """Median ms of fn; CUDA-graph replay unless eager (falls back to eager if capture fails)."""
+def time_ms(fn, eager: bool, warmup: float = 25, rep: float = 100) -> tuple[float, str]:
+    """(median ms of fn, "graph" or "eager"): CUDA-graph replay unless eager (falls back to eager
+    if capture fails); triton's do_bench flushes L2 before each run. warmup / rep: its ms."""
     import torch
     import triton.testing as tt
 
@@ -316,10 +317,10 @@ def time_ms(fn, eager: bool) -> tuple[float, str]:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 fn()
-            return tt.do_bench(graph.replay, warmup=25, rep=100, return_mode="median"), "graph"
+            return tt.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median"), "graph"
         except Exception as e:  # noqa: BLE001 - capture failure: fall back to eager timing
             print(f"# graph capture failed ({e!r}); timing eagerly", file=sys.stderr)
-    return tt.do_bench(fn, warmup=25, rep=100, return_mode="median"), "eager"
+    return tt.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"), "eager"
 
 
 def copy_bandwidth() -> float:

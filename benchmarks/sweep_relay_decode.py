@@ -49,7 +49,6 @@ import sys  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.testing as tt  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -228,26 +227,8 @@ def _sms() -> int:
 
 
 def graph_ms(fn, rep_ms: float) -> tuple[float, str]:
-    """(median ms of fn, "graph" or "eager"): one CUDA-graph replay of fn, L2 flushed before each
-    (triton's do_bench); eager calls if the capture fails."""
-    fn()
-    torch.cuda.synchronize()
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-    except Exception as e:  # noqa: BLE001 - time it eagerly instead
-        log(f"# graph capture failed ({e!r}); timing eagerly")
-        torch.cuda.synchronize()
-        return tt.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median"), "eager"
-    ms = tt.do_bench(graph.replay, warmup=10, rep=rep_ms, return_mode="median")
-    del graph
-    return ms, "graph"
+    """(median ms of fn, "graph" or "eager"): benchmark_kernels' timing, rep_ms of replays."""
+    return bk.time_ms(fn, eager=False, warmup=10, rep=rep_ms)
 
 
 def rep_for(ms_estimate: float) -> float:

@@ -155,7 +155,7 @@ def test_paged_suffix_rejects_bad_arguments(make_batch):
             paged_suffix(*bad_args)
 
 
-# Launch-order and masking switches (off by default; .devstage/gqa_sweep.py measures them).
+# Launch-order and masking switches (off by default; benchmarks/sweep_relay_decode.py measures them).
 # TILE_N 16 gives the small cases several full tiles before the masked tail / causal diagonal.
 SWITCHES = {
     "head_fastest": dict(HEAD_FASTEST=True),

@@ -72,7 +72,7 @@ VARIANTS = {
         dict(dtype=torch.bfloat16),
         dict(schedule="serial", suffix_splits=2, prefix_splits=3),
     ),
-    "gqa4_measuring_switches": (  # what .devstage/gqa_sweep.py's "combo" variant turns on
+    "gqa4_measuring_switches": (  # what benchmarks/sweep_relay_decode.py's "combo" variant turns on
         dict(queries_per_kv=4),
         dict(
             schedule="fused",
