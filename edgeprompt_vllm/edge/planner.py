@@ -400,7 +400,10 @@ class Planner:
         # the forward from start_load_kv (just before the model runs) in every step: what runs
         # before layer 0's attention (embedding, layer 0's projections: proportional to the new
         # tokens) is compute, not the fixed per-step overhead
-        fwd_start = start if start is not None else enter0
+        # (vLLM 0.32 calls start_load_kv only after the forward in a step that loads nothing:
+        # then layer 0's attention is the earliest mark)
+        before = start is not None and (enter0 is None or start <= enter0)
+        fwd_start = start if before else enter0
         if fwd_start is not None:
             self.forward_done(fwd_start, end)
         for i, msgs in enumerate(stream_messages):

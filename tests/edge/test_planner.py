@@ -291,3 +291,21 @@ def test_fixed_overhead_leaves_out_the_compute_before_layer_0():
     assert 0 <= pl.t_fixed.value < 0.02
     assert pl.costs(num_layers=4, layer_bytes=1e5, load_tokens=4096, edge_tokens=512,
                     cold=False).t_e_pre_recompute >= 0.03
+
+
+def test_start_load_kv_after_the_forward_is_not_the_forward_start():
+    """vLLM 0.32 calls start_load_kv only after the forward in a step that loads nothing: the
+    forward then runs from layer 0's attention, and the per-step overhead stays small (taking
+    start_load_kv as the forward's start made every such forward 0 s and the overhead all of it)."""
+    pl = Planner(alpha=1.0)
+    d = pl.plan("r", "p", num_layers=4, layer_bytes=1e5, load_tokens=4096, edge_tokens=512,
+                cold=False, strategy="recompute")
+    pl.step_built(["r"])
+    enter0 = time.perf_counter()
+    time.sleep(0.04)
+    end = time.perf_counter()
+    pl.observe_step(None, [], (4608, P.prefill_attn_work(4608, 0)), end, enter0, end, 4, 1024)
+    pl.step_done()
+    assert d.measured_forward_s >= 0.04
+    assert 0 <= pl.t_fixed.value < 0.02
+    assert pl.edge_pre.count == 0  # no pre-layer-0 time is known from such a step
