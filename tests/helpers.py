@@ -2,12 +2,20 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def interruptible(**popen_kwargs) -> dict:
+    """Popen kwargs for a child the test stops with Ctrl-C (SIGINT). A shell starts background
+    jobs with SIGINT ignored, the ignore is inherited across exec, and Python then installs no
+    KeyboardInterrupt handler: restore the default in the child, whatever ran the tests."""
+    return {**popen_kwargs, "preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
 
 
 def run_script(name: str, *args: str, env: dict | None = None, timeout: float = 600) -> dict:

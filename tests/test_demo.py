@@ -11,6 +11,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from helpers import interruptible
+
 EXE = str(Path(sys.executable).parent / "edgeprompt")
 
 
@@ -38,7 +40,8 @@ def test_demo_exits_zero(tiny_model):
 
 @pytest.mark.slow
 def test_demo_ctrl_c_shuts_everything_down(tiny_model):
-    proc = subprocess.Popen([EXE, "demo"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([EXE, "demo"], **interruptible(stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                        text=True))
     lines = []
     try:
         for line in proc.stdout:  # wait until the cloud is up and the edge is starting

@@ -28,6 +28,7 @@ import ray
 import yaml
 
 from edgeprompt_vllm.serving.server import CPU_ENGINE_ARGS, CPU_SERVE_ARGS, VllmServer, free_port
+from helpers import interruptible
 
 BIN = Path(sys.executable).parent
 RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
@@ -158,8 +159,8 @@ class Stack:
                 [str(BIN / "edgeprompt"), "cloud", "--model", str(self.model), "--prompts",
                  str(self.registry_dir), "--ray-address", self.address, "--namespace",
                  self.namespace, "--actor-name", ACTOR, "--resources-cloud", "--no-progress", *extra],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=RAY_ENV)
+                **interruptible(stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=RAY_ENV))
         command = _wait_log(self.cloud_log, self.cloud_proc, r"^  ((?:\w+=\S+ )*vllm serve .*)$", 240)
         _wait_log(self.cloud_log, self.cloud_proc, r"serving; Ctrl-C stops it", 30)
         return command.group(1)

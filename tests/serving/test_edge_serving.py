@@ -28,6 +28,7 @@ import yaml
 from edgeprompt_vllm.cloud.prompt_files import default_registry_dir
 from edgeprompt_vllm.serving.prom import scrape, total
 from edgeprompt_vllm.serving.server import CPU_ENGINE_ARGS, CPU_SERVE_ARGS, VllmServer
+from helpers import interruptible
 
 pytestmark = pytest.mark.slow
 ATOL = 1e-4  # tests/edge/tolerance.py, fp32
@@ -91,7 +92,8 @@ def servers(tiny_model, registry, tmp_path_factory):
     proc = subprocess.Popen(
         [exe, "cloud", "--model", str(tiny_model), "--prompts", str(registry["_dir"]),
          "--ray-address", "local", "--namespace", ns, "--actor-name", "cloud", "--no-progress"],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        **interruptible(stdout=open(log, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                        start_new_session=True))
     stock = edge = None
     try:
         stock = VllmServer(tiny_model, extra_args=(*CPU_SERVE_ARGS, "--block-size", "32"),
