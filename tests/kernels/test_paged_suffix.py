@@ -55,6 +55,15 @@ CASES = {
 }
 
 
+def _prefix_partials(batch, **kw):
+    """The batch's shared-prefix partial states (relay_prefix_partials over its groups)."""
+    m = batch.meta
+    return relay_prefix_partials(
+        batch.query, batch.key_cache, batch.value_cache, m.query_start_loc, m.group_req_start,
+        m.group_req_end, m.group_block_table, m.group_prefix_len, batch.scale, **kw,
+    )  # fmt: skip
+
+
 def _run(batch, poisoned, prefix_lens=None, **kw):
     m = batch.meta
     args = (
@@ -112,19 +121,7 @@ def test_fused_prefix_merge_matches_ref(num_splits, make_batch, poisoned, check_
         groups=[(0, 2, 48), (3, 4, 16)],
         seed=6,
     )
-    m = batch.meta
-    parts = relay_prefix_partials(
-        batch.query,
-        batch.key_cache,
-        batch.value_cache,
-        m.query_start_loc,
-        m.group_req_start,
-        m.group_req_end,
-        m.group_block_table,
-        m.group_prefix_len,
-        batch.scale,
-        num_splits=2,
-    )
+    parts = _prefix_partials(batch, num_splits=2)
     got, want = _run(batch, poisoned, prefix_state=parts, num_splits=num_splits)
     check_attention(got, want, batch.query.dtype)
 
@@ -195,20 +192,7 @@ def test_unmasked_full_tiles_odd_head_size_and_fused_merge(
         groups=[(0, 2, 32)],
         seed=7,
     )
-    m = batch.meta
-    parts = relay_prefix_partials(
-        batch.query,
-        batch.key_cache,
-        batch.value_cache,
-        m.query_start_loc,
-        m.group_req_start,
-        m.group_req_end,
-        m.group_block_table,
-        m.group_prefix_len,
-        batch.scale,
-        num_splits=2,
-        config=dict(UNMASKED_FULL_TILES=True, TILE_N=16),
-    )
+    parts = _prefix_partials(batch, num_splits=2, config=dict(UNMASKED_FULL_TILES=True, TILE_N=16))
     got, want = _run(
         batch,
         poisoned,
@@ -234,12 +218,7 @@ def test_pdl_only_right_after_the_prefix_kernel(make_batch, poisoned, check_atte
     batch = make_batch(
         queries_per_kv=4, query_lens=[1, 1, 2], own_lens=[37, 17, 70], groups=[(0, 3, 64)], seed=8
     )
-    m = batch.meta
-    prefix_args = (
-        batch.query, batch.key_cache, batch.value_cache, m.query_start_loc, m.group_req_start,
-        m.group_req_end, m.group_block_table, m.group_prefix_len, batch.scale,
-    )  # fmt: skip
-    parts = relay_prefix_partials(*prefix_args, config=dict(LAUNCH_DEPENDENTS=True))
+    parts = _prefix_partials(batch, config=dict(LAUNCH_DEPENDENTS=True))
     got, want = _run(batch, poisoned, prefix_state=parts, config=dict(PDL=True))
     check_attention(got, want, batch.query.dtype)
     (pre, pre_kw), (suf, suf_kw) = launches
