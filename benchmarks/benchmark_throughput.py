@@ -13,7 +13,9 @@ finish (RelayAttention's non-interactive setting queues the whole workload up fr
 arrives within the first `groups` steps, which on the GPU is about as fast as prefill admits it).
 --groups 1 queues everything at once, as one `LLM.generate`.
 
-Schemes, each in its own process (one engine each), one after the other:
+Schemes, each in its own process with one engine for all its cloud lengths (the prefix cache is
+reset between lengths, as a fresh engine's would be; --engine-per-length: a new engine each),
+one after the other:
   paged       stock vLLM (no EdgePrompt plugin: VLLM_PLUGINS=""), no prefix caching
   paged-pc    stock vLLM with prefix caching (the strong baseline)
   cascade     stock vLLM's cascade attention (vLLM 0.26 on a GPU only: V1 runner, FLASH_ATTN;
@@ -85,7 +87,7 @@ def scheme_settings(scheme: str) -> tuple[dict, dict]:
     raise ValueError(f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
 
 
-# ---------------- the worker: one scheme, one cloud prompt length, one engine ----------------
+# ---------------- the worker: one scheme, one engine, its cloud prompt lengths in turn ----------------
 def submit_in_groups(llm, prompts, params, groups: int, desc: str):
     """Adds the requests in `groups` groups, one group per engine step; -> (seconds, outputs)."""
     from tqdm import tqdm
@@ -114,95 +116,120 @@ def submit_in_groups(llm, prompts, params, groups: int, desc: str):
     return elapsed, outs
 
 
-def run_worker(args) -> dict:
+def run_worker(args) -> list[dict]:
+    """One engine for this scheme; every cloud prompt length of --cloud-lens in turn."""
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     from edgeprompt_vllm.bench.workload import make_workload
 
     _, llm_kwargs = scheme_settings(args.scheme)
     n, passes = args.num_requests, args.passes
+    lens = [int(x) for x in args.cloud_lens.split(",")]
     tok = AutoTokenizer.from_pretrained(args.model)
-    work = make_workload(tok, args.cloud_len, args.edge_len, 1 + n * passes,
-                         output_len=None if args.output_len_from_data else args.output_len,
-                         max_output_len=args.max_output_len)
-    warm, work = work.part(0, 1), work.part(1, n * passes)
-    max_out = max(work.output_lens) if work.output_lens else args.output_len
-    max_len = args.cloud_len + args.edge_len + max_out + 16
+    works = {cl: make_workload(tok, cl, args.edge_len, 1 + n * passes,
+                               output_len=None if args.output_len_from_data else args.output_len,
+                               max_output_len=args.max_output_len) for cl in lens}
+    max_out = max([args.output_len] + [max(w.output_lens) for w in works.values() if w.output_lens])
+    max_len = max(lens) + args.edge_len + max_out + 16
     engine = dict(seed=0, dtype=args.dtype, load_format=args.load_format,
                   block_size=args.block_size, max_model_len=max_len,
                   **json.loads(args.engine_args), **llm_kwargs)
     if args.gpu_memory_utilization:
         engine["gpu_memory_utilization"] = args.gpu_memory_utilization
-    row = {"scheme": args.scheme, "cloud_len": args.cloud_len}
-    cloud, extra = None, None
+    cloud, rows = None, []
     try:
         if args.scheme == "edgeprompt":
             from edgeprompt_vllm.bench.cloud import start_bench_cloud
 
-            cloud = start_bench_cloud(args.model, {CLOUD_PROMPT_ID: work.cloud}, dtype=args.dtype,
-                                      block_size=args.block_size, max_model_len=args.cloud_len + 16,
-                                      load_format=args.load_format,
-                                      gpu_memory_utilization=args.cloud_gpu_memory_utilization)
+            cloud = start_bench_cloud(args.model, {cloud_prompt_id(cl): works[cl].cloud for cl in lens},
+                                      dtype=args.dtype, block_size=args.block_size,
+                                      max_model_len=max(lens) + 16, load_format=args.load_format,
+                                      gpu_memory_utilization=args.cloud_gpu_memory_utilization,
+                                      cloud_device=args.cloud_device)
             engine["kv_transfer_config"] = cloud.kv_transfer_config(args.edge_strategy)
-            extra = {"kv_transfer_params": {"cloud_prompt": CLOUD_PROMPT_ID}}
-            row["cloud_prefill_s"] = cloud.prefill_s
         t0 = time.perf_counter()
         llm = LLM(args.model, **engine)
-        row["engine_start_s"] = time.perf_counter() - t0
-
-        def stats():
-            if args.scheme not in ("relay", "edgeprompt"):
-                return None
-            from edgeprompt_vllm.attention.stats import relay_stats
-
-            return llm.collective_rpc(relay_stats)[0]
-
-        t0 = time.perf_counter()
-        out = llm.generate([TokensPrompt(prompt_token_ids=work.cloud + warm.edges[0][:16])],
-                           SamplingParams(max_tokens=1, extra_args=extra), use_tqdm=False)
-        row["warmup_s"] = time.perf_counter() - t0
-        row["warmup_edgeprompt"] = (out[0].kv_transfer_params or {}).get("edgeprompt")
-        row["passes"] = []
-        for i in range(passes):
-            part = work.part(i * n, n)
-            lens = part.output_lens or [args.output_len] * n
-            params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, extra_args=extra)
-                      for m in lens]
-            prompts = [TokensPrompt(prompt_token_ids=p) for p in part.prompts()]
-            before = stats()
-            desc = f"{args.scheme} cloud {args.cloud_len} pass {i + 1}/{passes}"
-            elapsed, outs = submit_in_groups(llm, prompts, params, args.groups, desc)
-            out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-            in_tokens = sum(len(o.prompt_token_ids) for o in outs)
-            status = collections.Counter(str(((o.kv_transfer_params or {}).get("edgeprompt") or {})
-                                             .get("status")) for o in outs)
-            after = stats()
-            row["passes"].append({
-                "elapsed_s": elapsed, "requests": len(outs), "output_tokens": out_tokens,
-                "output_tok_per_s": out_tokens / elapsed, "requests_per_s": len(outs) / elapsed,
-                "total_tok_per_s": (in_tokens + out_tokens) / elapsed,
-                "edgeprompt_status": dict(status) if extra else None,
-                "relay": {k: v - before[k] for k, v in after.items()
-                          if isinstance(v, (int, float))} if after else None})
-        last = row["passes"][-1]
-        row.update(output_tok_per_s=last["output_tok_per_s"], requests_per_s=last["requests_per_s"])
-        if cloud is not None:
-            row["cloud_stats"] = cloud.stats()
+        start_s = time.perf_counter() - t0
+        for i, cl in enumerate(lens):
+            if i:  # as a fresh engine would: the next cloud prompt is not already cached
+                llm.reset_prefix_cache()
+            row = {"scheme": args.scheme, "cloud_len": cl, "engine_start_s": start_s,
+                   "engine_reused": i > 0}
+            if cloud is not None:
+                row["cloud_prefill_s"] = cloud.prefill_s  # every length's prompt, at start
+            row.update(run_length(llm, args, works[cl], cl))
+            if cloud is not None:
+                row["cloud_stats"] = cloud.stats()
+            rows.append(row)
+            args.result.write_text(json.dumps(rows))  # a later length's failure keeps these
     finally:
         if cloud is not None:
             cloud.stop()
+    return rows
+
+
+def cloud_prompt_id(cloud_len: int) -> str:
+    return f"{CLOUD_PROMPT_ID}-{cloud_len}"
+
+
+def run_length(llm, args, work, cloud_len: int) -> dict:
+    """The warm-up request, then --passes timed passes of fresh edge prompts; -> the row's fields."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    n, passes = args.num_requests, args.passes
+    warm, work = work.part(0, 1), work.part(1, n * passes)
+    extra = ({"kv_transfer_params": {"cloud_prompt": cloud_prompt_id(cloud_len)}}
+             if args.scheme == "edgeprompt" else None)
+
+    def stats():
+        if args.scheme not in ("relay", "edgeprompt"):
+            return None
+        from edgeprompt_vllm.attention.stats import relay_stats
+
+        return llm.collective_rpc(relay_stats)[0]
+
+    row = {}
+    t0 = time.perf_counter()
+    out = llm.generate([TokensPrompt(prompt_token_ids=work.cloud + warm.edges[0][:16])],
+                       SamplingParams(max_tokens=1, extra_args=extra), use_tqdm=False)
+    row["warmup_s"] = time.perf_counter() - t0
+    row["warmup_edgeprompt"] = (out[0].kv_transfer_params or {}).get("edgeprompt")
+    row["passes"] = []
+    for i in range(passes):
+        part = work.part(i * n, n)
+        lens = part.output_lens or [args.output_len] * n
+        params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, extra_args=extra)
+                  for m in lens]
+        prompts = [TokensPrompt(prompt_token_ids=p) for p in part.prompts()]
+        before = stats()
+        desc = f"{args.scheme} cloud {cloud_len} pass {i + 1}/{passes}"
+        elapsed, outs = submit_in_groups(llm, prompts, params, args.groups, desc)
+        out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        in_tokens = sum(len(o.prompt_token_ids) for o in outs)
+        status = collections.Counter(str(((o.kv_transfer_params or {}).get("edgeprompt") or {})
+                                         .get("status")) for o in outs)
+        after = stats()
+        row["passes"].append({
+            "elapsed_s": elapsed, "requests": len(outs), "output_tokens": out_tokens,
+            "output_tok_per_s": out_tokens / elapsed, "requests_per_s": len(outs) / elapsed,
+            "total_tok_per_s": (in_tokens + out_tokens) / elapsed,
+            "edgeprompt_status": dict(status) if extra else None,
+            "relay": {k: v - before[k] for k, v in after.items()
+                      if isinstance(v, (int, float))} if after else None})
+    last = row["passes"][-1]
+    row.update(output_tok_per_s=last["output_tok_per_s"], requests_per_s=last["requests_per_s"])
     return row
 
 
-# ---------------- the driver: every cloud prompt length x scheme, one process each ----------------
-def worker_command(args, scheme: str, cloud_len: int, result: Path) -> list[str]:
+# ---------------- the driver: one worker process per scheme (or per scheme and length) ----------------
+def worker_command(args, scheme: str, lens: list[int], result: Path) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--scheme", scheme,
-           "--cloud-len", str(cloud_len), "--result", str(result), "--model", args.model]
+           "--cloud-lens", ",".join(map(str, lens)), "--result", str(result), "--model", args.model]
     for name in ("load_format", "dtype", "block_size", "edge_len", "num_requests", "output_len",
                  "max_output_len", "groups", "passes", "engine_args", "gpu_memory_utilization",
-                 "cloud_gpu_memory_utilization", "edge_strategy"):
+                 "cloud_gpu_memory_utilization", "cloud_device", "edge_strategy"):
         value = getattr(args, name)
         if value is not None:
             cmd += ["--" + name.replace("_", "-"), str(value)]
@@ -219,11 +246,12 @@ def _tee(src, log, echo: bool) -> None:
             sys.stderr.flush()
 
 
-def run_scheme(args, scheme: str, cloud_len: int, na: str | None) -> dict:
+def run_scheme(args, scheme: str, lens: list[int], na: str | None) -> list[dict]:
+    """One worker process (one engine) for `scheme` at every length of `lens`; -> one row each."""
     if scheme == "cascade" and na:
-        return {"scheme": scheme, "cloud_len": cloud_len, "status": na}
-    result = args.log_dir / f"{scheme}.{cloud_len}.json"
-    log = args.log_dir / f"{scheme}.{cloud_len}.log"
+        return [{"scheme": scheme, "cloud_len": cl, "status": na} for cl in lens]
+    name = f"{scheme}.{'-'.join(map(str, lens))}"
+    result, log = args.log_dir / f"{name}.json", args.log_dir / f"{name}.log"
     result.unlink(missing_ok=True)
     env, _ = scheme_settings(scheme)
     # VLLM_ALLOW_INSECURE_SERIALIZATION: collective_rpc(relay_stats) sends a function
@@ -236,28 +264,32 @@ def run_scheme(args, scheme: str, cloud_len: int, na: str | None) -> dict:
     if scheme == "edgeprompt":
         env["RAY_AUTH_MODE"] = "token"  # read when ray is imported; the edge joins by address
     t0 = time.perf_counter()
+    timeout = args.timeout_s * len(lens)
     with open(log, "wb") as f:  # vLLM logs to stdout; progress bars, errors on stderr: keep both
-        proc = subprocess.Popen(worker_command(args, scheme, cloud_len, result), env=env,
+        proc = subprocess.Popen(worker_command(args, scheme, lens, result), env=env,
                                 stdout=f, stderr=subprocess.PIPE)
         tee = threading.Thread(target=_tee, args=(proc.stderr, f, not args.quiet), daemon=True)
         tee.start()
         try:
-            rc = proc.wait(timeout=args.timeout_s)
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            rc = f"timeout after {args.timeout_s} s"
+            rc = f"timeout after {timeout} s"
         tee.join(timeout=10)
-    if rc != 0 or not result.exists():
+    rows = json.loads(result.read_text()) if result.exists() else []  # written after each length
+    for row in rows:
+        row["wall_s"] = time.perf_counter() - t0  # the worker's, all its lengths
+    done = {r["cloud_len"] for r in rows}
+    if rc != 0 or len(done) < len(lens):
         tail = [x for x in log.read_text(errors="replace").splitlines() if "%|" not in x][-15:]
         print(f"   {scheme} failed ({rc}); log {log}:\n     " + "\n     ".join(tail), flush=True)
-        return {"scheme": scheme, "cloud_len": cloud_len, "error": f"exit {rc}", "log": str(log)}
-    row = json.loads(result.read_text())
-    row["wall_s"] = time.perf_counter() - t0
-    if not args.keep_logs:
+        rows += [{"scheme": scheme, "cloud_len": cl, "error": f"exit {rc}", "log": str(log)}
+                 for cl in lens if cl not in done]
+    elif not args.keep_logs:
         log.unlink(missing_ok=True)
         result.unlink(missing_ok=True)
-    return row
+    return rows
 
 
 def tables(rows: list[dict]) -> str:
@@ -316,6 +348,12 @@ def parse_args(argv=None):
                    help="timed passes in the same engine; the last is the steady state")
     p.add_argument("--engine-args", default="{}", help="JSON of extra LLM(...) arguments")
     p.add_argument("--timeout-s", type=float, default=3600, help="per scheme and cloud length")
+    p.add_argument("--cloud-device", help="edgeprompt on a GPU: run the cloud engine on this CUDA "
+                   "device (a second GPU, as on its own machine); the edges then default to "
+                   "--gpu-memory-utilization 0.9")
+    p.add_argument("--engine-per-length", action="store_true",
+                   help="a fresh engine for every cloud length (default: one engine per scheme, "
+                        "its prefix cache reset between lengths)")
     p.add_argument("--out", type=Path,
                    default=Path("benchmarks/results/throughput/throughput.json"))
     p.add_argument("--plot-only", type=Path, nargs="+", metavar="JSON",
@@ -326,7 +364,6 @@ def parse_args(argv=None):
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model, small counts (CI)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--scheme", help=argparse.SUPPRESS)
-    p.add_argument("--cloud-len", type=int, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.cpu_smoke:  # small defaults; options given on the command line still win
@@ -351,7 +388,8 @@ def resolve_defaults(args) -> None:
     args.dtype = resolve_dtype(args.model, args.dtype)  # the fingerprint compares it
     args.block_size = args.block_size or (16 if gpu else 32)
     if gpu and args.gpu_memory_utilization is None:  # the same whichever schemes this run has
-        args.gpu_memory_utilization = round(0.9 - args.cloud_gpu_memory_utilization, 3)
+        shared = args.cloud_device is None  # the cloud engine on the edge's GPU
+        args.gpu_memory_utilization = round(0.9 - shared * args.cloud_gpu_memory_utilization, 3)
     if not gpu:
         args.cloud_gpu_memory_utilization = None
 
@@ -359,7 +397,7 @@ def resolve_defaults(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        args.result.write_text(json.dumps(run_worker(args)))
+        run_worker(args)  # writes args.result after every cloud length
         return 0
     if args.plot_only:
         return plot_only(args.plot_only, args.out)
@@ -386,7 +424,7 @@ def main(argv=None) -> int:
     workload = {k: getattr(args, k) for k in (
         "edge_len", "num_requests", "groups", "output_len", "output_len_from_data",
         "max_output_len", "passes", "load_format", "dtype", "block_size", "gpu_memory_utilization",
-        "cloud_gpu_memory_utilization", "edge_strategy", "engine_args")}
+        "cloud_gpu_memory_utilization", "cloud_device", "edge_strategy", "engine_args")}
     workload.update(describe_workload(sample, args.output_len, args.max_output_len),
                     cloud_lens=lens, schemes=schemes, model=args.model,
                     submission=f"{args.num_requests} requests in {args.groups} groups of "
@@ -399,14 +437,18 @@ def main(argv=None) -> int:
     print(f"ShareGPT V3: {workload['sharegpt_complete_records']} complete records "
           f"(file truncated: {workload['sharegpt_file_truncated']}); output lengths: "
           f"{workload['output_lens']}", flush=True)
-    runs = [(cl, s) for cl in lens for s in schemes]
-    for cl, s in tqdm(runs, desc="schemes x cloud lengths", unit="run", file=sys.stderr):
-        print(f"== {s}, cloud prompt {cl}", flush=True)
-        row = run_scheme(args, s, cl, na)
-        report["results"].append(row)
-        if "output_tok_per_s" in row:
-            every = ", ".join(f"{p['output_tok_per_s']:.1f}" for p in row["passes"])
-            print(f"   {row['output_tok_per_s']:.1f} output tok/s (passes: {every})", flush=True)
+    if args.engine_per_length:
+        runs = [(s, [cl]) for cl in lens for s in schemes]
+    else:  # one engine per scheme, reused for every length (an engine start is ~1 min on a GPU)
+        runs = [(s, lens) for s in schemes]
+    for s, run_lens in tqdm(runs, desc="scheme runs", unit="run", file=sys.stderr):
+        print(f"== {s}, cloud prompt {', '.join(map(str, run_lens))}", flush=True)
+        for row in run_scheme(args, s, run_lens, na):
+            report["results"].append(row)
+            if "output_tok_per_s" in row:
+                every = ", ".join(f"{p['output_tok_per_s']:.1f}" for p in row["passes"])
+                print(f"   {row['cloud_len']}: {row['output_tok_per_s']:.1f} output tok/s "
+                      f"(passes: {every})", flush=True)
         write_outputs(report, args.out)  # after every run: a partial sweep is still a result
     report["environment"]["load_average_at_end"] = round(os.getloadavg()[0], 2)
     write_outputs(report, args.out)

@@ -151,6 +151,30 @@ VARIANTS = {
         "suffix split in 2 where there are < 4 programs per SM (+1 merge launch)",
         lambda s: dict(suffix_splits=2 if _suffix_programs(s) < 4 * _sms() else None),
     ),
+    "suffix_w2": (
+        "suffix 2 warps (GQA: 4 real rows of 16; fewer registers, more programs per SM)",
+        lambda s: dict(suffix_config=dict(num_warps=2)),
+    ),
+    "suffix_w8": (
+        "suffix 8 warps",
+        lambda s: dict(suffix_config=dict(num_warps=8)),
+    ),
+    "suffix_n128": (
+        "suffix 128-key tiles (one 64 KB K+V tile in flight per program)",
+        lambda s: dict(suffix_config=dict(TILE_N=128)),
+    ),
+    "suffix_n128w8": (
+        "suffix 128-key tiles, 8 warps",
+        lambda s: dict(suffix_config=dict(TILE_N=128, num_warps=8)),
+    ),
+    "suffix_n32w2": (
+        "suffix 32-key tiles, 2 warps, 3 stages",
+        lambda s: dict(suffix_config=dict(TILE_N=32, num_warps=2)),
+    ),
+    "suffix_split2_all": (
+        "suffix always split in 2 (+1 merge launch)",
+        lambda s: dict(suffix_splits=2),
+    ),
     "overlap": (
         "schedule=overlap (prefix on a side stream, then merge_attn_states)",
         lambda s: dict(schedule="overlap"),

@@ -26,8 +26,26 @@ class RelayStats:
 RELAY_STATS = RelayStats()
 
 
+def compiled_kernel_variants() -> int:
+    """How many specializations of our Triton kernels this process has compiled (a count that
+    grows during a timed pass means compiles the start-up warm-up did not cover)."""
+    import sys
+
+    from triton.runtime.jit import JITFunction
+
+    count = 0
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("edgeprompt_vllm.kernels"):
+            continue
+        for fn in vars(module).values():
+            if isinstance(fn, JITFunction):
+                caches = getattr(fn, "device_caches", {})  # device -> (kernel cache, ...)
+                count += sum(len(per_device[0]) for per_device in caches.values())
+    return count
+
+
 def relay_stats(_worker=None) -> dict:
     """For `LLM.collective_rpc(relay_stats)`: this worker's counters."""
     from edgeprompt_vllm.attention.host_block_table import LOOKUPS
 
-    return asdict(RELAY_STATS) | LOOKUPS
+    return asdict(RELAY_STATS) | LOOKUPS | {"compiled_kernel_variants": compiled_kernel_variants()}

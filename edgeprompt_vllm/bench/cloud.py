@@ -3,7 +3,9 @@ process, the real CloudPromptService actor, the benchmark's cloud prompts regist
 and prefilled, and the edge's --kv-transfer-config pointing at it.
 
 On a GPU both the cloud engine (inside the actor) and the edge engine share the one GPU: the
-cloud gets `gpu_memory_utilization` of it, the edge must be given less than 0.9 minus that.
+cloud gets `gpu_memory_utilization` of it, the edge must be given less than 0.9 minus that. With
+`cloud_device` (a second GPU's index) the cloud engine runs there instead, as a cloud would on
+its own machine, and the edge keeps its whole GPU.
 """
 
 import os
@@ -55,6 +57,7 @@ def start_bench_cloud(
     max_model_len: int,
     load_format: str = "auto",
     gpu_memory_utilization: float = 0.25,
+    cloud_device: str | None = None,
 ) -> BenchCloud:
     import ray
     import torch
@@ -78,6 +81,10 @@ def start_bench_cloud(
         if gpu
         else None
     )
+    if gpu and cloud_device is not None:  # its own GPU: Ray assigns none, the env var picks it
+        gpus, env_vars = 0, {"CUDA_VISIBLE_DEVICES": str(cloud_device)}
+    else:
+        gpus, env_vars = (gpu_memory_utilization if gpu else 0), None
     t0 = time.perf_counter()
     actor = start_cloud_service(
         model,
@@ -85,7 +92,8 @@ def start_bench_cloud(
         namespace=namespace,
         detached=False,
         num_cpus=0,
-        num_gpus=gpu_memory_utilization if gpu else 0,
+        num_gpus=gpus,
+        env_vars=env_vars,
         dtype=dtype,
         block_size=block_size,
         max_model_len=max_model_len,

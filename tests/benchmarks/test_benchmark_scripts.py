@@ -51,20 +51,20 @@ def check_environment(report: dict) -> None:
 
 def test_throughput_cpu_smoke(tmp_path, tiny_model):
     out = tmp_path / "throughput.json"
-    # one cloud prompt length here (CI time); --cpu-smoke alone sweeps two
+    # two short cloud prompts (CI time): the second runs in the same engine after a cache reset
     report, stdout = run_script(
         "benchmark_throughput.py",
         out,
         "--model",
         str(tiny_model),
         "--cloud-lens",
-        "64",
+        "64,96",
         timeout=600,
     )
     check_environment(report)
     rows = report["results"]
     assert not [r for r in rows if "error" in r]
-    for cl in report["workload"]["cloud_lens"]:
+    for i, cl in enumerate(report["workload"]["cloud_lens"]):
         got = {r["scheme"]: r for r in rows if r["cloud_len"] == cl}
         assert set(got) == CPU_SCHEMES | {"cascade"}
         assert got["cascade"]["status"] == "n/a (CPU)"
@@ -76,10 +76,13 @@ def test_throughput_cpu_smoke(tmp_path, tiny_model):
                 for p in r["passes"]
             )
             assert r["output_tok_per_s"] == r["passes"][-1]["output_tok_per_s"]
+            assert r["engine_reused"] == (i > 0)
         # the relay backend relayed, and EdgePrompt loaded the cloud prompt from the cloud actor
+        # (also the second one: the reset emptied the prefix cache, as a fresh engine's)
         assert got["relay"]["passes"][-1]["relay"]["relay_batches"] > 0
         assert got["edgeprompt"]["warmup_edgeprompt"]["status"] == "loaded"
-        assert got["edgeprompt"]["cloud_stats"]["prefills"] == 1
+        assert got["edgeprompt"]["warmup_edgeprompt"]["cloud_tokens"] == cl
+        assert got["edgeprompt"]["cloud_stats"]["prefills"] == 2  # both registered at start
         assert got["edgeprompt"]["passes"][-1]["edgeprompt_status"] == {
             "cached": report["workload"]["num_requests"]
         }
