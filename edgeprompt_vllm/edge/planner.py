@@ -29,20 +29,51 @@ of layer l - 1 and layer l's projection: t_c) after the one before:
     layer l ready at  T_init + t_c_first + l * t_c        (cold; the paper's "T_init + t_c" with
                                                             t_c -> t_c_first for the first layer)
 
+The edge receives on the cores it computes on: every message after a fetch's first arrives while
+the edge computes and takes host time from it (Ray's pull, decode, checksum). In the CPU network
+benchmark (benchmarks/results/network, one core per side) the same edge layers of a 256-token
+cloud prompt took 19.5 ms each layer-wise, 17.5 ms with 2 layers per message and 15.3 ms in bulk,
+where the one message is in before layer 0 (fitted: ~4 ms per message + ~0.25 ms per MB). A
+model without it learns the mix of all three and over-predicts bulk (by ~10% warm, which made
+auto pass over the fastest strategy). So a fetch of M messages stretches the edge's compute by
+
+    t_rx(g) = (M - 1) * rx_msg + (bytes after the first message) * rx_byte
+
+spread over the layers computed while later messages still arrive (l < L - last message's
+layers); bulk (M = 1) pays none, and a link-bound fetch hides it behind its waits. The cloud
+likewise sends every message but the last while it computes (a cold prompt): its layers 1..L-1
+take t_c + t_tx(g) / (L - 1), t_tx(g) = (M - 1) * tx_msg + (bytes before the last message) *
+tx_byte (256 tokens: 9.5 ms per layer in bulk, 12.5 ms layer-wise; fitted: ~2.5 ms per message
++ ~1.5 ms per MB).
+
 The estimator learns every input online from what the edge measures (worker_side.py feeds it
 the per-layer timeline and per-message transfer timings):
   transfer   latency + bytes / bandwidth: least squares over the last messages (bytes vary with
              prompt length and layers per message, which separates the two)
-  edge       per-layer compute of a step: a0 + a1 * new_tokens + a2 * sum(new * (context + new/2))
-             (linear work + attention), least squares over the last steps
-  cloud      per-layer prefill of n tokens: b1 * n + b2 * n^2 / 2 (layers 1..L-1 of the headers'
-             compute times), and t_c_first = c0 + c1 * n (layer 0's: start to layer 0's KV)
+  edge       per-layer compute of a load step: a0 + a1 * new_tokens + a2 * sum(new * (context +
+             new/2)) (linear work + attention) + rx_msg * later messages / (L - 1) + rx_byte *
+             later bytes / (L - 1) (the receive above, in the measured mean over layers 0..L-2),
+             least squares over the last load steps
+  prefill    the same without a load (recompute's t_e_recompute; a step without cloud KV runs
+             full causal attention, a2 * n^2 / 2, which costs per unit more than a load step's
+             attention over the cached cloud KV, so it is its own fit; until it has a
+             measurement, the load steps' fit stands in)
+  cloud      per-layer prefill of n tokens: b0 + b1 * n + b2 * n^2 / 2 (+ the sending above, per
+             measured layer) from layers 1..L-1 of the headers' compute times (b0: the capture
+             hook and per-layer engine work; without it 256 -> 1024 tokens, 9.5 -> 34 ms, forced
+             a negative b2 and over-predicted 1024 tokens by ~20%), and t_c_first = c0 + c1 * n
+             (layer 0's: start to layer 0's KV)
   T_init     first header on the edge, less the cloud compute inside it
-  T_fixed    per step outside the forward (scheduling, sampling), when scheduler and worker
-             share a process (vLLM's UniProcExecutor: one GPU, or CPU)
+  T_fixed    per step outside the forward (scheduling, sampling), from steps whose forward start
+             is known (start_load_kv before the forward: every load step)
   edge pre   the edge's compute before layer 0's attention (embedding, layer 0's projection):
              p0 + p1 * new tokens, from steps without a load. In a fetch it runs while layer 0 is
-             on its way; recompute pays it: T = T_fixed + pre(all tokens) + L * t_e_recompute
+             on its way; recompute pays it: T = T_fixed + pre(all tokens) + L * t_e_recompute.
+             Measured as layer 0's attention - start_load_kv where that comes first; where vLLM
+             (0.32) calls start_load_kv after the forward of a step without a load, the step's
+             overhead (build -> layer 0, forward end -> next scheduler call) holds it instead:
+             pre = that overhead - T_fixed (it must not go into T_fixed: a 4096-token recompute
+             has ~25 ms of it, and T_fixed is added to every strategy)
 The predicted time to first token is T_fixed + T. Decisions and predictions are logged at INFO
 and counted in `planner_stats()` (a plain dict, for the serving layer's /metrics).
 
@@ -74,7 +105,7 @@ class Costs:
     layer_bytes: float  # bytes of one layer's cloud KV (as loaded; the codec is in bandwidth)
     bandwidth: float  # bytes / s
     latency: float  # s per message
-    t_e: float  # edge compute per layer of this step, cloud KV loaded
+    t_e: float  # edge compute per layer of this step, cloud KV loaded, nothing arriving meanwhile
     t_c: float = 0.0  # cloud compute per layer after the first; 0: warm (computed in the cloud)
     t_init: float = 0.0  # stream start -> first message can go (RPC to the cloud)
     # cold only: the cloud's prefill start -> layer 0's KV captured (engine start, embedding,
@@ -83,10 +114,33 @@ class Costs:
     t_e_recompute: float = math.inf  # edge compute per layer when the edge prefills it all
     t_e_pre_recompute: float = 0.0  # recompute only: the edge's compute before layer 0's attention
     t_fixed: float = 0.0  # per step, outside the forward (added to every strategy)
+    # the edge's host time receiving a message while it computes (s per message, s per byte)
+    rx_msg: float = 0.0
+    rx_byte: float = 0.0
+    # the cloud's host time sending a message while it computes (cold; s per message, s per byte)
+    tx_msg: float = 0.0
+    tx_byte: float = 0.0
 
     def t_msg(self, g: int) -> float:
         """One message of g layers on the serial link."""
         return self.latency + g * self.layer_bytes / self.bandwidth
+
+    def t_rx(self, g: int) -> float:
+        """Edge compute added by a fetch of g layers per message: receiving every message after
+        the first while it computes (bulk: 0)."""
+        sizes = message_sizes(self.num_layers, g)
+        later_bytes = (self.num_layers - sizes[0]) * self.layer_bytes
+        return (len(sizes) - 1) * self.rx_msg + later_bytes * self.rx_byte
+
+    def t_c_at(self, g: int) -> float:
+        """Cloud compute per layer after the first, in a fetch of g layers per message: the
+        cloud sends every message but the last while it computes (0 when warm)."""
+        if not self.t_c or self.num_layers < 2:
+            return self.t_c
+        sizes = message_sizes(self.num_layers, g)
+        early_bytes = (self.num_layers - sizes[-1]) * self.layer_bytes
+        t_tx = (len(sizes) - 1) * self.tx_msg + early_bytes * self.tx_byte
+        return self.t_c + t_tx / (self.num_layers - 1)
 
 
 def message_sizes(num_layers: int, g: int) -> list[int]:
@@ -99,17 +153,23 @@ def pipelined_time(c: Costs, g: int = 1) -> float:
 
     The cloud has layer l at t_init + t_c_first + l * t_c (cold; warm: t_c = 0 and no
     t_c_first); message m goes when its last layer is computed and the link is free; the edge
-    runs layer l when it finished layer l - 1 and layer l arrived."""
+    runs layer l when it finished layer l - 1 and layer l arrived. Layers 0..K-1 (K = L - the
+    last message's layers) are computed while later messages arrive: each takes
+    t_e + t_rx(g) / K (Costs.t_rx)."""
     first = c.t_c if c.t_c_first is None else c.t_c_first
+    t_c = c.t_c_at(g)
+    sizes = message_sizes(c.num_layers, g)
+    k = c.num_layers - sizes[-1]
+    rx = c.t_rx(g) / k if k else 0.0
     link_free = edge_free = 0.0
     layer = 0
-    for n in message_sizes(c.num_layers, g):
+    for n in sizes:
         last = layer + n - 1
-        cloud_ready = c.t_init + first + last * c.t_c
+        cloud_ready = c.t_init + first + last * t_c
         start = max(cloud_ready, link_free)
         link_free = arrive = start + c.t_msg(n)
-        for _ in range(n):
-            edge_free = max(edge_free, arrive) + c.t_e
+        for l in range(layer, layer + n):
+            edge_free = max(edge_free, arrive) + c.t_e + (rx if l < k else 0.0)
         layer += n
     return c.t_fixed + edge_free
 
@@ -245,6 +305,35 @@ def edge_features(new_tokens: float, attn_work: float) -> list[float]:
     return [1.0, float(new_tokens), float(attn_work)]
 
 
+def load_features(new_tokens: float, attn_work: float, rx_msgs: float = 0.0,
+                  rx_bytes: float = 0.0) -> list[float]:
+    """A load step's: edge_features + [messages, bytes] received while the edge computed, per
+    measured layer (the messages after each stream's first, / (L - 1))."""
+    return edge_features(new_tokens, attn_work) + [float(rx_msgs), float(rx_bytes)]
+
+
+def cloud_features(tokens: float, tx_msgs: float = 0.0, tx_bytes: float = 0.0) -> list[float]:
+    """Per-layer cloud prefill features: [1, n, n^2 / 2, messages, bytes sent per layer]."""
+    return [1.0, float(tokens), prefill_attn_work(tokens, 0), float(tx_msgs), float(tx_bytes)]
+
+
+def received_while_computing(stream_messages: list[list[dict]],
+                             num_layers: int) -> tuple[float, float]:
+    """(messages, raw bytes) per measured layer (layers 0..L-2) that arrived while the edge
+    computed: every message after its stream's first (layer 0 waits for all the first ones)."""
+    later = [m for msgs in stream_messages for m in msgs[1:]]
+    per = max(1, num_layers - 1)
+    return len(later) / per, sum(m["nbytes"] for m in later) / per
+
+
+def sent_while_computing(messages: list[dict], num_layers: int) -> tuple[float, float]:
+    """(messages, raw bytes) per measured cloud layer (layers 1..L-1) that the cloud sent while
+    it computed a cold prompt: every message of the stream but the last."""
+    early = messages[:-1]
+    per = max(1, num_layers - 1)
+    return len(early) / per, sum(m["nbytes"] for m in early) / per
+
+
 def prefill_attn_work(new_tokens: int, context_before: int) -> float:
     return new_tokens * (context_before + new_tokens / 2.0)
 
@@ -278,8 +367,12 @@ class Planner:
         self._lock = threading.RLock()
         self.alpha = alpha
         self.transfer = Fit(("latency_s", "s_per_byte"), [1e-3, 1e-9], window, primary=1)  # 1 GB/s
-        self.edge = Fit(("a0_s", "s_per_token", "s_per_attn"), [0.0, 5e-6, 0.0], window, primary=1)
-        self.cloud = Fit(("s_per_token", "s_per_attn"), [5e-6, 0.0], window, primary=0)
+        self.edge = Fit(("a0_s", "s_per_token", "s_per_attn", "rx_s_per_msg", "rx_s_per_byte"),
+                        [0.0, 5e-6, 0.0, 0.0, 0.0], window, primary=1)
+        self.edge_prefill = Fit(("a0_s", "s_per_token", "s_per_attn"), [0.0, 5e-6, 0.0], window,
+                                primary=1)
+        self.cloud = Fit(("s", "s_per_token", "s_per_attn", "tx_s_per_msg", "tx_s_per_byte"),
+                         [0.0, 5e-6, 0.0, 0.0, 0.0], window, primary=1)
         # layer 0's cloud time: engine start + embedding + QKV projection (prior: 5 ms + a t_c)
         self.cloud_first = Fit(("s", "s_per_token"), [5e-3, 5e-6], window, primary=1)
         self.edge_pre = Fit(("s", "s_per_token"), [0.0, 0.0], window, primary=1)
@@ -290,6 +383,8 @@ class Planner:
         self._pending: dict[str, Decision] = {}  # req -> decision, until its step was measured
         self._step_built: float | None = None
         self._step_forward: tuple[float, float] | None = None  # (start, end) of the last forward
+        self._step_pre_tokens: int | None = None  # its new tokens, if its pre-layer-0 compute
+        #                                             is in the overhead (forward start unknown)
         self._step_reqs: list[str] = []
         self.abs_rel_err = Ewma(0.0, alpha)
         self.measured = 0
@@ -300,17 +395,24 @@ class Planner:
         with self._lock:
             lat, s_per_byte = self.transfer.coef
             work = prefill_attn_work(edge_tokens, load_tokens)
-            t_e = self.edge(edge_features(edge_tokens, work))
+            t_e = self.edge(load_features(edge_tokens, work))  # nothing arriving meanwhile
+            rx_msg, rx_byte = self.edge.coef[3:5]
             n_all = load_tokens + edge_tokens
-            t_e_re = self.edge(edge_features(n_all, prefill_attn_work(n_all, 0)))
-            t_c = self.cloud([load_tokens, prefill_attn_work(load_tokens, 0)]) if cold else 0.0
+            prefill = self.edge_prefill if self.edge_prefill.count else self.edge
+            t_e_re = prefill(edge_features(n_all, prefill_attn_work(n_all, 0)))
+            t_c = self.cloud(cloud_features(load_tokens)) if cold else 0.0  # nothing sent meanwhile
+            tx_msg, tx_byte = self.cloud.coef[3:5]
             t_c_first = max(self.cloud_first([1.0, load_tokens]), 0.0) if cold else None
             return Costs(num_layers=num_layers, layer_bytes=float(layer_bytes),
                          bandwidth=1.0 / max(s_per_byte, 1e-15), latency=lat, t_e=max(t_e, 0.0),
                          t_c=max(t_c, 0.0), t_init=self.t_init.value, t_c_first=t_c_first,
-                         t_e_recompute=max(t_e_re, 0.0) if self.edge.count else math.inf,
+                         t_e_recompute=max(t_e_re, 0.0) if self._edge_count() else math.inf,
                          t_e_pre_recompute=max(self.edge_pre([1.0, n_all]), 0.0),
-                         t_fixed=self.t_fixed.value)
+                         t_fixed=self.t_fixed.value, rx_msg=rx_msg, rx_byte=rx_byte,
+                         tx_msg=tx_msg, tx_byte=tx_byte)
+
+    def _edge_count(self) -> int:
+        return self.edge.count + self.edge_prefill.count
 
     def plan(self, req_id: str, prompt_id: str, *, num_layers: int, layer_bytes: float,
              load_tokens: int, edge_tokens: int, cold: bool, strategy: str = "auto",
@@ -338,7 +440,7 @@ class Planner:
             allowed = ["layerwise"]
             if self.transfer.count >= 2:
                 allowed += ["grouped", "bulk"]
-            if self.edge.count >= 2 and "recompute" in preds:
+            if self._edge_count() >= 2 and "recompute" in preds:
                 allowed.append("recompute")
             best = min((s for s in allowed if s in preds), key=lambda s: preds[s][0])
             base = preds["layerwise"][0]
@@ -370,21 +472,30 @@ class Planner:
         with self._lock:
             self.t_init.add(max(0.0, first_header_s - cloud_compute_s))
 
-    def observe_cloud(self, tokens: int, per_layer_s: list[float]) -> None:
+    def observe_cloud(self, tokens: int, per_layer_s: list[float],
+                      tx: tuple[float, float] = (0.0, 0.0)) -> None:
         """Cold prefill: compute_s of each layer from the headers. The cloud stamps a layer when
         its K, V are captured, at the start of the layer's attention: layer 0's is the prefill's
         start to there (engine start, embedding, layer 0's QKV projection: t_c_first, often well
-        under a layer), each later one a whole layer (t_c)."""
+        under a layer), each later one a whole layer (t_c). `tx`: (messages, bytes) it sent per
+        layer meanwhile (sent_while_computing)."""
         if len(per_layer_s) < 2 or tokens <= 0:
             return
         mean = sum(per_layer_s[1:]) / (len(per_layer_s) - 1)
         with self._lock:
-            self.cloud.add([float(tokens), prefill_attn_work(tokens, 0)], mean)
+            self.cloud.add(cloud_features(tokens, *tx), mean)
             self.cloud_first.add([1.0, float(tokens)], per_layer_s[0])
 
-    def observe_edge(self, new_tokens: int, attn_work: float, per_layer_s: float) -> None:
+    def observe_edge(self, new_tokens: int, attn_work: float, per_layer_s: float,
+                     rx: tuple[float, float] = (0.0, 0.0), loaded: bool = True) -> None:
+        """Per-layer edge compute of a step; `rx`: (messages, bytes) received per measured layer
+        while it computed (received_while_computing); `loaded`: a step with cloud KV loaded
+        (else a plain prefill: the recompute model)."""
         with self._lock:
-            self.edge.add(edge_features(new_tokens, attn_work), per_layer_s)
+            if loaded:
+                self.edge.add(load_features(new_tokens, attn_work, *rx), per_layer_s)
+            else:
+                self.edge_prefill.add(edge_features(new_tokens, attn_work), per_layer_s)
 
     def observe_step(self, edge_compute: list | None, stream_messages: list[list[dict]],
                      work: tuple[int, float] | None, start: float | None, enter0: float | None,
@@ -397,15 +508,16 @@ class Planner:
         every process of the machine) of start_load_kv, layer 0's attention and the step's end;
         `stream_cold`: per stream, whether the planner expected the cloud to compute it."""
         loaded = edge_compute is not None
-        # the forward from start_load_kv (just before the model runs) in every step: what runs
-        # before layer 0's attention (embedding, layer 0's projections: proportional to the new
-        # tokens) is compute, not the fixed per-step overhead
-        # (vLLM 0.32 calls start_load_kv only after the forward in a step that loads nothing:
-        # then layer 0's attention is the earliest mark)
+        # the forward from start_load_kv (just before the model runs): what runs before layer
+        # 0's attention (embedding, layer 0's projections: proportional to the new tokens) is
+        # compute, not the fixed per-step overhead. vLLM 0.32 calls start_load_kv only after the
+        # forward in a step that loads nothing: that forward runs from layer 0's attention, and
+        # its compute before layer 0 stays in the step's overhead (step_done takes it out)
         before = start is not None and (enter0 is None or start <= enter0)
         fwd_start = start if before else enter0
         if fwd_start is not None:
-            self.forward_done(fwd_start, end)
+            pre_tokens = int(work[0]) if not before and work is not None and not loaded else None
+            self.forward_done(fwd_start, end, pre_tokens)
         for i, msgs in enumerate(stream_messages):
             cold = bool(stream_cold[i]) if stream_cold and i < len(stream_cold) else False
             self.observe_messages([(m["nbytes"], m["ready_s"] - m["pull_s"]) for m in msgs])
@@ -415,18 +527,19 @@ class Planner:
             compute = [c for m in msgs for c in m["cloud_compute_s"]]
             if cold and len(compute) == num_layers and all(c > 0 for c in compute):
                 self.observe_cloud(msgs[0]["nbytes"] // len(msgs[0]["layers"]) // bytes_per_token,
-                                   compute)
+                                   compute, sent_while_computing(msgs, num_layers))
         if work is None:
             return
         new_tokens, attn_work = work
         if loaded:  # load step: the compute between layers, without the waits
             per = [x for x in edge_compute[:-1] if x is not None]
             if per and len(per) == num_layers - 1:
-                self.observe_edge(new_tokens, attn_work, sum(per) / len(per))
+                rx = received_while_computing(stream_messages, num_layers)
+                self.observe_edge(new_tokens, attn_work, sum(per) / len(per), rx)
             elif num_layers == 1 and edge_compute[0] is not None:
                 self.observe_edge(new_tokens, attn_work, edge_compute[0])
         elif enter0 is not None:
-            self.observe_edge(new_tokens, attn_work, (end - enter0) / num_layers)
+            self.observe_edge(new_tokens, attn_work, (end - enter0) / num_layers, loaded=False)
             if start is not None and enter0 >= start:  # (a load step's also sets up its streams)
                 with self._lock:
                     self.edge_pre.add([1.0, float(new_tokens)], enter0 - start)
@@ -443,9 +556,11 @@ class Planner:
             pending = self._pending
             self._step_reqs = [r for r in req_ids if r in pending] if pending else []
 
-    def forward_done(self, start: float, end: float) -> None:
+    def forward_done(self, start: float, end: float, pre_tokens: int | None = None) -> None:
+        """`pre_tokens`: the step's new tokens when `start` is layer 0's attention, not the
+        forward's start (its compute before layer 0 is then in the overhead)."""
         with self._lock:
-            self._step_forward = (start, end)
+            self._step_forward, self._step_pre_tokens = (start, end), pre_tokens
 
     def step_done(self) -> None:
         """The scheduler has the step's output (its first tokens sampled): close the decisions
@@ -457,8 +572,14 @@ class Planner:
                 return
             self._step_built, self._step_forward, self._step_reqs = None, None, []
             overhead = (fwd[0] - built) + (now - fwd[1])
-            if 0 <= overhead < 0.25:  # longer: the engine was idle, not busy
-                self.t_fixed.add(overhead)
+            pre_tokens, self._step_pre_tokens = self._step_pre_tokens, None
+            if pre_tokens is None:
+                if 0 <= overhead < 0.25:  # longer: the engine was idle, not busy
+                    self.t_fixed.add(overhead)
+            elif self.t_fixed.count:  # overhead = T_fixed + pre: the compute before layer 0
+                pre = max(overhead - self.t_fixed.value, 0.0)
+                if 0 <= overhead < max(0.25, fwd[1] - fwd[0]):  # (pre < the forward; else idle)
+                    self.edge_pre.add([1.0, float(pre_tokens)], pre)
             for r in reqs:
                 d = self._pending.pop(r, None)
                 if d is None:
@@ -496,9 +617,11 @@ class Planner:
                 "latency_s": lat,
                 "t_init_s": self.t_init.value,
                 "t_fixed_s": self.t_fixed.value,
-                "observations": {"messages": self.transfer.count, "edge_steps": self.edge.count,
+                "observations": {"messages": self.transfer.count, "edge_steps": self._edge_count(),
                                  "cloud_prefills": self.cloud.count},
-                "edge_model": self.edge.to_dict(), "edge_pre_model": self.edge_pre.to_dict(),
+                "edge_model": self.edge.to_dict(),
+                "edge_prefill_model": self.edge_prefill.to_dict(),
+                "edge_pre_model": self.edge_pre.to_dict(),
                 "cloud_model": self.cloud.to_dict(), "cloud_first_model": self.cloud_first.to_dict(),
                 "last": None if last is None else {
                     "strategy": last.strategy, "layers_per_message": last.layers_per_message,

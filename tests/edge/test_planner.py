@@ -184,7 +184,11 @@ def test_observe_step_reads_the_timeline_and_the_messages():
     pl.observe_step(**json.loads(json.dumps(obs)))  # plain data: it travels between processes
     st = pl.stats()
     assert st["observations"] == {"messages": 4, "edge_steps": 1, "cloud_prefills": 1}
-    assert pl.cloud.rows[-1][0][0] == 256  # tokens from bytes per layer
+    assert pl.cloud.rows[-1][0][1] == 256  # tokens from bytes per layer
+    # the cloud sent messages 0..2 while computing layers 1..3; the edge received 1..3 while
+    # computing layers 0..2: one message of 256 KiB per measured layer, both ways
+    assert pl.cloud.rows[-1][0][3:] == [1.0, 256 * bpt]
+    assert pl.edge.rows[-1][0][3:] == [1.0, 256 * bpt]
     assert st["t_init_s"] == 2e-3  # a cold header waited for the cloud: not the RPC's time
     assert pl.cloud_first.rows[-1] == ([1.0, 256.0], 0.008)  # layer 0's compute: t_c_first
     pl.observe_step(**P.step_observation([0.005] * L, [msgs], None, 0.0, 0.001, 0.1, L, bpt, [False]))
@@ -308,4 +312,151 @@ def test_start_load_kv_after_the_forward_is_not_the_forward_start():
     pl.step_done()
     assert d.measured_forward_s >= 0.04
     assert 0 <= pl.t_fixed.value < 0.02
-    assert pl.edge_pre.count == 0  # no pre-layer-0 time is known from such a step
+    assert pl.edge_pre.count == 0  # no T_fixed measured yet: the overhead cannot be taken apart
+
+
+# ---------------- the host cost of moving messages while computing ----------------
+def test_receiving_while_computing_stretches_the_pipeline_not_bulk():
+    """Messages after the first arrive while the edge computes and slow it down (t_rx); bulk's one
+    message is in before layer 0. Edge-bound: T = T_init + t_tr + L * t_e + t_rx(g)."""
+    L, b = 8, 2.0 ** 18
+    c = costs(num_layers=L, layer_bytes=b, latency=1e-4, bandwidth=1e10, t_e=0.015, rx_msg=0.004,
+              rx_byte=1e-9, t_fixed=0.002)
+    clean = replace(c, rx_msg=0.0, rx_byte=0.0)
+    assert c.t_rx(1) == pytest.approx((L - 1) * (0.004 + b * 1e-9))
+    assert c.t_rx(2) == pytest.approx(3 * 0.004 + 6 * b * 1e-9)  # 3 later messages of 2 layers
+    assert c.t_rx(L) == 0.0
+    for g in (1, 2, 4):
+        want = c.t_fixed + c.t_init + c.t_msg(g) + L * c.t_e + c.t_rx(g)
+        assert P.pipelined_time(c, g) == pytest.approx(want)
+        assert P.pipelined_time(c, g) > P.pipelined_time(clean, g)
+    assert P.pipelined_time(c, L) == pytest.approx(c.t_fixed + c.t_init + c.t_msg(L) + L * c.t_e)
+    # link-bound (t_tr 26 ms > t_e + one message's receive, 19.3 ms): hidden in the waits (Eq. 12)
+    slow = replace(c, bandwidth=1e7)
+    assert P.pipelined_time(slow, 1) == pytest.approx(
+        slow.t_fixed + P.closed_form_eq12(slow.t_init, 0.0, slow.t_msg(1), slow.t_e, L))
+    # with the receive, bulk beats layer-wise on a fast link; without it, it could not
+    assert P.pipelined_time(c, L) < P.pipelined_time(c, 1)
+    assert P.pipelined_time(clean, L) > P.pipelined_time(clean, 1)
+
+
+def test_sending_while_computing_stretches_a_cold_cloud():
+    """A cold prompt: the cloud sends every message but the last while it computes."""
+    L, b = 8, 2.0 ** 20
+    c = costs(num_layers=L, layer_bytes=b, t_c=0.03, t_c_first=0.004, tx_msg=0.0025, tx_byte=1.5e-9,
+              latency=0.0, bandwidth=1e12, t_e=0.001)
+    assert c.t_c_at(1) == pytest.approx(0.03 + 0.0025 + b * 1.5e-9)  # one message per layer
+    assert c.t_c_at(2) == pytest.approx(0.03 + (3 * 0.0025 + 6 * b * 1.5e-9) / 7)
+    assert c.t_c_at(L) == 0.03 and replace(c, t_c=0.0).t_c_at(1) == 0.0  # bulk; warm
+    # cloud-bound: the last layer leaves after T_init + t_c_first + (L - 1) * t_c_at(g)
+    assert P.pipelined_time(c, 1) == pytest.approx(
+        c.t_init + c.t_c_first + (L - 1) * c.t_c_at(1) + c.t_msg(1) + c.t_e)
+    assert P.pipelined_time(c, L) == pytest.approx(
+        c.t_init + c.t_c_first + (L - 1) * c.t_c + c.t_msg(L) + L * c.t_e)
+
+
+def _load_step(n: int, g: int, L: int, bpt: int, edge_n: int, t_e_clean, rx, cloud=None) -> dict:
+    """One load step as the worker reports it: messages of g layers, the edge's compute per layer
+    (clean + what receiving the later messages cost it) and, cold, the cloud's per-layer times."""
+    sizes = P.message_sizes(L, g)
+    per_layer = t_e_clean + (rx[0] * (len(sizes) - 1) + rx[1] * (L - sizes[0]) * n * bpt) / (L - 1)
+    if cloud is not None:
+        c_first, t_c, tx = cloud
+        c_layer = t_c + (tx[0] * (len(sizes) - 1) + tx[1] * (L - sizes[-1]) * n * bpt) / (L - 1)
+        times = [c_first] + [c_layer] * (L - 1)
+    else:
+        times = [0.0] * L
+    msgs, layer = [], 0
+    for k in sizes:
+        msgs.append({"layers": list(range(layer, layer + k)), "nbytes": k * n * bpt,
+                     "header_s": 0.001, "pull_s": 0.001 + 0.002 * layer,
+                     "ready_s": 0.002 + 0.002 * layer,
+                     "cloud_compute_s": times[layer:layer + k]})
+        layer += k
+    return P.step_observation([per_layer] * L, [msgs],
+                              (edge_n, P.prefill_attn_work(edge_n, n)), 0.0, 0.001, 0.5, L, bpt,
+                              [cloud is not None])
+
+
+def test_estimator_separates_compute_from_moving_the_messages():
+    """From load steps of every strategy, the planner learns the edge's clean compute and the
+    receive cost, the cloud's clean compute and the send cost; bulk is predicted clean."""
+    L, bpt = 8, 1024
+    a0, a1, a2 = 2e-3, 1e-5, 1e-8  # edge: s, s per token, s per attention unit
+    rx = (0.004, 0.25e-9)  # s per message, s per byte received while computing
+    b0, b1, b2, tx = 3e-3, 2e-5, 1e-8, (0.0025, 1.5e-9)  # cloud, and its sending
+    te = lambda n, e: a0 + a1 * e + a2 * P.prefill_attn_work(e, n)
+    tc = lambda n: b0 + b1 * n + b2 * P.prefill_attn_work(n, 0)
+    pl = Planner()
+    for n in (256, 1024, 4096):
+        for e in (256, 512):
+            for g in (1, 2, 8):
+                pl.observe_step(**_load_step(n, g, L, bpt, e, te(n, e), rx, (0.004, tc(n), tx)))
+    st = pl.stats()
+    assert st["edge_model"]["rx_s_per_msg"] == pytest.approx(rx[0], rel=1e-4)
+    assert st["edge_model"]["rx_s_per_byte"] == pytest.approx(rx[1], rel=1e-4)
+    assert st["cloud_model"]["tx_s_per_msg"] == pytest.approx(tx[0], rel=1e-4)
+    assert st["cloud_model"]["s"] == pytest.approx(b0, rel=1e-4)  # the per-layer intercept
+    n = 2048
+    c = pl.costs(num_layers=L, layer_bytes=n * bpt, load_tokens=n, edge_tokens=512, cold=True)
+    assert c.t_e == pytest.approx(te(n, 512), rel=1e-4)  # clean: nothing arriving
+    assert c.t_c == pytest.approx(tc(n), rel=1e-4)  # clean: nothing sent
+    assert c.rx_msg == pytest.approx(rx[0], rel=1e-4)
+    assert c.tx_byte == pytest.approx(tx[1], rel=1e-4)
+    assert P.pipelined_time(c, L) == pytest.approx(
+        c.t_fixed + c.t_init + c.t_c_first + (L - 1) * tc(n) + c.t_msg(L) + L * te(n, 512),
+        rel=1e-4)
+
+
+def test_recompute_has_its_own_prefill_fit():
+    """A step without a load runs full causal attention over all n tokens (a2' n^2 / 2): learned
+    apart from the load steps (attention over cached KV costs less per unit on the CPU), so
+    neither bends the other. Until a prefill is measured, the load steps' fit stands in."""
+    pl = Planner()
+    load = (2e-3, 1e-5, 1e-8)  # a0, per token, per attention unit
+    pre = (5e-3, 1.3e-5, 2e-8)
+    f = lambda a, e, w: a[0] + a[1] * e + a[2] * w
+    for n in (256, 1024, 4096):
+        for e in (256, 512):
+            w = P.prefill_attn_work(e, n)
+            pl.observe_edge(e, w, f(load, e, w), loaded=True)
+    c = pl.costs(num_layers=8, layer_bytes=1e6, load_tokens=4096, edge_tokens=512, cold=False)
+    w_all = P.prefill_attn_work(4608, 0)
+    assert c.t_e_recompute == pytest.approx(f(load, 4608, w_all), rel=1e-6)  # stand-in
+    for n in (768, 1536, 4608, 768, 1536, 4608):
+        w = P.prefill_attn_work(n, 0)
+        pl.observe_edge(n, w, f(pre, n, w), loaded=False)
+    c = pl.costs(num_layers=8, layer_bytes=1e6, load_tokens=4096, edge_tokens=512, cold=False)
+    assert c.t_e_recompute == pytest.approx(f(pre, 4608, w_all), rel=1e-6)
+    assert c.t_e == pytest.approx(f(load, 512, P.prefill_attn_work(512, 4096)), rel=1e-6)
+    assert pl.stats()["observations"]["edge_steps"] == 12
+
+
+def test_pre_layer0_compute_comes_out_of_the_overhead_when_start_load_kv_is_late():
+    """vLLM 0.32: a step without a load calls start_load_kv after its forward, so its overhead
+    (build -> layer 0's attention, forward end -> next call) holds its compute before layer 0.
+    Once T_fixed is known (a load step), that part is the edge's pre-layer-0 compute: recompute
+    pays it, T_fixed (every strategy pays it) does not get it."""
+    pl = Planner(alpha=1.0)
+    L, bpt = 4, 1024
+    pl.step_built(["load"])
+    start = time.perf_counter()  # a load step: start_load_kv before the forward
+    time.sleep(0.005)
+    obs = _load_step(128, 1, L, bpt, 64, 0.001, (0.0, 0.0))
+    obs.update(start=start, enter0=start + 0.001, end=time.perf_counter())
+    pl.observe_step(**obs)
+    pl.step_done()
+    t_fixed = pl.t_fixed.value
+    assert pl.t_fixed.count == 1 and 0 <= t_fixed < 0.01
+    pl.step_built(["recompute"])
+    time.sleep(0.04)  # input preparation + embedding + layer 0's projections
+    enter0 = time.perf_counter()
+    time.sleep(0.02)  # layers 0..L-1
+    end = time.perf_counter()
+    pl.observe_step(None, [], (4608, P.prefill_attn_work(4608, 0)), end, enter0, end, L, bpt)
+    pl.step_done()
+    assert pl.t_fixed.value == t_fixed and pl.t_fixed.count == 1
+    assert pl.edge_pre.count == 1 and pl.edge_pre.rows[-1][0] == [1.0, 4608.0]
+    assert 0.035 <= pl.edge_pre.rows[-1][1] < 0.04 + 0.02  # the 40 ms, less T_fixed
+    c = pl.costs(num_layers=L, layer_bytes=1e5, load_tokens=4096, edge_tokens=512, cold=False)
+    assert c.t_e_pre_recompute == pytest.approx(pl.edge_pre.rows[-1][1], rel=1e-6)
