@@ -2,13 +2,15 @@
 the same code with RDT over gloo between a cloud actor and an edge actor. The edge's paged cache
 must hold exactly the cloud's layers, through Ray's own gloo group and through the
 torch.distributed group that the benchmark registers under Ray's NCCL name when cupy is
-missing, and the CLI must write JSONL rows."""
+missing, and the CLI must write JSONL rows. The two-actor code is benchmarks/transfer_pair.py,
+which benchmark_transfer.py imports."""
 
 import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import ray
@@ -17,21 +19,22 @@ import torch
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "benchmark_transfer.py"
+PAIR = ROOT / "benchmarks" / "transfer_pair.py"
 LAYERS = 2
 TOKENS = 16  # 16 x 8 heads x 128 x 2 (K, V) x 2 B = 64 KiB a layer
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_transfer", SCRIPT)
+def load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    # its actor classes go to the workers by value (no worker can import the script by name)
-    ray.cloudpickle.register_pickle_by_value(module)
     return module
 
 
-BT = load_benchmark()
+# transfer_pair registers itself with Ray's cloudpickle: its actor classes go to the workers by
+# value (no worker can import it by name)
+BT = load("transfer_pair", PAIR)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +107,22 @@ def test_cpu2_cli_writes_rows(tmp_path):
         assert r["device_a"].startswith("CPU") and r["ray"] == ray.__version__
         assert r["via"] == ("object store" if "objstore" in r["transport"] else "rdt gloo")
     assert sum(f"{r['transport']} " in proc.stdout for r in rows) == 4  # one line per row
+
+
+def test_benchmark_transfer_loads_from_its_path_and_runs_the_pair_module():
+    module = load("benchmark_transfer", SCRIPT)  # its folder is not on sys.path here
+    assert module.run_pair is BT.run_pair and module.cpu_model is BT.cpu_model
+    assert module.CUDA_FP[2:4] == (BT.KV_HEADS, BT.HEAD_SIZE)
+    assert module.CUDA_FP[4] == "bfloat16" and module.CUDA_FP[6] == BT.BLOCK_SIZE
+    assert ray.cloudpickle.cloudpickle._is_registered_pickle_by_value(BT)
+
+
+def test_pci_bus_id_is_the_full_id():
+    props = SimpleNamespace(pci_domain_id=0, pci_bus_id=0, pci_device_id=7)
+    assert BT.pci_bus_id(props) == "00000000:00:07.0"
+    props = SimpleNamespace(pci_domain_id=1, pci_bus_id=0x1B, pci_device_id=0x10)
+    assert BT.pci_bus_id(props) == "00000001:1b:10.0"
+    assert BT.pci_bus_id(SimpleNamespace(pci_bus_id=6)) is None  # a torch without the fields
 
 
 @pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="two GPUs are visible")
