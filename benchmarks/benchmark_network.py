@@ -17,7 +17,9 @@ at a time (max_tokens=1: time to first token), the edge's prefix cache reset bef
 records: measured TTFT (client side, LLM.generate), the planner's prediction for the strategy
 that ran, overlap (share of the transfer's time on the link during which the edge was
 computing, not waiting), and each strategy's result. After each link change the planner is told
-the route changed (Planner.forget_link) and sees two calibration fetches before measurements.
+the route changed (Planner.forget_link) and sees four calibration fetches before measurements
+(layer-wise and grouped or bulk, smallest and largest size; on the first link also a recompute
+of every size).
 
 The model is the tiny-llama preset made deeper (`--layers`, default 8) with vLLM's
 deterministic dummy weights on both sides (same fingerprint), so per-layer work stays tiny-model
@@ -110,9 +112,20 @@ def worker(spec: dict, out_path: str) -> None:
     # its object store, and a second fetch would not cross the link. A warm one is prefilled in
     # the cloud right before its measurement (untimed), a cold one is not.
     prompts = {}
+    def calibration(li: int) -> list[tuple[str, int, str]]:
+        """(prompt id, tokens, strategy) fetched before a link's measurements: one and many layers
+        per message at the smallest and largest size (the transfer fit near each size, and the
+        edge's receive cost, need both), and on the first link the edge prefilling every size
+        (its prefill fit has three terms)."""
+        cal = [(min(sizes), "layerwise"), (max(sizes), "layerwise"), (max(sizes), "bulk"),
+               (min(sizes), "grouped")]
+        if li == 0:
+            cal += [(n, "recompute") for n in sorted(set(sizes), reverse=True)]
+        return [(f"cal-{li}-{i}", n, s) for i, (n, s) in enumerate(cal)]
+
     for li in range(len(links)):
-        for i, n in enumerate((min(sizes), max(sizes), max(sizes), min(sizes))):
-            prompts[f"cal-{li}-{i}"] = toks(n)
+        for pid, n, _ in calibration(li):
+            prompts[pid] = toks(n)
         for codec in ("none", "zstd"):
             prompts[f"codec-{li}-{codec}"] = toks(max(sizes))
         for rep in range(spec["reps"]):
@@ -189,17 +202,12 @@ def worker(spec: dict, out_path: str) -> None:
         return row
 
     rows, codec_rows = [], []
-    first = True
     for li, (bw, rtt) in enumerate(links):
         lab.set_rate(bw)
         if not lab.set_rtt(rtt / 1e3):  # no netem: the transport's EMULATED round trip
             link_path.write_text(json.dumps({"rtt_s": rtt / 1e3}))
         planner.forget_link()
-        calib = [(f"cal-{li}-0", min(sizes), "layerwise"), (f"cal-{li}-1", max(sizes), "layerwise")]
-        if first:  # the planner has not yet seen the edge prefill a whole cloud prompt
-            calib += [(f"cal-{li}-2", max(sizes), "recompute"), (f"cal-{li}-3", min(sizes), "recompute")]
-            first = False
-        for pid, n, s in calib:
+        for pid, n, s in calibration(li):
             warm_up(pid)
             measure(pid, n, s)
         print(f"link {bw} Mbit/s, RTT {rtt} ms: planner sees {planner.stats()['bandwidth_bytes_per_s'] / 1e6:.0f}"

@@ -49,7 +49,9 @@ tx_byte (256 tokens: 9.5 ms per layer in bulk, 12.5 ms layer-wise; fitted: ~2.5 
 The estimator learns every input online from what the edge measures (worker_side.py feeds it
 the per-layer timeline and per-message transfer timings):
   transfer   latency + bytes / bandwidth: least squares over the last messages (bytes vary with
-             prompt length and layers per message, which separates the two)
+             prompt length and layers per message, which separates the two), and per message
+             size over the recent messages of about that size (TransferFit: a shaped link is
+             not one line over all sizes)
   edge       per-layer compute of a load step: a0 + a1 * new_tokens + a2 * sum(new * (context +
              new/2)) (linear work + attention) + rx_msg * later messages / (L - 1) + rx_byte *
              later bytes / (L - 1) (the receive above, in the measured mean over layers 0..L-2),
@@ -120,9 +122,14 @@ class Costs:
     # the cloud's host time sending a message while it computes (cold; s per message, s per byte)
     tx_msg: float = 0.0
     tx_byte: float = 0.0
+    # layers per message -> seconds on the link (the transfer fit near that size, TransferFit);
+    # None or a missing size: latency + bytes / bandwidth
+    msg_s: dict[int, float] | None = None
 
     def t_msg(self, g: int) -> float:
         """One message of g layers on the serial link."""
+        if self.msg_s and g in self.msg_s:
+            return self.msg_s[g]
         return self.latency + g * self.layer_bytes / self.bandwidth
 
     def t_rx(self, g: int) -> float:
@@ -290,6 +297,52 @@ class Fit:
         return {"n": self.count, **dict(zip(self.names, self.coef))}
 
 
+def _size_class(nbytes: float) -> int:
+    return int(math.log2(max(float(nbytes), 1.0)))
+
+
+class TransferFit:
+    """Seconds per message of B bytes: latency + B * s_per_byte, fitted near B.
+
+    One line over every size misfits a shaped link: a message within the shaper's burst passes
+    at line rate, a large one at the token rate plus TCP's recovery (the CPU network benchmark at
+    1 Gbit/s: 1 MB messages moved at ~140 MB/s, 4 MB ones at ~105 MB/s, and a window filled by a
+    run of 1 MB messages under-predicted the 4 MB ones by 15-30%). So messages are also kept per
+    power-of-two size class (the last `keep` of each: a run of one size pushes no other out), and
+    B's time comes from the line fitted to the classes within `near` of B's (about B/4 .. 8B) when
+    they hold >= 3 messages; else from the line over all recent messages (`overall`, which also
+    gives the latency and bandwidth the planner reports)."""
+
+    def __init__(self, window: int = 48, keep: int = 8, near: int = 2):
+        self.overall = Fit(("latency_s", "s_per_byte"), [1e-3, 1e-9], window, primary=1)  # 1 GB/s
+        self.keep, self.near = keep, near
+        self.by_class: dict[int, deque] = {}
+        self._local: dict[int, list[float] | None] = {}  # size class -> its line (cache)
+
+    @property
+    def count(self) -> int:
+        return self.overall.count
+
+    @property
+    def coef(self) -> list[float]:
+        return self.overall.coef
+
+    def add(self, nbytes: float, s: float) -> None:
+        self.overall.add([1.0, float(nbytes)], s)
+        if math.isfinite(s) and s >= 0 and nbytes > 0:
+            rows = self.by_class.setdefault(_size_class(nbytes), deque(maxlen=self.keep))
+            rows.append(([1.0, float(nbytes)], float(s)))
+            self._local.clear()
+
+    def __call__(self, nbytes: float) -> float:
+        k = _size_class(nbytes)
+        if k not in self._local:
+            rows = [r for j in range(k - self.near, k + self.near + 1) for r in self.by_class.get(j, ())]
+            self._local[k] = _nnls(rows, 2, 1) if len(rows) >= 3 else None
+        lat, s_per_byte = self._local[k] or self.overall.coef
+        return max(lat + s_per_byte * float(nbytes), 0.0)
+
+
 class Ewma:
     def __init__(self, prior: float, alpha: float):
         self.value, self.alpha, self.count = prior, alpha, 0
@@ -366,7 +419,8 @@ class Planner:
     def __init__(self, alpha: float = 0.3, window: int = 48):
         self._lock = threading.RLock()
         self.alpha = alpha
-        self.transfer = Fit(("latency_s", "s_per_byte"), [1e-3, 1e-9], window, primary=1)  # 1 GB/s
+        self.window = window
+        self.transfer = TransferFit(window)
         self.edge = Fit(("a0_s", "s_per_token", "s_per_attn", "rx_s_per_msg", "rx_s_per_byte"),
                         [0.0, 5e-6, 0.0, 0.0, 0.0], window, primary=1)
         self.edge_prefill = Fit(("a0_s", "s_per_token", "s_per_attn"), [0.0, 5e-6, 0.0], window,
@@ -409,7 +463,8 @@ class Planner:
                          t_e_recompute=max(t_e_re, 0.0) if self._edge_count() else math.inf,
                          t_e_pre_recompute=max(self.edge_pre([1.0, n_all]), 0.0),
                          t_fixed=self.t_fixed.value, rx_msg=rx_msg, rx_byte=rx_byte,
-                         tx_msg=tx_msg, tx_byte=tx_byte)
+                         tx_msg=tx_msg, tx_byte=tx_byte,
+                         msg_s={n: self.transfer(n * layer_bytes) for n in range(1, num_layers + 1)})
 
     def _edge_count(self) -> int:
         return self.edge.count + self.edge_prefill.count
@@ -466,7 +521,7 @@ class Planner:
         """(raw bytes, seconds from the pull's start to decoded and ready) per message."""
         with self._lock:
             for nbytes, s in messages:
-                self.transfer.add([1.0, float(nbytes)], s)
+                self.transfer.add(nbytes, s)
 
     def observe_stream_start(self, first_header_s: float, cloud_compute_s: float) -> None:
         with self._lock:
@@ -594,7 +649,7 @@ class Planner:
         """The route to the cloud changed: re-learn transfer and T_init from the next fetches
         (the edge and cloud compute estimates stay)."""
         with self._lock:
-            self.transfer = Fit(self.transfer.names, self.transfer.prior, self.transfer.rows.maxlen, 1)
+            self.transfer = TransferFit(self.window)
             self.t_init = Ewma(self.t_init.value, self.alpha)
 
     def forget(self, req_id: str) -> None:

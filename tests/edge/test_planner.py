@@ -460,3 +460,33 @@ def test_pre_layer0_compute_comes_out_of_the_overhead_when_start_load_kv_is_late
     assert 0.035 <= pl.edge_pre.rows[-1][1] < 0.04 + 0.02  # the 40 ms, less T_fixed
     c = pl.costs(num_layers=L, layer_bytes=1e5, load_tokens=4096, edge_tokens=512, cold=False)
     assert c.t_e_pre_recompute == pytest.approx(pl.edge_pre.rows[-1][1], rel=1e-6)
+
+
+def test_transfer_fit_follows_the_size_asked_about():
+    """A link whose small messages pass at line rate (a shaper's burst) and large ones at the
+    token rate: one line over all sizes misfits both; the fit near each size does not."""
+    from edgeprompt_vllm.edge.planner import TransferFit
+
+    def link(nbytes):  # 1 ms + 500 KB free, then 100 MB/s
+        return 1e-3 + max(0.0, nbytes - 500e3) / 100e6
+
+    fit = TransferFit(window=48)
+    for _ in range(3):
+        fit.add(4e6, link(4e6))
+    for _ in range(40):  # a run of small messages fills the overall window
+        for b in (100e3, 250e3, 500e3):
+            fit.add(b, link(b))
+    lat, s_per_byte = fit.coef
+    overall = lat + s_per_byte * 4e6
+    assert abs(overall / link(4e6) - 1) > 0.3  # the line over the run misses the large message
+    assert fit(4e6) == pytest.approx(link(4e6), rel=0.05)
+    assert fit(250e3) == pytest.approx(link(250e3), rel=0.05)
+    assert fit(64e6) == pytest.approx(lat + s_per_byte * 64e6)  # nothing near it: the overall line
+
+
+def test_costs_use_the_per_size_message_times():
+    c = Costs(num_layers=4, layer_bytes=1e6, bandwidth=1e9, latency=1e-3, t_e=0.0)
+    slow = replace(c, msg_s={1: 0.05, 2: 0.06, 4: 0.07})
+    assert c.t_msg(1) == pytest.approx(2e-3) and slow.t_msg(1) == 0.05
+    assert P.pipelined_time(slow, 4) == pytest.approx(0.07)  # one message, nothing else
+    assert P.pipelined_time(slow, 1) == pytest.approx(4 * 0.05)  # the link is the bottleneck
