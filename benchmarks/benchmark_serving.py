@@ -15,7 +15,9 @@ Schemes (as benchmark_throughput.py): paged (stock, no prefix caching), paged-pc
 prefix caching), cascade (vLLM 0.26 GPU only, else 'n/a'), relay (relay backend, cloud prompt
 prefilled on the edge), edgeprompt (cloud actor + connector + relay + middleware). On a GPU
 the cloud engine shares the GPU (--cloud-gpu-memory-utilization) and every scheme's server gets
---gpu-memory-utilization (default 0.9 minus the cloud's share), so all have the same KV cache.
+--gpu-memory-utilization (default 0.9 minus the cloud's share), so all have the same KV cache;
+with --cloud-device 1 (two GPUs) the cloud engine runs on the second GPU and every server
+keeps 0.9.
 
 Per scheme and cloud prompt length, before the rates: one request puts the cloud prompt on the
 server (prefill, or the cloud transfer), then --warmup-requests at once (Triton JIT).
@@ -47,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeprompt_vllm.bench.cli import add_workload_args
+from edgeprompt_vllm.bench.cli import add_workload_args, resolve_memory
 
 SCHEMES = ("paged", "paged-pc", "cascade", "relay", "edgeprompt")
 # --cpu-smoke: the tiny model, fp32, eager, a 1 GiB KV cache, block 32, small counts; the SLO is
@@ -135,7 +137,8 @@ class Run:
                     args.model, {cloud_id(cl): self.works[cl].cloud for cl in lens},
                     dtype=args.dtype, block_size=args.block_size, max_model_len=max(lens) + 16,
                     load_format=args.load_format,
-                    gpu_memory_utilization=args.cloud_gpu_memory_utilization or 0.25)
+                    gpu_memory_utilization=args.cloud_gpu_memory_utilization or 0.25,
+                    cloud_device=args.cloud_device)
                 info["cloud_prefill_s"] = cloud.prefill_s
                 cfg = cloud.kv_transfer_config(args.edge_strategy)["kv_connector_extra_config"]
                 flags = flags + edge_serve_args(cfg, dtype=args.dtype, block_size=args.block_size)
@@ -335,10 +338,7 @@ def main(argv=None) -> int:
     schemes = args.schemes.split(",")
     for s in schemes:
         scheme_serve(s)
-    if gpu and args.gpu_memory_utilization is None:  # the same whichever schemes this run has
-        args.gpu_memory_utilization = round(0.9 - args.cloud_gpu_memory_utilization, 3)
-    if not gpu:
-        args.cloud_gpu_memory_utilization = None
+    resolve_memory(args, gpu)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="edgeprompt-serving-"))
     args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -352,7 +352,8 @@ def main(argv=None) -> int:
     workload = {k: getattr(args, k) for k in (
         "edge_len", "output_len", "output_len_from_data", "max_output_len", "rates", "num_prompts",
         "warmup_requests", "tpot_slo_ms", "load_format", "dtype", "block_size",
-        "gpu_memory_utilization", "cloud_gpu_memory_utilization", "edge_strategy", "vllm_args")}
+        "gpu_memory_utilization", "cloud_gpu_memory_utilization", "cloud_device", "edge_strategy",
+        "vllm_args")}
     workload.update(describe_workload(works[lens[0]], args.output_len, args.max_output_len),
                     cloud_lens=lens, schemes=schemes, model=args.model,
                     client="openai AsyncOpenAI, streamed /v1/completions with token-id prompts, "

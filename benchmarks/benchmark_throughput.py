@@ -26,7 +26,8 @@ one after the other:
               loads its KV through the EdgePromptConnector, relay backend. On a GPU the cloud
               engine shares the GPU (--cloud-gpu-memory-utilization); every scheme's engine then
               gets --gpu-memory-utilization (default 0.9 minus the cloud's share), so all edges
-              have the same KV cache.
+              have the same KV cache; with --cloud-device 1 (two GPUs) the cloud engine runs on
+              the second GPU and every edge keeps 0.9.
 
 Every scheme first puts the cloud prompt on the engine with one warm-up request (cloud prompt +
 the start of an edge prompt, 1 output token): a local prefill, or for edgeprompt the transfer
@@ -60,7 +61,7 @@ import threading
 import time
 from pathlib import Path
 
-from edgeprompt_vllm.bench.cli import add_workload_args
+from edgeprompt_vllm.bench.cli import add_workload_args, resolve_memory
 
 SCHEMES = ("paged", "paged-pc", "cascade", "relay", "edgeprompt")
 CLOUD_PROMPT_ID = "bench-cloud"
@@ -348,9 +349,6 @@ def parse_args(argv=None):
                    help="timed passes in the same engine; the last is the steady state")
     p.add_argument("--engine-args", default="{}", help="JSON of extra LLM(...) arguments")
     p.add_argument("--timeout-s", type=float, default=3600, help="per scheme and cloud length")
-    p.add_argument("--cloud-device", help="edgeprompt on a GPU: run the cloud engine on this CUDA "
-                   "device (a second GPU, as on its own machine); the edges then default to "
-                   "--gpu-memory-utilization 0.9")
     p.add_argument("--engine-per-length", action="store_true",
                    help="a fresh engine for every cloud length (default: one engine per scheme, "
                         "its prefix cache reset between lengths)")
@@ -387,11 +385,7 @@ def resolve_defaults(args) -> None:
     gpu = has_cuda()
     args.dtype = resolve_dtype(args.model, args.dtype)  # the fingerprint compares it
     args.block_size = args.block_size or (16 if gpu else 32)
-    if gpu and args.gpu_memory_utilization is None:  # the same whichever schemes this run has
-        shared = args.cloud_device is None  # the cloud engine on the edge's GPU
-        args.gpu_memory_utilization = round(0.9 - shared * args.cloud_gpu_memory_utilization, 3)
-    if not gpu:
-        args.cloud_gpu_memory_utilization = None
+    resolve_memory(args, gpu)
 
 
 def main(argv=None) -> int:

@@ -23,5 +23,18 @@ def add_workload_args(p: argparse.ArgumentParser, schemes: tuple[str, ...], clou
                    help=f"every scheme's {engine} (GPU; default 0.9 - the cloud's share)")
     p.add_argument("--cloud-gpu-memory-utilization", type=float, default=0.25,
                    help="the cloud actor's engine, on the same GPU (edgeprompt)")
+    p.add_argument("--cloud-device", help="edgeprompt on a GPU: run the cloud engine on this CUDA "
+                   "device (a second GPU, as on its own machine); the edges then default to "
+                   "--gpu-memory-utilization 0.9")
     p.add_argument("--edge-strategy", default="layerwise",
                    help="the edge's transfer strategy (edge/planner.py), or auto")
+
+
+def resolve_memory(args, gpu: bool) -> None:
+    """The same edge memory share for every scheme of a run, decided once: 0.9 (vLLM's default)
+    less the cloud engine's share where it runs on the edge's GPU."""
+    if gpu and args.gpu_memory_utilization is None:
+        shared = args.cloud_device is None
+        args.gpu_memory_utilization = round(0.9 - shared * args.cloud_gpu_memory_utilization, 3)
+    if not gpu:
+        args.cloud_gpu_memory_utilization = args.cloud_device = None

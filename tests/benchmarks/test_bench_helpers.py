@@ -60,3 +60,22 @@ def test_sustainable_rate():
     assert sustainable_rate(_pts((2, 60), (4, 30)), slo_ms=50)["rate"] == 0  # lowest fails
     s = sustainable_rate(_pts((2, 20), (4, 30), (8, 40), failed_at=8), slo_ms=50)
     assert s["rate"] == 4 and s["interpolated"] == 4  # failures are not interpolated
+
+
+@pytest.mark.parametrize("argv, gpu, edge, cloud", [
+    ([], True, 0.65, 0.25),  # the cloud engine shares the edge's GPU
+    (["--cloud-device", "1"], True, 0.9, 0.25),  # the cloud on its own GPU
+    (["--cloud-device", "1", "--gpu-memory-utilization", "0.8"], True, 0.8, 0.25),
+    (["--cloud-device", "1"], False, None, None),  # CPU: no memory shares at all
+])
+def test_edge_memory_share(argv, gpu, edge, cloud):
+    import argparse
+
+    from edgeprompt_vllm.bench.cli import add_workload_args, resolve_memory
+
+    p = argparse.ArgumentParser()
+    add_workload_args(p, ("relay",), "64", "engine")
+    args = p.parse_args(argv)
+    resolve_memory(args, gpu)
+    assert (args.gpu_memory_utilization, args.cloud_gpu_memory_utilization) == (edge, cloud)
+    assert args.cloud_device == ("1" if gpu and argv else None)
