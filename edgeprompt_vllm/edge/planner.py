@@ -1,83 +1,14 @@
 """The communication-model planner (DESIGN.md, "The communication model"; paper §2.3).
 
-Per layer l = 1..L: cloud compute t_c, transfer t_tr (bytes / bandwidth + per-message latency),
-edge compute t_e. With layer-wise overlap
-
-    T = T_init + t_c + t_tr + (L - 1) * max(t_tr, t_e) + t_e                       (pipelined)
-
-    t_tr >= t_e: T ~ T_init + t_c + L * t_tr + t_e      (communication-bound, paper Eq. 12)
-    t_e > t_tr:  T ~ T_init + t_c + t_tr + L * t_e      (edge-compute-bound, Eq. 13)
-
-A warm cloud prompt drops t_c; one already on the edge drops t_tr. The planner predicts T for
-each strategy and picks the fastest:
-
-    layerwise  one layer per message (g = 1), pipelined
-    grouped    g layers per message: message time g * bytes / bw + latency (amortises latency)
-    bulk       one message of all L layers (g = L)
-    recompute  no transfer: the edge prefills the cloud prompt itself (L * t_e of all tokens)
-
-`predict` runs the three-stage pipeline (cloud compute -> serial link -> edge compute) as a
-recurrence over layers; with uniform stages it equals the closed forms above (the unit tests
-check that). Cloud compute is pipelined too: if t_c > t_tr the link waits for the cloud, so the
-general form is T_init + t_c + t_tr + (L - 1) * max(t_c, t_tr, t_e) + t_e.
-
-A cold cloud prompt's first layer is not a whole t_c: the cloud captures layer l's K and V as
-layer l's attention starts (cloud/capture.py), so layer 0 is ready after the engine's start, the
-embedding and layer 0's QKV projection (t_c_first), and each later layer one full layer (the rest
-of layer l - 1 and layer l's projection: t_c) after the one before:
-
-    layer l ready at  T_init + t_c_first + l * t_c        (cold; the paper's "T_init + t_c" with
-                                                            t_c -> t_c_first for the first layer)
-
-The edge receives on the cores it computes on: every message after a fetch's first arrives while
-the edge computes and takes host time from it (Ray's pull, decode, checksum). In the CPU network
-benchmark (benchmarks/results/network, one core per side) the same edge layers of a 256-token
-cloud prompt took 19.5 ms each layer-wise, 17.5 ms with 2 layers per message and 15.3 ms in bulk,
-where the one message is in before layer 0 (fitted: ~4 ms per message + ~0.25 ms per MB). A
-model without it learns the mix of all three and over-predicts bulk (by ~10% warm, which made
-auto pass over the fastest strategy). So a fetch of M messages stretches the edge's compute by
-
-    t_rx(g) = (M - 1) * rx_msg + (bytes after the first message) * rx_byte
-
-spread over the layers computed while later messages still arrive (l < L - last message's
-layers); bulk (M = 1) pays none, and a link-bound fetch hides it behind its waits. The cloud
-likewise sends every message but the last while it computes (a cold prompt): its layers 1..L-1
-take t_c + t_tx(g) / (L - 1), t_tx(g) = (M - 1) * tx_msg + (bytes before the last message) *
-tx_byte (256 tokens: 9.5 ms per layer in bulk, 12.5 ms layer-wise; fitted: ~2.5 ms per message
-+ ~1.5 ms per MB).
-
-The estimator learns every input online from what the edge measures (worker_side.py feeds it
-the per-layer timeline and per-message transfer timings):
-  transfer   latency + bytes / bandwidth: least squares over the last messages (bytes vary with
-             prompt length and layers per message, which separates the two), and per message
-             size over the recent messages of about that size (TransferFit: a shaped link is
-             not one line over all sizes)
-  edge       per-layer compute of a load step: a0 + a1 * new_tokens + a2 * sum(new * (context +
-             new/2)) (linear work + attention) + rx_msg * later messages / (L - 1) + rx_byte *
-             later bytes / (L - 1) (the receive above, in the measured mean over layers 0..L-2),
-             least squares over the last load steps
-  prefill    the same without a load (recompute's t_e_recompute; a step without cloud KV runs
-             full causal attention, a2 * n^2 / 2, which costs per unit more than a load step's
-             attention over the cached cloud KV, so it is its own fit; until it has a
-             measurement, the load steps' fit stands in)
-  cloud      per-layer prefill of n tokens: b0 + b1 * n + b2 * n^2 / 2 (+ the sending above, per
-             measured layer) from layers 1..L-1 of the headers' compute times (b0: the capture
-             hook and per-layer engine work; without it 256 -> 1024 tokens, 9.5 -> 34 ms, forced
-             a negative b2 and over-predicted 1024 tokens by ~20%), and t_c_first = c0 + c1 * n
-             (layer 0's: start to layer 0's KV)
-  T_init     first header on the edge, less the cloud compute inside it
-  T_fixed    per step outside the forward (scheduling, sampling), from steps whose forward start
-             is known (start_load_kv before the forward: every load step)
-  edge pre   the edge's compute before layer 0's attention (embedding, layer 0's projection):
-             p0 + p1 * new tokens, from steps without a load. In a fetch it runs while layer 0 is
-             on its way; recompute pays it: T = T_fixed + pre(all tokens) + L * t_e_recompute.
-             Measured as layer 0's attention - start_load_kv where that comes first; where vLLM
-             (0.32) calls start_load_kv after the forward of a step without a load, the step's
-             overhead (build -> layer 0, forward end -> next scheduler call) holds it instead:
-             pre = that overhead - T_fixed (it must not go into T_fixed: a 4096-token recompute
-             has ~25 ms of it, and T_fixed is added to every strategy)
-The predicted time to first token is T_fixed + T. Decisions and predictions are logged at INFO
-and counted in `planner_stats()` (a plain dict, for the serving layer's /metrics).
+It predicts each strategy's time to first token for a request and picks the fastest:
+  planner_model.py  the model: T of layerwise, grouped, bulk and recompute from per-layer costs
+                    (`Costs`), the paper's closed forms
+  planner_fit.py    the online estimates of those costs from what the edge measures (what is
+                    learned, and how)
+Here: the `Planner`, which turns its estimates into `Costs`, decides (`plan`) and takes the
+worker side's measurements (`observe_step`). The predicted time to first token is T_fixed + T.
+Decisions and predictions are logged at INFO and counted in `planner_stats()` (a plain dict, for
+the serving layer's /metrics). Every name of the model and the estimates is importable from here.
 
 One planner per process (`get_planner()`): the scheduler side asks it, the worker side feeds it.
 """
@@ -88,307 +19,37 @@ import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, replace
 
-import numpy as np
-
+from edgeprompt_vllm.edge.planner_fit import (  # noqa: F401 (re-exported)
+    Ewma,
+    Fit,
+    TransferFit,
+    _fit_subsets,
+    _nnls,
+    _size_class,
+    cloud_features,
+    edge_features,
+    load_features,
+    prefill_attn_work,
+    received_while_computing,
+    sent_while_computing,
+)
+from edgeprompt_vllm.edge.planner_model import (  # noqa: F401 (re-exported)
+    FETCH_STRATEGIES,
+    STRATEGIES,
+    Costs,
+    cached_time,
+    closed_form_eq12,
+    closed_form_eq13,
+    closed_form_pipelined,
+    group_candidates,
+    message_sizes,
+    pipelined_time,
+    predict_all,
+    recompute_time,
+)
 from edgeprompt_vllm.log import get_logger
 
 logger = get_logger(__name__)
-
-FETCH_STRATEGIES = ("layerwise", "grouped", "bulk")
-STRATEGIES = FETCH_STRATEGIES + ("recompute",)
-
-
-# ============================ the model (pure) ============================
-@dataclass(frozen=True)
-class Costs:
-    """Everything the model needs for one request; times in seconds, per layer unless noted."""
-
-    num_layers: int
-    layer_bytes: float  # bytes of one layer's cloud KV (as loaded; the codec is in bandwidth)
-    bandwidth: float  # bytes / s
-    latency: float  # s per message
-    t_e: float  # edge compute per layer of this step, cloud KV loaded, nothing arriving meanwhile
-    t_c: float = 0.0  # cloud compute per layer after the first; 0: warm (computed in the cloud)
-    t_init: float = 0.0  # stream start -> first message can go (RPC to the cloud)
-    # cold only: the cloud's prefill start -> layer 0's KV captured (engine start, embedding,
-    # layer 0's QKV projection); None: a whole t_c (the paper's T_init + t_c)
-    t_c_first: float | None = None
-    t_e_recompute: float = math.inf  # edge compute per layer when the edge prefills it all
-    t_e_pre_recompute: float = 0.0  # recompute only: the edge's compute before layer 0's attention
-    t_fixed: float = 0.0  # per step, outside the forward (added to every strategy)
-    # the edge's host time receiving a message while it computes (s per message, s per byte)
-    rx_msg: float = 0.0
-    rx_byte: float = 0.0
-    # the cloud's host time sending a message while it computes (cold; s per message, s per byte)
-    tx_msg: float = 0.0
-    tx_byte: float = 0.0
-    # layers per message -> seconds on the link (the transfer fit near that size, TransferFit);
-    # None or a missing size: latency + bytes / bandwidth
-    msg_s: dict[int, float] | None = None
-
-    def t_msg(self, g: int) -> float:
-        """One message of g layers on the serial link."""
-        if self.msg_s and g in self.msg_s:
-            return self.msg_s[g]
-        return self.latency + g * self.layer_bytes / self.bandwidth
-
-    def t_rx(self, g: int) -> float:
-        """Edge compute added by a fetch of g layers per message: receiving every message after
-        the first while it computes (bulk: 0)."""
-        sizes = message_sizes(self.num_layers, g)
-        later_bytes = (self.num_layers - sizes[0]) * self.layer_bytes
-        return (len(sizes) - 1) * self.rx_msg + later_bytes * self.rx_byte
-
-    def t_c_at(self, g: int) -> float:
-        """Cloud compute per layer after the first, in a fetch of g layers per message: the
-        cloud sends every message but the last while it computes (0 when warm)."""
-        if not self.t_c or self.num_layers < 2:
-            return self.t_c
-        sizes = message_sizes(self.num_layers, g)
-        early_bytes = (self.num_layers - sizes[-1]) * self.layer_bytes
-        t_tx = (len(sizes) - 1) * self.tx_msg + early_bytes * self.tx_byte
-        return self.t_c + t_tx / (self.num_layers - 1)
-
-
-def message_sizes(num_layers: int, g: int) -> list[int]:
-    g = max(1, min(int(g), num_layers))
-    return [min(g, num_layers - s) for s in range(0, num_layers, g)]
-
-
-def pipelined_time(c: Costs, g: int = 1) -> float:
-    """T of a fetch with g layers per message: cloud -> link -> edge, a recurrence over layers.
-
-    The cloud has layer l at t_init + t_c_first + l * t_c (cold; warm: t_c = 0 and no
-    t_c_first); message m goes when its last layer is computed and the link is free; the edge
-    runs layer l when it finished layer l - 1 and layer l arrived. Layers 0..K-1 (K = L - the
-    last message's layers) are computed while later messages arrive: each takes
-    t_e + t_rx(g) / K (Costs.t_rx)."""
-    first = c.t_c if c.t_c_first is None else c.t_c_first
-    t_c = c.t_c_at(g)
-    sizes = message_sizes(c.num_layers, g)
-    k = c.num_layers - sizes[-1]
-    rx = c.t_rx(g) / k if k else 0.0
-    link_free = edge_free = 0.0
-    layer = 0
-    for n in sizes:
-        last = layer + n - 1
-        cloud_ready = c.t_init + first + last * t_c
-        start = max(cloud_ready, link_free)
-        link_free = arrive = start + c.t_msg(n)
-        for l in range(layer, layer + n):
-            edge_free = max(edge_free, arrive) + c.t_e + (rx if l < k else 0.0)
-        layer += n
-    return c.t_fixed + edge_free
-
-
-def recompute_time(c: Costs) -> float:
-    return c.t_fixed + c.t_e_pre_recompute + c.num_layers * c.t_e_recompute
-
-
-def cached_time(c: Costs) -> float:
-    """Already on the edge: no transfer."""
-    return c.t_fixed + c.num_layers * c.t_e
-
-
-# The closed forms of the paper (uniform layers, one layer per message, t_c <= max(t_tr, t_e);
-# cold, the t_c after T_init is the first layer's, Costs.t_c_first):
-def closed_form_pipelined(t_init: float, t_c: float, t_tr: float, t_e: float, num_layers: int) -> float:
-    return t_init + t_c + t_tr + (num_layers - 1) * max(t_tr, t_e) + t_e
-
-
-def closed_form_eq12(t_init, t_c, t_tr, t_e, num_layers) -> float:  # t_tr >= t_e
-    return t_init + t_c + num_layers * t_tr + t_e
-
-
-def closed_form_eq13(t_init, t_c, t_tr, t_e, num_layers) -> float:  # t_e > t_tr
-    return t_init + t_c + t_tr + num_layers * t_e
-
-
-def group_candidates(num_layers: int) -> list[int]:
-    """Layers per message for `grouped`: powers of two strictly between 1 and L."""
-    return [g for g in (2 ** k for k in range(1, 12)) if g < num_layers]
-
-
-def predict_all(c: Costs) -> dict[str, tuple[float, int]]:
-    """strategy -> (predicted T, layers per message); grouped: its best g."""
-    out = {"layerwise": (pipelined_time(c, 1), 1)}
-    groups = [(pipelined_time(c, g), g) for g in group_candidates(c.num_layers)]
-    if groups:
-        out["grouped"] = min(groups)
-    out["bulk"] = (pipelined_time(c, c.num_layers), c.num_layers)
-    if math.isfinite(c.t_e_recompute):
-        out["recompute"] = (recompute_time(c), 0)
-    return out
-
-
-# ============================ online estimates ============================
-def _fit_subsets(xs: np.ndarray, y: np.ndarray, n: int, primary: int, nrows: int) -> tuple[list, float]:
-    best, best_err = None, math.inf
-    masks = sorted(range(1, 1 << n), key=lambda m: (bin(m).count("1"), m != 1 << primary))
-    for mask in masks:
-        cols = [j for j in range(n) if mask >> j & 1]
-        if len(cols) > 1 and nrows < 2 * len(cols):
-            continue
-        if np.linalg.matrix_rank(xs[:, cols]) < len(cols):
-            continue
-        coef, *_ = np.linalg.lstsq(xs[:, cols], y, rcond=None)
-        if (coef < 0).any():
-            continue
-        err = float(((xs[:, cols] @ coef - y) ** 2).sum())
-        if err < best_err * (1 - 1e-6) - 1e-15 * float((y ** 2).sum()):
-            full = np.zeros(n)
-            full[cols] = coef
-            best, best_err = full, err
-    return best, best_err
-
-
-def _nnls(rows: list[tuple[list[float], float]], n: int, primary: int) -> list[float] | None:
-    """Non-negative least squares in *relative* error (each row weighted by 1 / y: the planner
-    is judged by relative error, and a few long steps must not decide the short ones), by trying
-    feature subsets; then once more without the worst fifth of the rows (measurements taken
-    while something else used the CPU).
-
-    A subset of k features needs at least 2k observations (fewer: it would fit noise), and
-    near-ties go to fewer features, then to the `primary` one (so a single observation gives
-    the proportional model, y = c * x[primary])."""
-    if not rows:
-        return None
-    x = np.array([r[0] for r in rows], dtype=np.float64)
-    y = np.array([r[1] for r in rows], dtype=np.float64)
-    w = 1.0 / np.maximum(y, max(float(y.max()), 1e-12) * 1e-6)
-    xw, yw = x * w[:, None], y * w
-    scale = np.maximum(np.abs(xw).max(axis=0), 1e-30)
-    xs = xw / scale
-    best, _ = _fit_subsets(xs, yw, n, primary, len(rows))
-    if best is not None and len(rows) >= 10:
-        resid = np.abs(xs @ best - yw)
-        keep = resid <= np.quantile(resid, 0.8)
-        trimmed, _ = _fit_subsets(xs[keep], yw[keep], n, primary, int(keep.sum()))
-        best = trimmed if trimmed is not None else best
-    return None if best is None else (best / scale).tolist()
-
-
-class Fit:
-    """y ~ coef . features over the last `window` observations, coefficients >= 0."""
-
-    def __init__(self, names: tuple[str, ...], prior: list[float], window: int = 48, primary: int = 0):
-        self.names, self.prior, self.primary = names, list(prior), primary
-        self.rows: deque = deque(maxlen=window)
-        self._coef: list[float] | None = None
-        self.count = 0
-
-    def add(self, features: list[float], y: float) -> None:
-        if not (math.isfinite(y) and y >= 0):
-            return
-        self.rows.append((list(features), float(y)))
-        self.count += 1
-        self._coef = None
-
-    @property
-    def coef(self) -> list[float]:
-        if self._coef is None:
-            self._coef = _nnls(list(self.rows), len(self.names), self.primary) or self.prior
-        return self._coef
-
-    def __call__(self, features: list[float]) -> float:
-        return float(sum(c * f for c, f in zip(self.coef, features)))
-
-    def to_dict(self) -> dict:
-        return {"n": self.count, **dict(zip(self.names, self.coef))}
-
-
-def _size_class(nbytes: float) -> int:
-    return int(math.log2(max(float(nbytes), 1.0)))
-
-
-class TransferFit:
-    """Seconds per message of B bytes: latency + B * s_per_byte, fitted near B.
-
-    One line over every size misfits a shaped link: a message within the shaper's burst passes
-    at line rate, a large one at the token rate plus TCP's recovery (the CPU network benchmark at
-    1 Gbit/s: 1 MB messages moved at ~140 MB/s, 4 MB ones at ~105 MB/s, and a window filled by a
-    run of 1 MB messages under-predicted the 4 MB ones by 15-30%). So messages are also kept per
-    power-of-two size class (the last `keep` of each: a run of one size pushes no other out), and
-    B's time comes from the line fitted to the classes within `near` of B's (about B/4 .. 8B) when
-    they hold >= 3 messages; else from the line over all recent messages (`overall`, which also
-    gives the latency and bandwidth the planner reports)."""
-
-    def __init__(self, window: int = 48, keep: int = 8, near: int = 2):
-        self.overall = Fit(("latency_s", "s_per_byte"), [1e-3, 1e-9], window, primary=1)  # 1 GB/s
-        self.keep, self.near = keep, near
-        self.by_class: dict[int, deque] = {}
-        self._local: dict[int, list[float] | None] = {}  # size class -> its line (cache)
-
-    @property
-    def count(self) -> int:
-        return self.overall.count
-
-    @property
-    def coef(self) -> list[float]:
-        return self.overall.coef
-
-    def add(self, nbytes: float, s: float) -> None:
-        self.overall.add([1.0, float(nbytes)], s)
-        if math.isfinite(s) and s >= 0 and nbytes > 0:
-            rows = self.by_class.setdefault(_size_class(nbytes), deque(maxlen=self.keep))
-            rows.append(([1.0, float(nbytes)], float(s)))
-            self._local.clear()
-
-    def __call__(self, nbytes: float) -> float:
-        k = _size_class(nbytes)
-        if k not in self._local:
-            rows = [r for j in range(k - self.near, k + self.near + 1) for r in self.by_class.get(j, ())]
-            self._local[k] = _nnls(rows, 2, 1) if len(rows) >= 3 else None
-        lat, s_per_byte = self._local[k] or self.overall.coef
-        return max(lat + s_per_byte * float(nbytes), 0.0)
-
-
-class Ewma:
-    def __init__(self, prior: float, alpha: float):
-        self.value, self.alpha, self.count = prior, alpha, 0
-
-    def add(self, x: float) -> None:
-        if math.isfinite(x):
-            self.value = x if self.count == 0 else (1 - self.alpha) * self.value + self.alpha * x
-            self.count += 1
-
-
-def edge_features(new_tokens: float, attn_work: float) -> list[float]:
-    """Per-layer edge compute features of a step: [1, new tokens, sum new * (ctx + new / 2)]."""
-    return [1.0, float(new_tokens), float(attn_work)]
-
-
-def load_features(new_tokens: float, attn_work: float, rx_msgs: float = 0.0,
-                  rx_bytes: float = 0.0) -> list[float]:
-    """A load step's: edge_features + [messages, bytes] received while the edge computed, per
-    measured layer (the messages after each stream's first, / (L - 1))."""
-    return edge_features(new_tokens, attn_work) + [float(rx_msgs), float(rx_bytes)]
-
-
-def cloud_features(tokens: float, tx_msgs: float = 0.0, tx_bytes: float = 0.0) -> list[float]:
-    """Per-layer cloud prefill features: [1, n, n^2 / 2, messages, bytes sent per layer]."""
-    return [1.0, float(tokens), prefill_attn_work(tokens, 0), float(tx_msgs), float(tx_bytes)]
-
-
-def received_while_computing(stream_messages: list[list[dict]],
-                             num_layers: int) -> tuple[float, float]:
-    """(messages, raw bytes) per measured layer (layers 0..L-2) that arrived while the edge
-    computed: every message after its stream's first (layer 0 waits for all the first ones)."""
-    later = [m for msgs in stream_messages for m in msgs[1:]]
-    per = max(1, num_layers - 1)
-    return len(later) / per, sum(m["nbytes"] for m in later) / per
-
-
-def sent_while_computing(messages: list[dict], num_layers: int) -> tuple[float, float]:
-    """(messages, raw bytes) per measured cloud layer (layers 1..L-1) that the cloud sent while
-    it computed a cold prompt: every message of the stream but the last."""
-    early = messages[:-1]
-    per = max(1, num_layers - 1)
-    return len(early) / per, sum(m["nbytes"] for m in early) / per
-
-
-def prefill_attn_work(new_tokens: int, context_before: int) -> float:
-    return new_tokens * (context_before + new_tokens / 2.0)
 
 
 @dataclass
