@@ -87,6 +87,11 @@ def _suffix_programs(s) -> int:
     return s.batch * s.num_kv_heads
 
 
+def _suffix_only(doc: str, **knobs) -> tuple:
+    """A variant that changes only the suffix kernel's tile config (the same on every shape)."""
+    return doc, lambda s: dict(suffix_config=dict(knobs))
+
+
 VARIANTS = {
     "base": ("the kernels' defaults (what the backend runs)", lambda s: {}),
     "pdl": (
@@ -99,13 +104,13 @@ VARIANTS = {
             prefix_config={**PDL_TRIGGER, **DECODE_TILES}, suffix_config=dict(PDL)
         ),
     ),
-    "suffix_s5": (
+    "suffix_s5": _suffix_only(
         "suffix 5 stages: K/V tiles double-buffered (3 stages: one 64-key tile in flight)",
-        lambda s: dict(suffix_config=dict(num_stages=5)),
+        num_stages=5,
     ),
-    "suffix_n32s5": (
+    "suffix_n32s5": _suffix_only(
         "suffix 32-key tiles, 5 stages: double-buffered, 96 regs, 5 programs per SM",
-        lambda s: dict(suffix_config=dict(TILE_N=32, num_stages=5)),
+        TILE_N=32, num_stages=5,
     ),
     "prefix_balanced": (
         "prefix: split count that fills whole waves (split_policy=balanced)",
@@ -115,9 +120,9 @@ VARIANTS = {
         "prefix: decode tiles 64x64 w4 s3 up to 4096 rows (default: prefill tiles from 1024)",
         lambda s: dict(prefix_config=dict(DECODE_TILES)),
     ),
-    "head_fastest": (
+    "head_fastest": _suffix_only(
         "suffix grid (kv heads, requests): a request's KV heads launched together",
-        lambda s: dict(suffix_config={"HEAD_FASTEST": True}),
+        HEAD_FASTEST=True,
     ),
     "unmasked": (
         "full tiles without masks, prefix and suffix (UNMASKED_FULL_TILES)",
@@ -131,13 +136,13 @@ VARIANTS = {
             suffix_config={**UNMASKED, **PDL, "HEAD_FASTEST": True},
         ),
     ),
-    "suffix_m64": (
+    "suffix_m64": _suffix_only(
         "suffix 64 rows (wgmma; K/V double-buffered at 3 stages; 2 programs per SM)",
-        lambda s: dict(suffix_config=dict(BLOCK_M=64)),
+        BLOCK_M=64,
     ),
-    "suffix_n32s4": (
+    "suffix_n32s4": _suffix_only(
         "suffix 32-key tiles, 4 stages (single-buffered; less shared memory)",
-        lambda s: dict(suffix_config=dict(TILE_N=32, num_stages=4)),
+        TILE_N=32, num_stages=4,
     ),
     "prefix_128x64w8": (
         "prefix tiles 128x64, 8 warps, 3 stages where rows >= 512",
@@ -151,25 +156,19 @@ VARIANTS = {
         "suffix split in 2 where there are < 4 programs per SM (+1 merge launch)",
         lambda s: dict(suffix_splits=2 if _suffix_programs(s) < 4 * _sms() else None),
     ),
-    "suffix_w2": (
+    "suffix_w2": _suffix_only(
         "suffix 2 warps (GQA: 4 real rows of 16; fewer registers, more programs per SM)",
-        lambda s: dict(suffix_config=dict(num_warps=2)),
+        num_warps=2,
     ),
-    "suffix_w8": (
-        "suffix 8 warps",
-        lambda s: dict(suffix_config=dict(num_warps=8)),
-    ),
-    "suffix_n128": (
+    "suffix_w8": _suffix_only("suffix 8 warps", num_warps=8),
+    "suffix_n128": _suffix_only(
         "suffix 128-key tiles (one 64 KB K+V tile in flight per program)",
-        lambda s: dict(suffix_config=dict(TILE_N=128)),
+        TILE_N=128,
     ),
-    "suffix_n128w8": (
-        "suffix 128-key tiles, 8 warps",
-        lambda s: dict(suffix_config=dict(TILE_N=128, num_warps=8)),
-    ),
-    "suffix_n32w2": (
+    "suffix_n128w8": _suffix_only("suffix 128-key tiles, 8 warps", TILE_N=128, num_warps=8),
+    "suffix_n32w2": _suffix_only(
         "suffix 32-key tiles, 2 warps, 3 stages",
-        lambda s: dict(suffix_config=dict(TILE_N=32, num_warps=2)),
+        TILE_N=32, num_warps=2,
     ),
     "suffix_split2_all": (
         "suffix always split in 2 (+1 merge launch)",

@@ -277,13 +277,20 @@ def test_recompute_pays_the_edge_compute_before_layer_0():
     assert pl.edge_pre.count == 6
 
 
-def test_fixed_overhead_leaves_out_the_compute_before_layer_0():
-    """A step without a load: its forward runs from start_load_kv, so the embedding and layer 0's
-    projections (30 ms here) are compute, not the per-step overhead the other strategies pay."""
+def recompute_step_built() -> tuple[Planner, "P.Decision"]:
+    """A fresh planner with one request planned as a recompute of 4096 + 512 tokens, its step
+    built (the step's observations follow)."""
     pl = Planner(alpha=1.0)
     d = pl.plan("r", "p", num_layers=4, layer_bytes=1e5, load_tokens=4096, edge_tokens=512,
                 cold=False, strategy="recompute")
     pl.step_built(["r"])
+    return pl, d
+
+
+def test_fixed_overhead_leaves_out_the_compute_before_layer_0():
+    """A step without a load: its forward runs from start_load_kv, so the embedding and layer 0's
+    projections (30 ms here) are compute, not the per-step overhead the other strategies pay."""
+    pl, d = recompute_step_built()
     start = time.perf_counter()
     time.sleep(0.03)
     enter0 = time.perf_counter()
@@ -301,10 +308,7 @@ def test_start_load_kv_after_the_forward_is_not_the_forward_start():
     """vLLM 0.32 calls start_load_kv only after the forward in a step that loads nothing: the
     forward then runs from layer 0's attention, and the per-step overhead stays small (taking
     start_load_kv as the forward's start made every such forward 0 s and the overhead all of it)."""
-    pl = Planner(alpha=1.0)
-    d = pl.plan("r", "p", num_layers=4, layer_bytes=1e5, load_tokens=4096, edge_tokens=512,
-                cold=False, strategy="recompute")
-    pl.step_built(["r"])
+    pl, d = recompute_step_built()
     enter0 = time.perf_counter()
     time.sleep(0.04)
     end = time.perf_counter()
