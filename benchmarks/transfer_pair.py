@@ -39,14 +39,14 @@ default benchmarks/results/transfer/cpu2.jsonl): what the tests run.
 """
 
 import os
-import platform
 import sys
 import time
-from pathlib import Path
 
 import ray
 import torch
 from ray.util.collective.collective_group.torch_gloo_collective_group import TorchGLOOGroup
+
+from edgeprompt_vllm.bench.env import cpu_name
 
 # the model-like layers (also --device cuda's): KV heads x head size, bf16, block size
 KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 8, 128, 16
@@ -59,10 +59,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def cpu_model() -> str:
     """The CPU's model name and core count (rows' "cpu"; the CPU actors' "device")."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return platform.processor() or platform.machine()
+    return f"{cpu_name()} ({os.cpu_count()} cores)"
 
 
 def checksum(t: torch.Tensor) -> int:
