@@ -49,7 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgeprompt_vllm.bench.cli import add_workload_args, resolve_memory
+from edgeprompt_vllm.bench.cli import add_workload_args, resolve_defaults
 
 SCHEMES = ("paged", "paged-pc", "cascade", "relay", "edgeprompt")
 # --cpu-smoke: the tiny model, fp32, eager, a 1 GiB KV cache, block 32, small counts; the SLO is
@@ -328,17 +328,13 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     from transformers import AutoTokenizer
 
-    from edgeprompt_vllm.bench.env import cascade_unavailable, environment, has_cuda
+    from edgeprompt_vllm.bench.env import cascade_unavailable, environment
     from edgeprompt_vllm.bench.workload import describe_workload, make_workload
-    from edgeprompt_vllm.cloud.launch import resolve_dtype
 
-    gpu = has_cuda()
-    args.dtype = resolve_dtype(args.model, args.dtype)
-    args.block_size = args.block_size or (16 if gpu else 32)
+    resolve_defaults(args)
     schemes = args.schemes.split(",")
     for s in schemes:
         scheme_serve(s)
-    resolve_memory(args, gpu)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="edgeprompt-serving-"))
     args.log_dir.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,7 @@ import threading
 import time
 from pathlib import Path
 
-from edgeprompt_vllm.bench.cli import add_workload_args, resolve_memory
+from edgeprompt_vllm.bench.cli import add_workload_args, resolve_defaults
 
 SCHEMES = ("paged", "paged-pc", "cascade", "relay", "edgeprompt")
 CLOUD_PROMPT_ID = "bench-cloud"
@@ -375,17 +375,6 @@ def parse_args(argv=None):
     if not args.model and not args.plot_only:
         p.error("--model is required (or --cpu-smoke, or --plot-only)")
     return args
-
-
-def resolve_defaults(args) -> None:
-    """Decided once by the driver, the same for every scheme, recorded in the JSON."""
-    from edgeprompt_vllm.bench.env import has_cuda
-    from edgeprompt_vllm.cloud.launch import resolve_dtype
-
-    gpu = has_cuda()
-    args.dtype = resolve_dtype(args.model, args.dtype)  # the fingerprint compares it
-    args.block_size = args.block_size or (16 if gpu else 32)
-    resolve_memory(args, gpu)
 
 
 def main(argv=None) -> int:

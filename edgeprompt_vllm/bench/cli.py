@@ -38,3 +38,15 @@ def resolve_memory(args, gpu: bool) -> None:
         args.gpu_memory_utilization = round(0.9 - shared * args.cloud_gpu_memory_utilization, 3)
     if not gpu:
         args.cloud_gpu_memory_utilization = args.cloud_device = None
+
+
+def resolve_defaults(args) -> None:
+    """Decided once by the driver, the same for every scheme, recorded in the JSON: the dtype
+    (the fingerprint compares it), the block size and the memory shares."""
+    from edgeprompt_vllm.bench.env import has_cuda
+    from edgeprompt_vllm.cloud.launch import resolve_dtype
+
+    gpu = has_cuda()
+    args.dtype = resolve_dtype(args.model, args.dtype)
+    args.block_size = args.block_size or (16 if gpu else 32)
+    resolve_memory(args, gpu)
