@@ -47,6 +47,18 @@ def resolve_defaults(args) -> None:
     from edgeprompt_vllm.cloud.launch import resolve_dtype
 
     gpu = has_cuda()
+    if gpu and args.cloud_device is not None:
+        import torch
+
+        check_cloud_device(args.cloud_device, torch.cuda.device_count())
     args.dtype = resolve_dtype(args.model, args.dtype)
     args.block_size = args.block_size or (16 if gpu else 32)
     resolve_memory(args, gpu)
+
+
+def check_cloud_device(cloud_device: str, num_gpus: int) -> None:
+    """--cloud-device must name another GPU than the edges' (device 0), one this machine has."""
+    if not str(cloud_device).isdigit() or not 0 < int(cloud_device) < num_gpus:
+        raise SystemExit(f"--cloud-device {cloud_device}: name a second GPU (this machine has "
+                         f"{num_gpus} CUDA device(s); the edges run on device 0); without "
+                         "--cloud-device the cloud engine shares the edges' GPU")

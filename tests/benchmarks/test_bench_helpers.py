@@ -79,3 +79,12 @@ def test_edge_memory_share(argv, gpu, edge, cloud):
     resolve_memory(args, gpu)
     assert (args.gpu_memory_utilization, args.cloud_gpu_memory_utilization) == (edge, cloud)
     assert args.cloud_device == ("1" if gpu and argv else None)
+
+
+def test_cloud_device_must_be_another_gpu():
+    from edgeprompt_vllm.bench.cli import check_cloud_device
+
+    check_cloud_device("1", 2)
+    for bad, gpus in (("0", 2), ("1", 1), ("2", 2), ("x", 4)):
+        with pytest.raises(SystemExit, match="name a second GPU"):
+            check_cloud_device(bad, gpus)
