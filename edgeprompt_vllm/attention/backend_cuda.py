@@ -8,9 +8,12 @@ blocks; LSE merge fused into the suffix kernel) and the rest (prefill chunks, un
 run FlashAttention. The relay launches are planned at the first layer of a step and replayed at
 the others (kernels/replay.py), so eager attention costs little host time per layer.
 
-CUDA graphs: the builder reports NEVER, so vLLM captures piecewise graphs and runs attention
-eagerly (it is a splitting op). Full graphs would need the grouping computed on the device into
-fixed-size buffers and grids sized for the capture batch; see the README.
+CUDA graphs (graph_mode.py): under Model Runner V2 the builder reports UNIFORM_BATCH, vLLM
+captures FULL graphs of FlashAttention decode steps (relay off while capturing) and piecewise
+graphs, and a decode step runs its FULL graph unless it is forecast to relay; a relaying step
+runs piecewise, attention eager. Under the V1 runner the builder reports NEVER (piecewise only).
+Relay inside full graphs would need the grouping computed on the device into fixed-size buffers
+and grids sized for the capture batch; see the README.
 """
 
 import time
@@ -27,7 +30,7 @@ from vllm.v1.attention.backends.flash_attn import (
 )
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-from edgeprompt_vllm.attention import host_block_table
+from edgeprompt_vllm.attention import graph_mode, host_block_table
 from edgeprompt_vllm.attention.relay_batch import RelayBatch, RestBatch, build_relay_batch
 from edgeprompt_vllm.attention.stats import RELAY_STATS
 from edgeprompt_vllm.attention.warmup import warm_up_relay_kernels
@@ -50,15 +53,26 @@ MAX_GROUP_QUERY_LEN = 16
 _WARMED_UP: list[tuple[int, float]] = []  # once per process: the kernels are compiled for every layer alike
 
 
+def _relay_enabled(vllm_config, kv_cache_dtype: torch.dtype) -> bool:
+    """The relay path runs when CUSTOM is selected and the KV cache is in the model's dtype."""
+    return (vllm_config.attention_config.backend == AttentionBackendEnum.CUSTOM
+            and kv_cache_dtype == vllm_config.model_config.dtype)
+
+
 class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
-    _cudagraph_support = AttentionCGSupport.NEVER
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        if not _relay_enabled(vllm_config, kv_cache_spec.dtype):
+            return super().get_cudagraph_support(vllm_config, kv_cache_spec)  # stock FlashAttention
+        if vllm_config.use_v2_model_runner and graph_mode.install():
+            return AttentionCGSupport.UNIFORM_BATCH  # FULL graphs for steps that relay nothing
+        return AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.shape = AttentionShape(num_q_heads=self.num_heads_q, num_kv_heads=self.num_heads_kv,
                                     head_size=self.headdim, dtype_bytes=self.model_config.dtype.itemsize)
-        self.relay_enabled = vllm_config.attention_config.backend == AttentionBackendEnum.CUSTOM \
-            and self.kv_cache_dtype == self.model_config.dtype
+        self.relay_enabled = _relay_enabled(vllm_config, kv_cache_spec.dtype)
         if self.relay_enabled:
             host_block_table.install()
         if self.relay_enabled and not _WARMED_UP:
@@ -70,12 +84,19 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> RelayFlashMetadata:
         stock = super().build(common_prefix_len, common_attn_metadata, fast_build)
         relay = None
-        if self.relay_enabled and not stock.use_cascade:
+        # a FULL graph step replays FlashAttention: nothing to group (graph_mode.py)
+        if self.relay_enabled and not stock.use_cascade and not graph_mode.step_is_full_graph():
             start = time.perf_counter()
             relay = build_relay_batch(common_attn_metadata, self.block_size, keep=self._worth_relaying,
                                       split_rest=True, max_group_query_len=MAX_GROUP_QUERY_LEN)
             RELAY_STATS.record(relay, time.perf_counter() - start)
+            graph_mode.note_build(relay is not None)
         return RelayFlashMetadata(**vars(stock), relay=relay)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata) -> RelayFlashMetadata:
+        """Graphs are captured with relay off (dummy block tables share their leading blocks)."""
+        stock = super().build(0, common_attn_metadata)
+        return RelayFlashMetadata(**vars(stock), relay=None)
 
     def _worth_relaying(self, groups, query_lens):
         shapes = [GroupShape(num_reqs=len(reqs), num_query_tokens=int(query_lens[reqs].sum()),

@@ -46,6 +46,8 @@ def compiled_kernel_variants() -> int:
 
 def relay_stats(_worker=None) -> dict:
     """For `LLM.collective_rpc(relay_stats)`: this worker's counters."""
+    from edgeprompt_vllm.attention.graph_mode import graph_mode_stats
     from edgeprompt_vllm.attention.host_block_table import LOOKUPS
 
-    return asdict(RELAY_STATS) | LOOKUPS | {"compiled_kernel_variants": compiled_kernel_variants()}
+    return (asdict(RELAY_STATS) | LOOKUPS | graph_mode_stats()
+            | {"compiled_kernel_variants": compiled_kernel_variants()})

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from edgeprompt_vllm.attention import graph_mode
 from edgeprompt_vllm.config import EdgePromptConfig
 from edgeprompt_vllm.edge.cuda_loader import LayerLoader, SideStream
 from edgeprompt_vllm.edge.kv_writer import cpu_isa, write_layer
@@ -92,6 +93,11 @@ class WorkerSide:
         side = self._side_stream()
         if side is not None and self._active:
             self._loader = LayerLoader(side, self._loads_per_stream(), self._caches_per_layer())
+        if self._active and graph_mode.step_is_full_graph():
+            # a FULL CUDA graph runs no wait_for_layer_load: every layer is waited for before it
+            first_name = {layer: name for name, layer in reversed(self.layer_of.items())}
+            for layer in sorted(first_name):
+                self.wait_for_layer_load(first_name[layer])
 
     def _side_stream(self) -> SideStream | None:
         """The side stream when the KV cache is on CUDA (created once); None on CPU."""

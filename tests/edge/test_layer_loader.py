@@ -188,3 +188,26 @@ def test_worker_side_on_cpu_caches_keeps_the_write_on_demand_path(monkeypatch):
     s.arrive(0)
     w.wait_for_layer_load("model.layers.0.self_attn.attn")
     assert written == [(48, "vec")]
+
+
+def test_a_full_cuda_graph_step_waits_for_every_layer_before_the_graph(monkeypatch):
+    """A FULL graph replays no wait_for_layer_load (attention/graph_mode.py): start_load_kv
+    itself waits for each layer, in order, and every layer is written before the forward."""
+    from edgeprompt_vllm.attention import graph_mode
+
+    s = FakeStream("P", L, TOKENS)
+    for layer in range(L):
+        s.arrive(layer)
+    side = FakeSide(s)
+    w = make_worker(monkeypatch, {"P": s}, side)
+    caches = {l: [c] for l, c in enumerate(w.kv_caches.values())}
+    expected = {l: [c.clone()] for l, cs in caches.items() for c in cs}
+    monkeypatch.setattr(graph_mode, "STEP", graph_mode._Step(mode="FULL"))
+    w.start_load_kv(step(("P", A)))
+    assert [c[1] for c in side.calls() if c[0] == "wait"] == ["P:0", "P:1", "P:2"]
+    for l in range(L):
+        kv = s.kv[l]
+        reference_write(expected[l][0], kv[0, :48], kv[1, :48], slots_of(*A))
+    assert_caches(caches, expected)
+    w.wait_for_save()
+    assert w.take_invalid_block_ids() == set()
