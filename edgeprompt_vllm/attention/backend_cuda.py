@@ -19,6 +19,7 @@ and grids sized for the capture batch; see the README.
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
@@ -90,7 +91,7 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             relay = build_relay_batch(common_attn_metadata, self.block_size, keep=self._worth_relaying,
                                       split_rest=True, max_group_query_len=MAX_GROUP_QUERY_LEN)
             RELAY_STATS.record(relay, time.perf_counter() - start)
-            graph_mode.note_build(relay is not None)
+            graph_mode.note_build(relay is not None or not _has_decode(common_attn_metadata))
         return RelayFlashMetadata(**vars(stock), relay=relay)
 
     def build_for_cudagraph_capture(self, common_attn_metadata) -> RelayFlashMetadata:
@@ -103,6 +104,13 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
                              prefix_len=prefix_len) for reqs, prefix_len in groups]
         decisions = choose_relay(shapes, self.shape)
         return [g for g, d in zip(groups, decisions) if d.relay]
+
+
+def _has_decode(common) -> bool:
+    """Whether the step has requests a group could relay (a prefill-only step says nothing
+    about the decode steps after it: they then run piecewise until a build decides)."""
+    query_lens = np.diff(common.query_start_loc_cpu[: common.num_reqs + 1].numpy())
+    return bool((query_lens <= MAX_GROUP_QUERY_LEN).any())
 
 
 class RelayFlashImpl(FlashAttentionImpl):

@@ -9,11 +9,13 @@ table, as stock vLLM). This module wraps the runner's graph dispatch: a uniform 
 its FULL graph unless the forecast says it relays, and then the PIECEWISE graph of the same size.
 
 The forecast is the last relay decision of a build that was not a FULL step (dispatch comes
-before the step's metadata is built). Builds of FULL steps group nothing, so the forecast only
-changes at steps that run eagerly anyway (mixed prefill + decode, piecewise decode): the groups
-and the cost model's inputs change only when requests join, which is such a step; requests
-leaving only make a group less worth relaying. A wrong forecast is never wrong output: a FULL
-step is stock vLLM's FlashAttention, a PIECEWISE step runs the relay path the builder decides.
+before the step's metadata is built); a step with only prefills decides nothing, so it sets the
+forecast to relay and the next decode step decides, eagerly. Builds of FULL steps group nothing,
+so the forecast only changes at steps that run eagerly anyway (mixed prefill + decode, piecewise
+decode): the groups and the cost model's inputs change only when requests join, which is such a
+step; requests leaving only make a group less worth relaying. A wrong forecast is never wrong
+output: a FULL step is stock vLLM's FlashAttention, a PIECEWISE step runs the relay path the
+builder decides.
 
 A FULL step runs no Python inside the forward, so the connector's per-layer waits cannot run
 there: its loads wait for every layer before the graph (`step_is_full_graph`, worker_side.py).
@@ -36,7 +38,7 @@ class GraphModeStats:
 @dataclass
 class _Step:
     mode: str = "NONE"  # CUDAGraphMode name dispatched for the current step
-    forecast_relay: bool = False  # the last non-FULL build relayed a group
+    forecast_relay: bool = True  # the last non-FULL build relayed a group (or had no decode)
 
 
 STATS = GraphModeStats()
@@ -49,9 +51,10 @@ def step_is_full_graph() -> bool:
     return STEP.mode == "FULL"
 
 
-def note_build(relayed: bool) -> None:
-    """The relay builder's decision for a step that is not FULL: the next steps' forecast."""
-    STEP.forecast_relay = relayed
+def note_build(relay_next: bool) -> None:
+    """The relay builder's forecast for the steps after a step that is not FULL: it relayed a
+    group, or it had no decode request to decide on."""
+    STEP.forecast_relay = relay_next
 
 
 def choose(dispatch, num_reqs, num_tokens, uniform_token_count, *args, **kwargs):

@@ -35,15 +35,17 @@ def manager():
 
 
 def test_decode_step_runs_full_graph_until_a_build_relays(manager):
+    # nothing decided yet (a fresh engine, or after prefill-only steps): the step runs eagerly
     desc = manager.dispatch(250, 250, 1, num_active_loras=0)  # uniform decode, 1 token each
-    assert desc.cg_mode.name == "FULL" and graph_mode.step_is_full_graph()
-    graph_mode.note_build(True)  # a (non-FULL) step relayed a group
-    desc = manager.dispatch(250, 250, 1, num_active_loras=0)
     assert desc.cg_mode.name == "PIECEWISE" and desc.num_reqs is None
     assert not graph_mode.step_is_full_graph()
-    graph_mode.note_build(False)
+    graph_mode.note_build(False)  # its build relayed nothing
+    desc = manager.dispatch(250, 250, 1, num_active_loras=0)
+    assert desc.cg_mode.name == "FULL" and graph_mode.step_is_full_graph()
     assert manager.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "FULL"
-    assert graph_mode.graph_mode_stats() == {"full_steps": 2, "piecewise_for_relay": 1}
+    graph_mode.note_build(True)  # a (non-FULL) step relayed a group
+    assert manager.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "PIECEWISE"
+    assert graph_mode.graph_mode_stats() == {"full_steps": 2, "piecewise_for_relay": 2}
 
 
 def test_mixed_and_uncaptured_steps_are_left_alone(manager):
