@@ -16,7 +16,8 @@ FLOPs for QK^T and PV):
 
 The suffix work is the same either way and cancels. A group relays when relay < plain; the batch
 runs the prefix pass only when the groups it would serve save more than one extra launch
-(LAUNCH). Decode is memory-bound, so a shared prefix read n times pays for itself quickly;
+(LAUNCH). Where vLLM can replay a whole decode step as one CUDA graph (attention/graph_mode.py),
+a step leaves that graph for relay only if the saving over all layers exceeds PIECEWISE_STEP. Decode is memory-bound, so a shared prefix read n times pays for itself quickly;
 prefill is compute-bound (every edge token attends to every cloud token either way), so there
 relay wins only if its prefix kernel matches the plain kernel's FLOP rate.
 
@@ -37,6 +38,7 @@ class DeviceModel:
     plain_flops_per_s: float  # dense attention FLOP rate of the plain kernel (FA3 on Hopper)
     relay_flops_per_s: float  # dense FLOP rate of our Triton prefix kernel
     launch_s: float  # one more kernel launch in a CUDA-graph replay, incl. its tail
+    piecewise_step_s: float  # a decode step run piecewise (attention eager), not as one FULL graph
     num_sms: int
     notes: dict = field(default_factory=dict, compare=False)
 
@@ -50,6 +52,7 @@ H100 = DeviceModel(
     plain_flops_per_s=6.1e14,
     relay_flops_per_s=2.3e14,
     launch_s=5e-6,
+    piecewise_step_s=2e-3,
     num_sms=132,
     notes={
         "hbm_bytes_per_s": (
@@ -79,6 +82,13 @@ H100 = DeviceModel(
         "launch_s": (
             "measured: relay on an H100 at batch 64 / prefix 64 costs 3.8 us over FA3 on the own "
             "blocks alone (the merge launch and the partial states); rounded up"
+        ),
+        "piecewise_step_s": (
+            "guessed between two H100 measurements (benchmarks/results/README.md): at large "
+            "batches a relay-backend step with no group relayed took ~0.8 ms more under piecewise "
+            "graphs than stock's FULL graph (throughput at a 64-token prompt, 2.6% of a ~30 ms "
+            "step, before FULL graphs); serving at 4 req/s (a few requests per step), "
+            "EdgePrompt's p50 TPOT was 3.5 ms above stock's (host-bound eager layers)"
         ),
     },
 )
@@ -183,3 +193,11 @@ def choose_relay(
     if saving <= device.launch_s:
         decisions = [GroupDecision(False, d.plain_s, d.relay_s) for d in decisions]
     return decisions
+
+
+def worth_leaving_full_graph(decisions: list[GroupDecision], num_layers: int,
+                             device: DeviceModel = H100) -> bool:
+    """Whether the relaying groups save more over all layers of a decode step than running that
+    step piecewise (attention eager) instead of as one FULL CUDA graph costs."""
+    saving = num_layers * sum(d.plain_s - d.relay_s for d in decisions if d.relay)
+    return saving > device.piecewise_step_s

@@ -36,7 +36,8 @@ from edgeprompt_vllm.attention.relay_batch import RelayBatch, RestBatch, build_r
 from edgeprompt_vllm.attention.stats import RELAY_STATS
 from edgeprompt_vllm.attention.warmup import warm_up_relay_kernels
 from edgeprompt_vllm.kernels import relay_attention
-from edgeprompt_vllm.kernels.cost_model import AttentionShape, GroupShape, choose_relay
+from edgeprompt_vllm.kernels.cost_model import (AttentionShape, GroupShape, choose_relay,
+                                                 worth_leaving_full_graph)
 from edgeprompt_vllm.kernels.replay import LayerReplay
 
 
@@ -74,6 +75,8 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         self.shape = AttentionShape(num_q_heads=self.num_heads_q, num_kv_heads=self.num_heads_kv,
                                     head_size=self.headdim, dtype_bytes=self.model_config.dtype.itemsize)
         self.relay_enabled = _relay_enabled(vllm_config, kv_cache_spec.dtype)
+        self.num_layers = len(layer_names)  # the attention layers this builder's metadata serves
+        self._relay_pays_for_piecewise = False
         if self.relay_enabled:
             host_block_table.install()
         if self.relay_enabled and not _WARMED_UP:
@@ -88,10 +91,13 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         # a FULL graph step replays FlashAttention: nothing to group (graph_mode.py)
         if self.relay_enabled and not stock.use_cascade and not graph_mode.step_is_full_graph():
             start = time.perf_counter()
+            self._relay_pays_for_piecewise = False  # set by _worth_relaying when there are groups
             relay = build_relay_batch(common_attn_metadata, self.block_size, keep=self._worth_relaying,
                                       split_rest=True, max_group_query_len=MAX_GROUP_QUERY_LEN)
             RELAY_STATS.record(relay, time.perf_counter() - start)
-            graph_mode.note_build(relay is not None or not _has_decode(common_attn_metadata))
+            # the next decode steps leave their FULL graph if a request here is still
+            # prefilling (it decodes next: that step decides, eagerly) or relaying pays for it
+            graph_mode.note_build(_has_prefill(common_attn_metadata) or self._relay_pays_for_piecewise)
         return RelayFlashMetadata(**vars(stock), relay=relay)
 
     def build_for_cudagraph_capture(self, common_attn_metadata) -> RelayFlashMetadata:
@@ -103,14 +109,14 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         shapes = [GroupShape(num_reqs=len(reqs), num_query_tokens=int(query_lens[reqs].sum()),
                              prefix_len=prefix_len) for reqs, prefix_len in groups]
         decisions = choose_relay(shapes, self.shape)
+        self._relay_pays_for_piecewise = worth_leaving_full_graph(decisions, self.num_layers)
         return [g for g, d in zip(groups, decisions) if d.relay]
 
 
-def _has_decode(common) -> bool:
-    """Whether the step has requests a group could relay (a prefill-only step says nothing
-    about the decode steps after it: they then run piecewise until a build decides)."""
+def _has_prefill(common) -> bool:
+    """Whether a request of the step has more query tokens than a group takes (a prefill chunk)."""
     query_lens = np.diff(common.query_start_loc_cpu[: common.num_reqs + 1].numpy())
-    return bool((query_lens <= MAX_GROUP_QUERY_LEN).any())
+    return bool((query_lens > MAX_GROUP_QUERY_LEN).any())
 
 
 class RelayFlashImpl(FlashAttentionImpl):

@@ -56,6 +56,18 @@ def test_mixed_batch_decides_per_group():
     assert [d.relay for d in cm.choose_relay(groups, GQA)] == [True, False, True]
 
 
+@pytest.mark.parametrize("num_reqs,prefix_len,leave", [
+    (250, 1024, True),  # the paper's workload at full load: ~20 ms saved per step
+    (4, 1024, False),  # a few requests (serving at 4 req/s): ~0.2 ms, below the piecewise cost
+    (250, 64, False),  # nothing relays at a 64-token prompt
+])
+def test_a_decode_step_leaves_its_full_graph_only_when_relay_pays_for_it(num_reqs, prefix_len, leave):
+    decisions = cm.choose_relay([_decode(num_reqs, prefix_len)], LLAMA2_7B)
+    assert cm.worth_leaving_full_graph(decisions, num_layers=32) is leave
+    saving = 32 * sum(d.plain_s - d.relay_s for d in decisions if d.relay)
+    assert (saving > cm.H100.piecewise_step_s) is leave
+
+
 @pytest.mark.parametrize("shape", [LLAMA2_7B, GQA, cm.AttentionShape(12, 4, 64)])
 @pytest.mark.parametrize(
     "tokens,prefix_len", [(1, 64), (8, 1024), (64, 1024), (256, 4096), (4096, 1024)]
