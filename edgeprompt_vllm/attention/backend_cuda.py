@@ -12,8 +12,10 @@ CUDA graphs (graph_mode.py): under Model Runner V2 the builder reports UNIFORM_B
 captures FULL graphs of FlashAttention decode steps (relay off while capturing) and piecewise
 graphs, and a decode step runs its FULL graph unless it is forecast to relay; a relaying step
 runs piecewise, attention eager. Under the V1 runner the builder reports NEVER (piecewise only).
-Relay inside full graphs would need the grouping computed on the device into fixed-size buffers
-and grids sized for the capture batch; see the README.
+Relay inside FULL graphs would need launches that do not depend on the step's grouping: the
+group table (token ranges, prefix block lists, lengths) in persistent device buffers of a fixed
+capacity that the builder fills before replay, grids sized for the captured batch with programs
+past the real groups exiting at once, and a fixed prefix split count.
 """
 
 import time

@@ -8,14 +8,15 @@ kinds of graph (the FULL ones with relay off: FlashAttention over each request's
 table, as stock vLLM). This module wraps the runner's graph dispatch: a uniform decode step runs
 its FULL graph unless the forecast says it relays, and then the PIECEWISE graph of the same size.
 
-The forecast is the last relay decision of a build that was not a FULL step (dispatch comes
-before the step's metadata is built); a step with only prefills decides nothing, so it sets the
-forecast to relay and the next decode step decides, eagerly. Builds of FULL steps group nothing,
-so the forecast only changes at steps that run eagerly anyway (mixed prefill + decode, piecewise
-decode): the groups and the cost model's inputs change only when requests join, which is such a
-step; requests leaving only make a group less worth relaying. A wrong forecast is never wrong
-output: a FULL step is stock vLLM's FlashAttention, a PIECEWISE step runs the relay path the
-builder decides.
+The forecast is set by the last build that was not a FULL step (dispatch comes before the
+step's metadata is built): relay next if that build's relaying groups save more over all layers
+than a piecewise step costs (cost_model.worth_leaving_full_graph), or if a request in it was
+still prefilling: it decodes from the next step on, so that step runs eagerly and decides. A
+fresh engine starts forecasting relay. Builds of FULL steps group nothing, so the forecast only
+changes at steps that run eagerly anyway (prefill chunks, piecewise decode): the groups change
+only when requests join, which takes such steps; requests leaving only make a group less worth
+relaying. A wrong forecast is never wrong output: a FULL step is stock vLLM's FlashAttention,
+a PIECEWISE step runs the relay path the builder decides.
 
 A FULL step runs no Python inside the forward, so the connector's per-layer waits cannot run
 there: its loads wait for every layer before the graph (`step_is_full_graph`, worker_side.py).
@@ -38,7 +39,7 @@ class GraphModeStats:
 @dataclass
 class _Step:
     mode: str = "NONE"  # CUDAGraphMode name dispatched for the current step
-    forecast_relay: bool = True  # the last non-FULL build relayed a group (or had no decode)
+    forecast_relay: bool = True  # whether the next uniform decode step should run piecewise
 
 
 STATS = GraphModeStats()
@@ -52,8 +53,7 @@ def step_is_full_graph() -> bool:
 
 
 def note_build(relay_next: bool) -> None:
-    """The relay builder's forecast for the steps after a step that is not FULL: it relayed a
-    group, or it had no decode request to decide on."""
+    """The relay builder's forecast for the steps after one that is not FULL."""
     STEP.forecast_relay = relay_next
 
 
