@@ -362,8 +362,10 @@ def analyse(rows: list[dict]) -> dict:
         if r.get("predicted_s"):
             k = (r["bandwidth_mbit"], r["rtt_ms"], r["tokens"], r["temp"], r["strategy"])
             reps.setdefault(k, []).append((r["ttft_s"], r["predicted_s"]))
-    medians = [(statistics.median(m for m, _ in v), statistics.median(p for _, p in v)) for v in reps.values()]
-    cell_errs = [abs(p - m) / m for m, p in medians]
+    cell_errs = []  # per cell and strategy: |median predicted - median measured| / median measured
+    for v in reps.values():
+        measured, predicted = statistics.median(m for m, _ in v), statistics.median(p for _, p in v)
+        cell_errs.append(abs(predicted - measured) / measured)
     ov = [r for r in rows if r["strategy"] == "layerwise" and r.get("hidden") is not None
           and r.get("t_e_layer_s") and r["t_e_layer_s"] > _bound(r)]
     firsts = {}  # in a cell every strategy ran the same tokens; the first token must agree
@@ -375,10 +377,10 @@ def analyse(rows: list[dict]) -> dict:
                        "median_abs_rel_err": statistics.median(errs) if errs else None,
                        "p90_abs_rel_err": sorted(errs)[int(0.9 * (len(errs) - 1))] if errs else None,
                        "max_abs_rel_err": max(errs) if errs else None,
-                       "cell_medians": {"cells": len(cell_errs),
-                                        "within_15pct": sum(e <= 0.15 for e in cell_errs),
-                                        "median_abs_rel_err": statistics.median(cell_errs) if cell_errs else None,
-                                        "max_abs_rel_err": max(cell_errs) if cell_errs else None}},
+                       "cell_medians": {
+                           "cells": len(cell_errs), "within_15pct": sum(e <= 0.15 for e in cell_errs),
+                           "median_abs_rel_err": statistics.median(cell_errs) if cell_errs else None,
+                           "max_abs_rel_err": max(cell_errs) if cell_errs else None}},
         "overlap_edge_bound": {"rows": len(ov), "min_hidden": min((r["hidden"] for r in ov), default=None),
                                "median_hidden": statistics.median([r["hidden"] for r in ov]) if ov else None,
                                "at_least_80pct": sum(r["hidden"] >= 0.8 for r in ov)},

@@ -16,10 +16,11 @@ FLOPs for QK^T and PV):
 
 The suffix work is the same either way and cancels. A group relays when relay < plain; the batch
 runs the prefix pass only when the groups it would serve save more than one extra launch
-(LAUNCH). Where vLLM can replay a whole decode step as one CUDA graph (attention/graph_mode.py),
-a step leaves that graph for relay only if the saving over all layers exceeds PIECEWISE_STEP. Decode is memory-bound, so a shared prefix read n times pays for itself quickly;
+(LAUNCH). Decode is memory-bound, so a shared prefix read n times pays for itself quickly;
 prefill is compute-bound (every edge token attends to every cloud token either way), so there
-relay wins only if its prefix kernel matches the plain kernel's FLOP rate.
+relay wins only if its prefix kernel matches the plain kernel's FLOP rate. Where vLLM can replay
+a whole decode step as one CUDA graph (attention/graph_mode.py), a step leaves that graph for
+relay only if the saving over all layers exceeds PIECEWISE_STEP (worth_leaving_full_graph).
 
 Numbers are per device; each is marked measured (with its source) or guessed. Re-fit them with
 benchmarks/benchmark_kernels.py, which prints this model's choice next to the measured winner.

@@ -82,7 +82,7 @@ def install() -> bool:
         logger.info("relay: no Model Runner V2 graph dispatch to wrap (%s)", e)
         return False
     dispatch = CudaGraphManager.dispatch
-    CudaGraphManager.dispatch = lambda self, *args, **kwargs: choose(partial(dispatch, self), *args, **kwargs)
+    CudaGraphManager.dispatch = lambda self, *args, **kw: choose(partial(dispatch, self), *args, **kw)
     _INSTALLED.append("done")
     return True
 
