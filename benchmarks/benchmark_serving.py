@@ -20,7 +20,8 @@ with --cloud-device 1 (two GPUs) the cloud engine runs on the second GPU and eve
 keeps 0.9.
 
 Per scheme and cloud prompt length, before the rates: one request puts the cloud prompt on the
-server (prefill, or the cloud transfer), then --warmup-requests at once (Triton JIT).
+server (prefill, or the cloud transfer), then bursts of 2, 4, ... --warmup-requests at once
+(Triton JIT for every batch size class).
 Measured per rate: output tok/s, TTFT, TPOT, ITL and end-to-end latency (mean, p50, p99),
 failures. "Sustainable rate": the highest rate whose p99 TPOT is within --tpot-slo-ms with no
 failure (every lower rate passing too), and where p99 TPOT crosses the SLO (interpolated); the
@@ -85,6 +86,17 @@ def common_args(args, max_model_len: int) -> list[str]:
     if args.gpu_memory_utilization:
         out += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     return out + shlex.split(args.vllm_args)
+
+
+def warmup_bursts(limit: int) -> list[int]:
+    """Warm-up bursts of 2, 4, 8, ... requests at once, up to `limit`: batches of every size
+    class compile their kernels before the first rate (a lone burst of `limit` left small
+    batches to compile during the lowest rate)."""
+    sizes, n = [], 2
+    while n < limit:
+        sizes.append(n)
+        n *= 2
+    return sizes + [limit] if limit > 0 else sizes
 
 
 def cloud_id(cloud_len: int) -> str:
@@ -161,14 +173,17 @@ class Run:
             return
         try:
             for cl in lens:
-                w = 1 + args.warmup_requests
+                w = 1 + sum(warmup_bursts(args.warmup_requests))
                 t0 = time.perf_counter()
                 desc = f"{self.scheme} cloud {cl}"
                 first, _ = self.load(server, cl, 0, 1, float("inf"), f"{desc} first")
-                burst, _ = self.load(server, cl, 1, args.warmup_requests, float("inf"),
-                                     f"{desc} warm-up")
+                start, warmed = 1, list(first)
+                for size in warmup_bursts(args.warmup_requests):
+                    burst, _ = self.load(server, cl, start, size, float("inf"),
+                                         f"{desc} warm-up x{size}")
+                    start, warmed = start + size, warmed + burst
                 warm = {"first_ttft_s": first[0].ttft_s, "s": time.perf_counter() - t0,
-                        "failed": sum(not r.ok for r in first + burst)}
+                        "failed": sum(not r.ok for r in warmed)}
                 for k, rate in enumerate(args.rates):
                     results, dur = self.load(server, cl, w + k * args.num_prompts,
                                              args.num_prompts, rate, f"{desc} rate {rate:g}")
@@ -341,7 +356,7 @@ def main(argv=None) -> int:
     print(f"server logs: {args.log_dir}", flush=True)
     lens = [int(x) for x in args.cloud_lens.split(",")]
     tok = AutoTokenizer.from_pretrained(args.model)
-    total = 1 + args.warmup_requests + args.num_prompts * len(args.rates)
+    total = 1 + sum(warmup_bursts(args.warmup_requests)) + args.num_prompts * len(args.rates)
     works = {cl: make_workload(tok, cl, args.edge_len, total,
                                None if args.output_len_from_data else args.output_len,
                                args.max_output_len) for cl in lens}

@@ -218,7 +218,10 @@ def run_length(llm, args, work, cloud_len: int) -> dict:
             "total_tok_per_s": (in_tokens + out_tokens) / elapsed,
             "edgeprompt_status": dict(status) if extra else None,
             "relay": {k: v - before[k] for k, v in after.items()
-                      if isinstance(v, (int, float))} if after else None})
+                      if isinstance(v, (int, float))} if after else None,
+            # what compiled during the pass (a first pass slower than the next ones)
+            "new_kernel_variants": sorted(set(after["compiled_kernel_keys"])
+                                          - set(before["compiled_kernel_keys"])) if after else None})
     last = row["passes"][-1]
     row.update(output_tok_per_s=last["output_tok_per_s"], requests_per_s=last["requests_per_s"])
     return row

@@ -26,22 +26,27 @@ class RelayStats:
 RELAY_STATS = RelayStats()
 
 
-def compiled_kernel_variants() -> int:
-    """How many specializations of our Triton kernels this process has compiled (a count that
-    grows during a timed pass means compiles the start-up warm-up did not cover)."""
+def compiled_kernel_keys() -> list[str]:
+    """'kernel: cache key' of every specialization of our Triton kernels this process compiled
+    (the key holds the argument types, divisibility and constexpr values that caused it). Keys
+    that appear during a timed pass are compiles the start-up warm-up did not cover."""
     import sys
 
     from triton.runtime.jit import JITFunction
 
-    count = 0
+    keys = []
     for name, module in list(sys.modules.items()):
         if not name.startswith("edgeprompt_vllm.kernels"):
             continue
         for fn in vars(module).values():
             if isinstance(fn, JITFunction):
                 caches = getattr(fn, "device_caches", {})  # device -> (kernel cache, ...)
-                count += sum(len(per_device[0]) for per_device in caches.values())
-    return count
+                keys += [f"{fn.__name__}: {key}" for per_device in caches.values() for key in per_device[0]]
+    return keys
+
+
+def compiled_kernel_variants() -> int:
+    return len(compiled_kernel_keys())
 
 
 def relay_stats(_worker=None) -> dict:
@@ -49,5 +54,6 @@ def relay_stats(_worker=None) -> dict:
     from edgeprompt_vllm.attention.graph_mode import graph_mode_stats
     from edgeprompt_vllm.attention.host_block_table import LOOKUPS
 
+    keys = compiled_kernel_keys()
     return (asdict(RELAY_STATS) | LOOKUPS | graph_mode_stats()
-            | {"compiled_kernel_variants": compiled_kernel_variants()})
+            | {"compiled_kernel_variants": len(keys), "compiled_kernel_keys": keys})

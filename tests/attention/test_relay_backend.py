@@ -55,7 +55,8 @@ def test_llama2_7b_shape_relay_close_to_stock_on_gpu(tmp_path, runner, cloud_len
     stock = run_script("relay_generate.py", *args, "stock", env=env)
     relay = run_script("relay_generate.py", *args, "relay", env=env)
     stats = relay["relay_stats"]
-    print("relay_stats", json.dumps(stats))  # shown with -rA: the evidence of what ran
+    counters = {k: v for k, v in stats.items() if k != "compiled_kernel_keys"}
+    print("relay_stats", json.dumps(counters))  # shown with -rA: the evidence of what ran
     assert close_in_top_k(stock, relay, FP16_LOGPROB_ATOL) == []
     # The builder read its block ids from the runner's host copies, never from the device.
     assert stats["host_rows_noted"] > 0 and stats["host_rows_copied"] == 0, stats

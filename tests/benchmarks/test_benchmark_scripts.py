@@ -80,6 +80,7 @@ def test_throughput_cpu_smoke(tmp_path, tiny_model):
         # the relay backend relayed, and EdgePrompt loaded the cloud prompt from the cloud actor
         # (also the second one: the reset emptied the prefix cache, as a fresh engine's)
         assert got["relay"]["passes"][-1]["relay"]["relay_batches"] > 0
+        assert got["relay"]["passes"][-1]["new_kernel_variants"] == []  # CPU: torch, no Triton
         assert got["edgeprompt"]["warmup_edgeprompt"]["status"] == "loaded"
         assert got["edgeprompt"]["warmup_edgeprompt"]["cloud_tokens"] == cl
         assert got["edgeprompt"]["cloud_stats"]["prefills"] == 2  # both registered at start
