@@ -473,7 +473,7 @@ def markdown(meta: dict, summary: dict, acc: dict | None, codec_rows: list[dict]
         f"- commit: {meta['commit']}; date {meta['date']}",
         f"- command: `{meta['command']}`",
         f"- model: tiny-llama width, {meta['layers']} layers, dummy weights, fp32; edge prompt "
-        f"{meta['edge_tokens']} tokens; one request at a time, max_tokens 1; best of {meta['reps']} rep(s)",
+        f"{meta['edge_tokens']} tokens; one request at a time, max_tokens 1; {meta['reps']} rep(s) per cell and strategy",
         f"- link: veth between two network namespaces, bandwidth by the kernel ({meta['shaper']}); "
         f"RTT: {meta['rtt_mode']}",
         f"- CPUs: {_cpus_line(meta.get('cpus'))}",

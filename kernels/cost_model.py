@@ -197,8 +197,8 @@ def choose_relay(
 
 
 def worth_leaving_full_graph(decisions: list[GroupDecision], num_layers: int,
-                             device: DeviceModel = H100) -> bool:
+                             piecewise_step_s: float = H100.piecewise_step_s) -> bool:
     """Whether the relaying groups save more over all layers of a decode step than running that
     step piecewise (attention eager) instead of as one FULL CUDA graph costs."""
     saving = num_layers * sum(d.plain_s - d.relay_s for d in decisions if d.relay)
-    return saving > device.piecewise_step_s
+    return saving > piecewise_step_s

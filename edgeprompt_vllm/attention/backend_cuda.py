@@ -18,10 +18,10 @@ capacity that the builder fills before replay, grids sized for the captured batc
 past the real groups exiting at once, and a fixed prefix split count.
 """
 
+import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
@@ -38,8 +38,13 @@ from edgeprompt_vllm.attention.relay_batch import RelayBatch, RestBatch, build_r
 from edgeprompt_vllm.attention.stats import RELAY_STATS
 from edgeprompt_vllm.attention.warmup import warm_up_relay_kernels
 from edgeprompt_vllm.kernels import relay_attention
-from edgeprompt_vllm.kernels.cost_model import (AttentionShape, GroupShape, choose_relay,
-                                                 worth_leaving_full_graph)
+from edgeprompt_vllm.kernels.cost_model import (
+    H100,
+    AttentionShape,
+    GroupShape,
+    choose_relay,
+    worth_leaving_full_graph,
+)
 from edgeprompt_vllm.kernels.replay import LayerReplay
 
 
@@ -68,7 +73,7 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
         if not _relay_enabled(vllm_config, kv_cache_spec.dtype):
             return super().get_cudagraph_support(vllm_config, kv_cache_spec)  # stock FlashAttention
-        if vllm_config.use_v2_model_runner and graph_mode.install():
+        if graph_mode.full_graphs_possible(vllm_config) and graph_mode.install():
             return AttentionCGSupport.UNIFORM_BATCH  # FULL graphs for steps that relay nothing
         return AttentionCGSupport.NEVER
 
@@ -81,6 +86,11 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         self._relay_pays_for_piecewise = False
         if self.relay_enabled:
             host_block_table.install()
+        if self.relay_enabled and graph_mode.full_graphs_possible(vllm_config):
+            graph_mode.enable_for(vllm_config)
+        # EDGEPROMPT_PIECEWISE_STEP_S=0: every step worth a prefix pass relays (exactness tests)
+        self.piecewise_step_s = float(os.environ.get("EDGEPROMPT_PIECEWISE_STEP_S",
+                                                     H100.piecewise_step_s))
         if self.relay_enabled and not _WARMED_UP:
             _WARMED_UP.append(warm_up_relay_kernels(
                 self.num_heads_q, self.num_heads_kv, self.headdim, self.block_size,
@@ -90,8 +100,12 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> RelayFlashMetadata:
         stock = super().build(common_prefix_len, common_attn_metadata, fast_build)
         relay = None
-        # a FULL graph step replays FlashAttention: nothing to group (graph_mode.py)
-        if self.relay_enabled and not stock.use_cascade and not graph_mode.step_is_full_graph():
+        if self.relay_enabled and graph_mode.step_is_full_graph():
+            # a FULL graph step replays FlashAttention: nothing to group (graph_mode.py); a
+            # request joining here (a 1-token prefill) makes the next decode step decide
+            if graph_mode.has_prefill(common_attn_metadata, MAX_GROUP_QUERY_LEN):
+                graph_mode.note_build(True)
+        elif self.relay_enabled and not stock.use_cascade:
             start = time.perf_counter()
             self._relay_pays_for_piecewise = False  # set by _worth_relaying when there are groups
             relay = build_relay_batch(common_attn_metadata, self.block_size, keep=self._worth_relaying,
@@ -99,7 +113,8 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             RELAY_STATS.record(relay, time.perf_counter() - start)
             # the next decode steps leave their FULL graph if a request here is still
             # prefilling (it decodes next: that step decides, eagerly) or relaying pays for it
-            graph_mode.note_build(_has_prefill(common_attn_metadata) or self._relay_pays_for_piecewise)
+            graph_mode.note_build(self._relay_pays_for_piecewise
+                                  or graph_mode.has_prefill(common_attn_metadata, MAX_GROUP_QUERY_LEN))
         return RelayFlashMetadata(**vars(stock), relay=relay)
 
     def build_for_cudagraph_capture(self, common_attn_metadata) -> RelayFlashMetadata:
@@ -111,14 +126,9 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         shapes = [GroupShape(num_reqs=len(reqs), num_query_tokens=int(query_lens[reqs].sum()),
                              prefix_len=prefix_len) for reqs, prefix_len in groups]
         decisions = choose_relay(shapes, self.shape)
-        self._relay_pays_for_piecewise = worth_leaving_full_graph(decisions, self.num_layers)
+        self._relay_pays_for_piecewise = worth_leaving_full_graph(decisions, self.num_layers,
+                                                                  self.piecewise_step_s)
         return [g for g, d in zip(groups, decisions) if d.relay]
-
-
-def _has_prefill(common) -> bool:
-    """Whether a request of the step has more query tokens than a group takes (a prefill chunk)."""
-    query_lens = np.diff(common.query_start_loc_cpu[: common.num_reqs + 1].numpy())
-    return bool((query_lens > MAX_GROUP_QUERY_LEN).any())
 
 
 class RelayFlashImpl(FlashAttentionImpl):

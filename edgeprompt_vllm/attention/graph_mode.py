@@ -20,10 +20,19 @@ a PIECEWISE step runs the relay path the builder decides.
 
 A FULL step runs no Python inside the forward, so the connector's per-layer waits cannot run
 there: its loads wait for every layer before the graph (`step_is_full_graph`, worker_side.py).
+
+Scope: only the target model's manager (ModelCudaGraphManager) of engines whose relay builder
+enabled it (`enable_for`); the builder keeps reporting no CUDA-graph support with speculative
+decoding (the draft's graphs must follow the target's mode) and with data parallelism (the
+ranks would have to agree on the forecast). Where vLLM dispatches no graph (profile runs,
+`need_eager`), the last step's mode stays: a FULL one only makes that step group nothing and
+wait for its loads up front, still exact.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
+
+import numpy as np
 
 from edgeprompt_vllm.log import get_logger
 
@@ -34,17 +43,49 @@ logger = get_logger(__name__)
 class GraphModeStats:
     full_steps: int = 0  # uniform decode steps replayed as one CUDA graph
     piecewise_for_relay: int = 0  # uniform decode steps moved from FULL to PIECEWISE (forecast)
+    eager_for_relay: int = 0  # ... moved to no graph at all (no PIECEWISE graph of that size)
 
 
 @dataclass
 class _Step:
     mode: str = "NONE"  # CUDAGraphMode name dispatched for the current step
-    forecast_relay: bool = True  # whether the next uniform decode step should run piecewise
+    forecast_relay: bool = True  # whether the next uniform decode step should leave its FULL graph
+    notes: list = field(default_factory=list)  # this step's builders' forecasts (one per builder)
 
 
 STATS = GraphModeStats()
 STEP = _Step()
 _INSTALLED: list[str] = []
+_ENABLED: set = set()  # the engines (_engine_key) whose relay builder enabled the forecast
+
+
+def _engine_key(vllm_config):
+    return getattr(vllm_config, "instance_id", "") or id(vllm_config)
+
+
+def enable_for(vllm_config) -> None:
+    """Forecast the graph mode of this engine's steps (the relay builder calls it)."""
+    _ENABLED.add(_engine_key(vllm_config))
+
+
+def full_graphs_possible(vllm_config) -> bool:
+    """FULL decode graphs beside relay: Model Runner V2, no speculative decoding (the draft's
+    graphs would have to follow each target step's mode), no data parallelism (the ranks would
+    have to agree on the forecast)."""
+    return (bool(getattr(vllm_config, "use_v2_model_runner", False))
+            and vllm_config.speculative_config is None
+            and vllm_config.parallel_config.data_parallel_size == 1)
+
+
+def has_prefill(common, max_group_query_len: int) -> bool:
+    """Whether a request of the step (CommonAttentionMetadata) is still prefilling: vLLM's
+    is_prefilling where it has one, else more query tokens than a relay group takes."""
+    num_reqs = common.num_reqs
+    prefilling = getattr(common, "is_prefilling", None)
+    if prefilling is not None:
+        return bool(prefilling[:num_reqs].any())
+    query_lens = np.diff(common.query_start_loc_cpu[: num_reqs + 1].numpy())
+    return bool((query_lens > max_group_query_len).any())
 
 
 def step_is_full_graph() -> bool:
@@ -53,36 +94,48 @@ def step_is_full_graph() -> bool:
 
 
 def note_build(relay_next: bool) -> None:
-    """The relay builder's forecast for the steps after one that is not FULL."""
-    STEP.forecast_relay = relay_next
+    """A relay builder's forecast for the steps after this one: any builder's True wins."""
+    STEP.notes.append(relay_next)
 
 
 def choose(dispatch, num_reqs, num_tokens, uniform_token_count, *args, **kwargs):
     """dispatch(num_reqs, num_tokens, uniform_token_count, ...) -> descriptor, moved from FULL
     to the PIECEWISE graph of the same size when the forecast says the step relays."""
+    if STEP.notes:  # the builds since the last dispatch; a FULL step's leave the forecast as it is
+        STEP.forecast_relay, STEP.notes = any(STEP.notes), []
     desc = dispatch(num_reqs, num_tokens, uniform_token_count, *args, **kwargs)
     if desc.cg_mode.name == "FULL" and STEP.forecast_relay:
         # no uniform token count: the candidates left are the mixed-batch (PIECEWISE) graphs
         desc = dispatch(num_reqs, num_tokens, None, *args, **kwargs)
-        STATS.piecewise_for_relay += 1
-    elif desc.cg_mode.name == "FULL":
+        if desc.cg_mode.name == "PIECEWISE":
+            STATS.piecewise_for_relay += 1
+        elif desc.cg_mode.name == "NONE":  # e.g. FULL_DECODE_ONLY: no piecewise graphs
+            STATS.eager_for_relay += 1
+    if desc.cg_mode.name == "FULL":
         STATS.full_steps += 1
     STEP.mode = desc.cg_mode.name
     return desc
 
 
 def install() -> bool:
-    """Wrap Model Runner V2's CudaGraphManager.dispatch (once per process); False where it is
-    absent (then the relay builder reports no CUDA-graph support, as before)."""
+    """Wrap Model Runner V2's ModelCudaGraphManager.dispatch (the target model's graphs; once
+    per process); False where it is absent (then the relay builder reports no CUDA-graph
+    support). Managers of engines that did not `enable_for` dispatch as before."""
     if _INSTALLED:
         return True
     try:
-        from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
+        from vllm.v1.worker.gpu.cudagraph_utils import ModelCudaGraphManager
     except ImportError as e:
         logger.info("relay: no Model Runner V2 graph dispatch to wrap (%s)", e)
         return False
-    dispatch = CudaGraphManager.dispatch
-    CudaGraphManager.dispatch = lambda self, *args, **kw: choose(partial(dispatch, self), *args, **kw)
+    dispatch = ModelCudaGraphManager.dispatch
+
+    def relay_aware_dispatch(self, *args, **kwargs):
+        if _engine_key(self.vllm_config) not in _ENABLED:
+            return dispatch(self, *args, **kwargs)
+        return choose(partial(dispatch, self), *args, **kwargs)
+
+    ModelCudaGraphManager.dispatch = relay_aware_dispatch
     _INSTALLED.append("done")
     return True
 

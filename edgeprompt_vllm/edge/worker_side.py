@@ -48,6 +48,7 @@ class WorkerSide:
         self._invalid: set[int] = set()
         self._failed_streams: set[int] = set()  # id() of this step's streams that failed
         self._side: SideStream | None = None  # CUDA: the one side stream (_side_stream)
+        self._waited_up_front = False  # this step is a FULL CUDA graph: its loads were waited for at start
         self._loader: LayerLoader | None = None  # CUDA: this step's layer loader
         self.timeline: Timeline | None = None
         self._stats = EdgePromptStats()
@@ -93,7 +94,8 @@ class WorkerSide:
         side = self._side_stream()
         if side is not None and self._active:
             self._loader = LayerLoader(side, self._loads_per_stream(), self._caches_per_layer())
-        if self._active and graph_mode.step_is_full_graph():
+        self._waited_up_front = bool(self._active) and graph_mode.step_is_full_graph()
+        if self._waited_up_front:
             # a FULL CUDA graph runs no wait_for_layer_load: every layer is waited for before it
             first_name = {layer: name for name, layer in reversed(self.layer_of.items())}
             for layer in sorted(first_name):
@@ -194,7 +196,10 @@ class WorkerSide:
         if self._active and self.timeline is not None:
             rec = self.timeline.finish(self.config.timeline_path)
             self._record(rec)
-        self._observe_step(rec)
+        if self._waited_up_front:  # no edge compute between the layers' waits: nothing to learn
+            self._step, self._waited_up_front = {}, False
+        else:
+            self._observe_step(rec)
         self._active = []
 
     def _observe_step(self, rec: dict | None) -> None:

@@ -1,7 +1,9 @@
 """graph_mode: FULL CUDA graphs for decode steps forecast to relay nothing, PIECEWISE otherwise.
 
-The wrapper runs around vLLM's own CudaGraphManager.dispatch (Model Runner V2's; its candidate
-matching is the same in 0.32 as in 0.26), with hand-made captured descriptors: no GPU needed.
+The wrapper runs around vLLM's own ModelCudaGraphManager.dispatch, with hand-made captured
+descriptors: no GPU needed. This is vLLM 0.32's dispatch (the CPU install); 0.26's matches a
+descriptor on the same fields except max_query_len and num_ubatches, which stay at their
+defaults here.
 """
 
 import pytest
@@ -15,23 +17,40 @@ def fresh_state(monkeypatch):
     monkeypatch.setattr(graph_mode, "STEP", graph_mode._Step())
 
 
+class _Config:  # the fields of a VllmConfig the wrapper reads
+    def __init__(self, instance_id):
+        self.instance_id = instance_id
+
+
+def _manager(instance_id, candidates):
+    from vllm.v1.worker.gpu.cudagraph_utils import ModelCudaGraphManager
+
+    mgr = object.__new__(ModelCudaGraphManager)
+    mgr._graphs_captured, mgr._lora_dispatch_map = True, {}
+    mgr._candidates, mgr.vllm_config = candidates, _Config(instance_id)
+    return mgr
+
+
 @pytest.fixture
-def manager():
-    """A CudaGraphManager that 'captured' FULL (uniform decode, 256 requests) and PIECEWISE
-    graphs of 256 tokens, with graph_mode's wrapper installed and fresh state."""
+def descs():
+    """FULL (uniform decode, 256 requests) and PIECEWISE descriptors of 256 tokens."""
     pytest.importorskip("vllm")
     import vllm  # noqa: F401  (vllm first: importing its worker modules alone is circular)
     from vllm.config.compilation import CUDAGraphMode
-    from vllm.v1.worker.gpu.cudagraph_utils import BatchExecutionDescriptor, CudaGraphManager
+    from vllm.v1.worker.gpu.cudagraph_utils import BatchExecutionDescriptor
 
     assert graph_mode.install()
     full = BatchExecutionDescriptor(cg_mode=CUDAGraphMode.FULL, num_tokens=256, num_reqs=256,
                                     uniform_token_count=1)
     piecewise = BatchExecutionDescriptor(cg_mode=CUDAGraphMode.PIECEWISE, num_tokens=256, num_reqs=None)
-    mgr = object.__new__(CudaGraphManager)
-    mgr._graphs_captured, mgr._lora_dispatch_map = True, {}
-    mgr._candidates = {(n, 0): [full, piecewise] for n in range(1, 257)}
-    return mgr
+    return full, piecewise
+
+
+@pytest.fixture
+def manager(descs):
+    """A relay engine's manager that 'captured' both kinds of graph of 256 tokens."""
+    graph_mode.enable_for(_Config("relay-engine"))
+    return _manager("relay-engine", {(n, 0): list(descs) for n in range(1, 257)})
 
 
 def test_decode_step_runs_full_graph_until_a_build_relays(manager):
@@ -42,20 +61,47 @@ def test_decode_step_runs_full_graph_until_a_build_relays(manager):
     graph_mode.note_build(False)  # its build relayed nothing
     desc = manager.dispatch(250, 250, 1, num_active_loras=0)
     assert desc.cg_mode.name == "FULL" and graph_mode.step_is_full_graph()
-    assert manager.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "FULL"
+    assert manager.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "FULL"  # no build noted
     graph_mode.note_build(True)  # a (non-FULL) step relayed a group
     assert manager.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "PIECEWISE"
-    assert graph_mode.graph_mode_stats() == {"full_steps": 2, "piecewise_for_relay": 2}
+    assert graph_mode.graph_mode_stats() == {"full_steps": 2, "piecewise_for_relay": 2,
+                                             "eager_for_relay": 0}
+
+
+def test_any_builder_of_a_step_forecasting_relay_wins(manager):
+    graph_mode.note_build(False)
+    graph_mode.note_build(True)  # a second KV-cache group's builder
+    assert manager.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "PIECEWISE"
+    graph_mode.note_build(False)
+    graph_mode.note_build(False)
+    assert manager.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "FULL"
 
 
 def test_mixed_and_uncaptured_steps_are_left_alone(manager):
     graph_mode.note_build(True)
-    assert manager.dispatch(3, 256, None, num_active_loras=0).cg_mode.name == "PIECEWISE"  # prefill + decode
-    assert manager.dispatch(300, 300, 1, num_active_loras=0).cg_mode.name == "NONE"  # larger than captured
+    assert manager.dispatch(3, 256, None, num_active_loras=0).cg_mode.name == "PIECEWISE"  # prefill
+    assert manager.dispatch(300, 300, 1, num_active_loras=0).cg_mode.name == "NONE"  # not captured
     graph_mode.note_build(False)
     assert manager.dispatch(3, 256, None, num_active_loras=0).cg_mode.name == "PIECEWISE"
-    assert graph_mode.graph_mode_stats() == {"full_steps": 0, "piecewise_for_relay": 0}
+    assert graph_mode.graph_mode_stats() == {"full_steps": 0, "piecewise_for_relay": 0,
+                                             "eager_for_relay": 0}
     assert not graph_mode.step_is_full_graph()
+
+
+def test_without_piecewise_graphs_a_relaying_step_runs_eagerly(descs):
+    full, _ = descs  # FULL_DECODE_ONLY: no PIECEWISE graphs were captured
+    graph_mode.enable_for(_Config("decode-only"))
+    mgr = _manager("decode-only", {(n, 0): [full] for n in range(1, 257)})
+    assert mgr.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "NONE"
+    assert graph_mode.graph_mode_stats()["eager_for_relay"] == 1
+
+
+def test_engines_without_relay_dispatch_as_stock(descs):
+    """A stock engine in the same process (the wrapper is on the class) keeps its FULL graphs."""
+    stock = _manager("stock-engine", {(n, 0): list(descs) for n in range(1, 257)})
+    graph_mode.note_build(True)
+    assert stock.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "FULL"
+    assert graph_mode.graph_mode_stats()["full_steps"] == 0  # not counted: not ours
 
 
 def test_choose_passes_every_argument_through():
@@ -74,3 +120,32 @@ def test_choose_passes_every_argument_through():
     assert desc.cg_mode.name == "PIECEWISE"
     assert calls == [((8, 8, 1, 0), {"max_query_len": 1, "num_ubatches": 1}),
                      ((8, 8, None, 0), {"max_query_len": 1, "num_ubatches": 1})]
+
+
+class _Common:  # the CommonAttentionMetadata fields has_prefill reads
+    def __init__(self, query_lens, is_prefilling=None):
+        import numpy as np
+        import torch
+
+        self.num_reqs = len(query_lens)
+        self.query_start_loc_cpu = torch.tensor(np.concatenate([[0], np.cumsum(query_lens)]))
+        self.is_prefilling = None if is_prefilling is None else torch.tensor(is_prefilling)
+
+
+def test_has_prefill_prefers_vllms_flag():
+    # a 1-token prefill (the whole prompt was in the prefix cache) looks like a decode request
+    assert graph_mode.has_prefill(_Common([1, 1, 1], [False, True, False]), 16)
+    assert not graph_mode.has_prefill(_Common([1, 40, 1], [False, False, False]), 16)
+    # without the flag (older vLLM): a request with more query tokens than a group takes
+    assert graph_mode.has_prefill(_Common([1, 40, 1]), 16)
+    assert not graph_mode.has_prefill(_Common([1, 16, 1]), 16)
+
+
+@pytest.mark.parametrize("v2,spec,dp,possible", [(True, None, 1, True), (False, None, 1, False),
+                                                 (True, object(), 1, False), (True, None, 2, False)])
+def test_full_graphs_only_where_the_forecast_is_safe(v2, spec, dp, possible):
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(use_v2_model_runner=v2, speculative_config=spec,
+                             parallel_config=SimpleNamespace(data_parallel_size=dp))
+    assert graph_mode.full_graphs_possible(config) is possible

@@ -209,5 +209,8 @@ def test_a_full_cuda_graph_step_waits_for_every_layer_before_the_graph(monkeypat
         kv = s.kv[l]
         reference_write(expected[l][0], kv[0, :48], kv[1, :48], slots_of(*A))
     assert_caches(caches, expected)
+    observed = []
+    monkeypatch.setattr(w, "_observe_step", observed.append)
     w.wait_for_save()
     assert w.take_invalid_block_ids() == set()
+    assert observed == []  # no edge compute ran between those waits: the planner learns nothing
