@@ -171,14 +171,15 @@ class Run:
                          log_tail=tail)
             self.stop(server, cloud)
             return
+        bursts = warmup_bursts(args.warmup_requests)
+        w = 1 + sum(bursts)  # the first request and the bursts come before the rates' requests
         try:
             for cl in lens:
-                w = 1 + sum(warmup_bursts(args.warmup_requests))
                 t0 = time.perf_counter()
                 desc = f"{self.scheme} cloud {cl}"
                 first, _ = self.load(server, cl, 0, 1, float("inf"), f"{desc} first")
                 start, warmed = 1, list(first)
-                for size in warmup_bursts(args.warmup_requests):
+                for size in bursts:
                     burst, _ = self.load(server, cl, start, size, float("inf"),
                                          f"{desc} warm-up x{size}")
                     start, warmed = start + size, warmed + burst

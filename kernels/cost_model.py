@@ -178,6 +178,11 @@ def _flops(group: GroupShape, shape: AttentionShape) -> float:
     return 4.0 * group.num_query_tokens * group.prefix_len * shape.num_q_heads * shape.head_size
 
 
+def relay_saving(decisions: list[GroupDecision]) -> float:
+    """Seconds per layer the relaying groups save over plain attention."""
+    return sum(d.plain_s - d.relay_s for d in decisions if d.relay)
+
+
 def choose_relay(
     groups: list[GroupShape], shape: AttentionShape, device: DeviceModel = H100
 ) -> list[GroupDecision]:
@@ -190,8 +195,7 @@ def choose_relay(
         decisions.append(
             GroupDecision(relay=shared and t_relay < t_plain, plain_s=t_plain, relay_s=t_relay)
         )
-    saving = sum(d.plain_s - d.relay_s for d in decisions if d.relay)
-    if saving <= device.launch_s:
+    if relay_saving(decisions) <= device.launch_s:
         decisions = [GroupDecision(False, d.plain_s, d.relay_s) for d in decisions]
     return decisions
 
@@ -200,5 +204,4 @@ def worth_leaving_full_graph(decisions: list[GroupDecision], num_layers: int,
                              piecewise_step_s: float = H100.piecewise_step_s) -> bool:
     """Whether the relaying groups save more over all layers of a decode step than running that
     step piecewise (attention eager) instead of as one FULL CUDA graph costs."""
-    saving = num_layers * sum(d.plain_s - d.relay_s for d in decisions if d.relay)
-    return saving > piecewise_step_s
+    return num_layers * relay_saving(decisions) > piecewise_step_s

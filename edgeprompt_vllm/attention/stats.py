@@ -45,10 +45,6 @@ def compiled_kernel_keys() -> list[str]:
     return keys
 
 
-def compiled_kernel_variants() -> int:
-    return len(compiled_kernel_keys())
-
-
 def relay_stats(_worker=None) -> dict:
     """For `LLM.collective_rpc(relay_stats)`: this worker's counters."""
     from edgeprompt_vllm.attention.graph_mode import graph_mode_stats
