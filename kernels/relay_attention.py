@@ -64,6 +64,10 @@ class RelayMetadata:
     max_seq_len: int
     max_group_query_len: int  # most query tokens in one group
     max_prefix_len: int
+    # Token lists (CUDA graphs, attention/graph_relay.py): when set, group g's tokens are
+    # group_token_index[group_req_start[g]:group_req_end[g]], in any order, and the two arrays
+    # hold positions in it, not requests: the batch keeps its request order.
+    group_token_index: torch.Tensor | None = None  # [num_positions] int32
 
     @property
     def num_groups(self) -> int:
@@ -150,18 +154,41 @@ class RelayMetadata:
         )
         _require(self.max_seq_len >= max(sl, default=0), "max_seq_len is below the real maximum")
 
+    def _group_requests(self, qsl: list[int], num_reqs: int) -> list[list[int]]:
+        """Each group's requests (token lists: those whose tokens the list names, all of them)."""
+        starts, ends = self.group_req_start.tolist(), self.group_req_end.tolist()
+        if self.group_token_index is None:
+            for g, (r0, r1) in enumerate(zip(starts, ends)):
+                _require(0 <= r0 < r1 <= num_reqs, f"group {g}: bad request range [{r0}, {r1})")
+            return [list(range(r0, r1)) for r0, r1 in zip(starts, ends)]
+        index = self.group_token_index.tolist()
+        owner = {t: r for r in range(num_reqs) for t in range(qsl[r], qsl[r + 1])}
+        groups = []
+        for g, (p0, p1) in enumerate(zip(starts, ends)):
+            if p0 == p1:  # an unused slot of a fixed-capacity table
+                groups.append([])
+                continue
+            _require(0 <= p0 < p1 <= len(index), f"group {g}: bad position range [{p0}, {p1})")
+            tokens = index[p0:p1]
+            _require(all(t in owner for t in tokens), f"group {g}: a token of no request")
+            reqs = sorted({owner[t] for t in tokens})
+            _require(
+                sorted(tokens) == [t for r in reqs for t in range(qsl[r], qsl[r + 1])],
+                f"group {g}: must list every token of its requests once",
+            )
+            groups.append(reqs)
+        return groups
+
     def _validate_groups(self, pl: list[int], bt: torch.Tensor, block_size: int) -> None:
         qsl = self.query_start_loc.tolist()
-        starts, ends = self.group_req_start.tolist(), self.group_req_end.tolist()
         plens, gbt = self.group_prefix_len.tolist(), self.group_block_table.cpu()
         covered = [False] * len(pl)
-        for g, (r0, r1, plen) in enumerate(zip(starts, ends, plens)):
-            _require(0 <= r0 < r1 <= len(pl), f"group {g}: bad request range [{r0}, {r1})")
+        for g, (reqs, plen) in enumerate(zip(self._group_requests(qsl, len(pl)), plens)):
             n_blk = cdiv(plen, block_size)
             _require(
                 n_blk <= gbt.shape[1], f"group_block_table row {g} too short for prefix {plen}"
             )
-            for r in range(r0, r1):
+            for r in reqs:
                 _require(not covered[r], f"request {r} is in two groups")
                 covered[r] = True
                 _require(
@@ -173,7 +200,7 @@ class RelayMetadata:
                     f"request {r}: block_table does not hold group {g}'s shared blocks",
                 )
             _require(
-                self.max_group_query_len >= qsl[r1] - qsl[r0],
+                self.max_group_query_len >= sum(qsl[r + 1] - qsl[r] for r in reqs),
                 "max_group_query_len is below the real maximum",
             )
             _require(self.max_prefix_len >= plen, "max_prefix_len is below the real maximum")
@@ -264,6 +291,7 @@ def relay_attention(
         max_prefix_len=meta.max_prefix_len,
         num_splits=prefix_splits,
         config=prefix_config,
+        group_token_index=meta.group_token_index,
     )
     if meta.num_groups == 0 or meta.max_prefix_len == 0:  # no sharing: plain paged attention
         paged_suffix(*suffix_args, out=out, lse=lse, return_lse=return_lse, **suffix_kw)
@@ -336,6 +364,7 @@ def relay_attention_ref(
         meta.group_prefix_len,
         softmax_scale,
         out=f32.clone(),
+        group_token_index=meta.group_token_index,
     )
     suf_out, suf_lse = paged_suffix_ref(
         query,

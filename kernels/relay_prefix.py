@@ -8,6 +8,11 @@ be >= its prefix length (true for decode and for edge-prompt prefill after a clo
 pass is not causal. Groups may come in any order and need not cover every request; tokens of
 requests outside all groups get out = 0, lse = -inf.
 
+Token lists (`group_token_index`, for CUDA graphs, see attention/graph_relay.py): a group may
+instead name its tokens in any order, group_token_index[group_req_start[g]:group_req_end[g]]
+(the two arrays then hold positions in that list, not requests), so a batch keeps its request
+order and the grid depends only on bounds.
+
 Design: one program per (group x M tile, KV head, prefix split). The M dimension of tl.dot packs
 BLOCK_T tokens of the group x all query heads of one KV head (GQA: one K/V tile load serves every
 query head that shares it). The prefix is split over NUM_SPLITS programs where the group is small
@@ -68,6 +73,7 @@ def relay_prefix(
     max_prefix_len: int | None = None,
     num_splits: int | None = None,
     config: dict | None = None,
+    group_token_index: torch.Tensor | None = None,  # [num_positions] int32, see the module doc
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of each group's tokens over its shared prefix; returns (out, lse).
 
@@ -101,6 +107,7 @@ def relay_prefix(
         config=config,
         fused=False,
         fill_empty=True,
+        group_token_index=group_token_index,
     )
     merge_partial_states(out, part_out, part_lse, lse)
     return out, lse
@@ -123,6 +130,7 @@ def relay_prefix_partials(
     config: dict | None = None,
     fused: bool = True,
     fill_empty: bool = False,
+    group_token_index: torch.Tensor | None = None,  # [num_positions] int32, see the module doc
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unreduced prefix states: ([num_splits, num_tokens, num_q_heads, head_size] fp32,
     [num_splits, num_q_heads, num_tokens] fp32). Rows of tokens outside every group are left
@@ -131,13 +139,18 @@ def relay_prefix_partials(
     _check_prefix_args(
         query, query_start_loc, group_req_start, group_req_end, group_block_table, group_prefix_len
     )
+    gather = group_token_index is not None
+    if gather:
+        check_int32("group_token_index", group_token_index, 1, query.device)
     num_tokens, num_q_heads, head_size = query.shape
     block_size, num_kv_heads, _ = check_kv_cache(key_cache, value_cache, query)
     num_groups = group_req_start.shape[0]
     if num_groups:
         max_group_query_len = host_int(
             max_group_query_len,
-            lambda: (
+            lambda: (group_req_end - group_req_start).max()
+            if gather
+            else (
                 query_start_loc[group_req_end.long()] - query_start_loc[group_req_start.long()]
             ).max(),
         )
@@ -184,6 +197,7 @@ def relay_prefix_partials(
         group_req_end_ptr=group_req_end,
         group_block_table_ptr=group_block_table,
         group_prefix_len_ptr=group_prefix_len,
+        token_index_ptr=group_token_index if gather else group_prefix_len,  # (unused dummy)
         m_tiles_per_group=m_tiles,
         qk_scale=softmax_scale * 1.4426950408889634,
         stride_q_tok=query.stride(0),
@@ -205,11 +219,27 @@ def relay_prefix_partials(
         HEAD_SIZE=head_size,
         HEAD_PAD=max(next_pow2(head_size), 16),
         BLOCK_SIZE=block_size,
+        GATHER_TOKENS=gather,
         UPCAST_DOT=upcast,
         DOT_PRECISION=precision,
         **cfg,
     )
     return part_out, part_lse
+
+
+def one_group_prefix_splits(
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    group_query_len: int,
+    prefix_len: int,
+    sms: int,
+) -> int:
+    """The fused schedule's prefix split count for one group of `group_query_len` tokens over
+    `prefix_len` shared tokens (what a CUDA graph sized by those bounds fixes, graph_relay.py)."""
+    cfg = _prefix_config(num_q_heads // num_kv_heads, head_size, group_query_len)
+    m_tiles = max(cdiv(group_query_len, cfg["BLOCK_T"]), 1)
+    return _pick_num_splits(m_tiles * num_kv_heads, prefix_len, cfg["TILE_N"], sms, fused=True)
 
 
 def split_launch_knobs(config: dict | None) -> tuple[dict, dict]:
@@ -333,6 +363,7 @@ def _relay_prefix_kernel(
     group_req_end_ptr,  # [num_groups] int32
     group_block_table_ptr,  # [num_groups, max_prefix_blocks] int32
     group_prefix_len_ptr,  # [num_groups] int32
+    token_index_ptr,  # [num_positions] int32 (GATHER_TOKENS: the groups' token lists)
     m_tiles_per_group,
     qk_scale,  # softmax_scale * log2(e)
     stride_q_tok,
@@ -360,6 +391,7 @@ def _relay_prefix_kernel(
     TILE_N: tl.constexpr,
     UNMASKED_FULL_TILES: tl.constexpr,  # see _paged_attend.py
     LAUNCH_DEPENDENTS: tl.constexpr,  # let a PDL-launched suffix kernel start now (_prefix_config)
+    GATHER_TOKENS: tl.constexpr,  # group g's tokens: token_index[start[g]:end[g]] (module doc)
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -370,8 +402,12 @@ def _relay_prefix_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
-    tok_begin = tl.load(query_start_loc_ptr + tl.load(group_req_start_ptr + group))
-    tok_end = tl.load(query_start_loc_ptr + tl.load(group_req_end_ptr + group))
+    if GATHER_TOKENS:  # positions in the groups' token lists
+        tok_begin = tl.load(group_req_start_ptr + group)
+        tok_end = tl.load(group_req_end_ptr + group)
+    else:  # tokens of the group's requests
+        tok_begin = tl.load(query_start_loc_ptr + tl.load(group_req_start_ptr + group))
+        tok_end = tl.load(query_start_loc_ptr + tl.load(group_req_end_ptr + group))
     if tok_begin + m_tile * BLOCK_T >= tok_end:
         return
     prefix_len = tl.load(group_prefix_len_ptr + group)
@@ -379,12 +415,15 @@ def _relay_prefix_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_PAD)
     d_mask = offs_d < HEAD_SIZE
-    token = tok_begin + m_tile * BLOCK_T + offs_m // QPK_PAD
+    position = tok_begin + m_tile * BLOCK_T + offs_m // QPK_PAD
     head = kv_head * QUERIES_PER_KV + offs_m % QPK_PAD
     row_valid = (
-        (offs_m // QPK_PAD < BLOCK_T) & (token < tok_end) & (offs_m % QPK_PAD < QUERIES_PER_KV)
+        (offs_m // QPK_PAD < BLOCK_T) & (position < tok_end) & (offs_m % QPK_PAD < QUERIES_PER_KV)
     )
-    token = token.to(tl.int64)
+    if GATHER_TOKENS:
+        token = tl.load(token_index_ptr + position, mask=row_valid, other=0).to(tl.int64)
+    else:
+        token = position.to(tl.int64)
     q = tl.load(
         query_ptr + token[:, None] * stride_q_tok + head[:, None] * stride_q_head + offs_d[None, :],
         mask=row_valid[:, None] & d_mask[None, :],
@@ -466,6 +505,7 @@ def relay_prefix_ref(
     max_prefix_len: int | None = None,
     num_splits: int | None = None,
     config: dict | None = None,
+    group_token_index: torch.Tensor | None = None,  # [num_positions] int32, see the module doc
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 torch version of `relay_prefix` (tuning arguments are accepted and ignored)."""
     num_tokens, num_q_heads, _ = query.shape
@@ -481,9 +521,13 @@ def relay_prefix_ref(
     for g, (r0, r1, plen) in enumerate(
         zip(group_req_start.tolist(), group_req_end.tolist(), group_prefix_len.tolist())
     ):
-        t0, t1 = qsl[r0], qsl[r1]
+        tokens = (
+            group_token_index[r0:r1].long()
+            if group_token_index is not None
+            else torch.arange(qsl[r0], qsl[r1], device=query.device)
+        )
         o, l_ = attend_ref(
-            query[t0:t1],
+            query[tokens],
             key_cache,
             value_cache,
             group_block_table[g],
@@ -492,5 +536,5 @@ def relay_prefix_ref(
             softmax_scale,
             first_query_pos=None,
         )
-        out[t0:t1], lse[:, t0:t1] = o.to(out.dtype), l_
+        out[tokens], lse[:, tokens] = o.to(out.dtype), l_
     return out, lse

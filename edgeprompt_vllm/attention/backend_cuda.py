@@ -8,20 +8,21 @@ blocks; LSE merge fused into the suffix kernel) and the rest (prefill chunks, un
 run FlashAttention. The relay launches are planned at the first layer of a step and replayed at
 the others (kernels/replay.py), so eager attention costs little host time per layer.
 
-CUDA graphs (graph_mode.py): under Model Runner V2 the builder reports UNIFORM_BATCH, vLLM
-captures FULL graphs of FlashAttention decode steps (relay off while capturing) and piecewise
-graphs, and a decode step runs its FULL graph unless it is forecast to relay; a relaying step
-runs piecewise, attention eager. Under the V1 runner the builder reports NEVER (piecewise only).
-Relay inside FULL graphs would need launches that do not depend on the step's grouping: the
-group table (token ranges, prefix block lists, lengths) in persistent device buffers of a fixed
-capacity that the builder fills before replay, grids sized for the captured batch with programs
-past the real groups exiting at once, and a fixed prefix split count.
+CUDA graphs: under Model Runner V2 the builder reports UNIFORM_BATCH and vLLM captures FULL
+graphs of uniform decode steps beside piecewise ones. By default (MHA models) the FULL graphs
+hold the relay kernels themselves, launched from a persistent group table the builder rewrites
+before every FULL step (graph_relay.py; a start-up self-check captures and replays them first).
+Otherwise (GQA models, where our plain kernel is not measured level with FA3, or
+EDGEPROMPT_RELAY_IN_FULL_GRAPHS=0) the FULL graphs hold stock FlashAttention and a decode step
+runs its FULL graph unless it is forecast to relay; a relaying step then runs piecewise,
+attention eager (graph_mode.py). Under the V1 runner the builder reports NEVER (piecewise only).
 """
 
 import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
@@ -34,10 +35,19 @@ from vllm.v1.attention.backends.flash_attn import (
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from edgeprompt_vllm.attention import graph_mode, host_block_table
-from edgeprompt_vllm.attention.relay_batch import RelayBatch, RestBatch, build_relay_batch
+from edgeprompt_vllm.attention.graph_relay import (
+    GraphRelay,
+    GraphRelayTable,
+    launch_kwargs,
+    relay_graph_self_check,
+    strongest_groups,
+)
+from edgeprompt_vllm.attention.grouping import find_groups
+from edgeprompt_vllm.attention.relay_batch import RelayBatch, RestBatch, build_relay_batch, host_batch
 from edgeprompt_vllm.attention.stats import RELAY_STATS
 from edgeprompt_vllm.attention.warmup import warm_up_relay_kernels
 from edgeprompt_vllm.kernels import relay_attention
+from edgeprompt_vllm.kernels._launch import num_sms
 from edgeprompt_vllm.kernels.cost_model import (
     H100,
     AttentionShape,
@@ -60,6 +70,17 @@ class RelayFlashMetadata(FlashAttentionMetadata):
 MAX_GROUP_QUERY_LEN = 16
 
 _WARMED_UP: list[tuple[int, float]] = []  # once per process: the kernels are compiled for every layer alike
+_GRAPH_CHECK: dict = {}  # once per process: relay_graph_self_check's answer ({"pdl": bool} or None)
+
+
+def relay_in_full_graphs(shape: AttentionShape) -> bool:
+    """EDGEPROMPT_RELAY_IN_FULL_GRAPHS: 1 on, 0 off, auto (default): MHA only, where our plain
+    paged kernel (a FULL graph runs it for every request no group relays) is level with FA3
+    (benchmarks/results/kernels/h100.md); GQA is not measured so: FA3 stays in its FULL graphs."""
+    setting = os.environ.get("EDGEPROMPT_RELAY_IN_FULL_GRAPHS", "auto")
+    if setting not in ("0", "1", "auto"):
+        raise ValueError(f"EDGEPROMPT_RELAY_IN_FULL_GRAPHS must be 0, 1 or auto, got {setting!r}")
+    return setting == "1" or (setting == "auto" and shape.num_q_heads == shape.num_kv_heads)
 
 
 def _relay_enabled(vllm_config, kv_cache_dtype: torch.dtype) -> bool:
@@ -86,8 +107,6 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         self._relay_pays_for_piecewise = False
         if self.relay_enabled:
             host_block_table.install()
-        if self.relay_enabled and graph_mode.full_graphs_possible(vllm_config):
-            graph_mode.enable_for(vllm_config)
         # EDGEPROMPT_PIECEWISE_STEP_S=0: every step worth a prefix pass relays (exactness tests)
         self.piecewise_step_s = float(os.environ.get("EDGEPROMPT_PIECEWISE_STEP_S",
                                                      H100.piecewise_step_s))
@@ -96,11 +115,35 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
                 self.num_heads_q, self.num_heads_kv, self.headdim, self.block_size,
                 self.model_config.dtype, device, vllm_config.scheduler_config.max_num_seqs,
                 self.model_config.max_model_len))
+        self.graph_table: GraphRelayTable | None = None  # relay inside FULL graphs (graph_relay.py)
+        self.graph_pdl = True
+        if self.relay_enabled and graph_mode.full_graphs_possible(vllm_config):
+            if relay_in_full_graphs(self.shape) and self._graph_check(device):
+                max_reqs = vllm_config.scheduler_config.max_num_seqs
+                self.graph_table = GraphRelayTable(
+                    max_reqs, max_reqs, -(-self.model_config.max_model_len // self.block_size), device)
+            graph_mode.enable_for(vllm_config, forecast=self.graph_table is None)
+
+    def _num_sms(self) -> int:
+        index = torch.device(self.device).index
+        return num_sms(torch.cuda.current_device() if index is None else index)
+
+    def _graph_check(self, device) -> bool:
+        if "answer" not in _GRAPH_CHECK:
+            _GRAPH_CHECK["answer"] = relay_graph_self_check(
+                self.num_heads_q, self.num_heads_kv, self.headdim, self.block_size,
+                self.model_config.dtype, device)
+        answer = _GRAPH_CHECK["answer"]
+        self.graph_pdl = bool(answer and answer["pdl"])
+        return answer is not None
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> RelayFlashMetadata:
         stock = super().build(common_prefix_len, common_attn_metadata, fast_build)
         relay = None
-        if self.relay_enabled and graph_mode.step_is_full_graph():
+        if (self.relay_enabled and graph_mode.step_is_full_graph() and self.graph_table is not None
+                and self.graph_table.fits(common_attn_metadata)):
+            relay = self._graph_step(common_attn_metadata)  # every FULL step rewrites the table
+        elif self.relay_enabled and graph_mode.step_is_full_graph():
             # a FULL graph step replays FlashAttention: nothing to group (graph_mode.py); a
             # request joining here (a 1-token prefill) makes the next decode step decide
             if graph_mode.has_prefill(common_attn_metadata, MAX_GROUP_QUERY_LEN):
@@ -118,9 +161,43 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         return RelayFlashMetadata(**vars(stock), relay=relay)
 
     def build_for_cudagraph_capture(self, common_attn_metadata) -> RelayFlashMetadata:
-        """Graphs are captured with relay off (dummy block tables share their leading blocks)."""
+        """FULL graphs hold the relay launches over an empty group table (graph_relay.py), or
+        stock FlashAttention (relay off: dummy block tables share their leading blocks)."""
         stock = super().build(0, common_attn_metadata)
-        return RelayFlashMetadata(**vars(stock), relay=None)
+        relay = None
+        if self.graph_table is not None:
+            qsl = common_attn_metadata.query_start_loc_cpu[: common_attn_metadata.num_reqs + 1].numpy()
+            self.graph_table.fill(qsl, [], np.zeros((0, 0), np.int32), self.block_size)
+            relay = self._graph_relay(common_attn_metadata, [])
+        return RelayFlashMetadata(**vars(stock), relay=relay)
+
+    def _graph_step(self, common) -> GraphRelay:
+        """Group a FULL step's requests and write them into the graph's table."""
+        start = time.perf_counter()
+        padded_qsl = common.query_start_loc_cpu[: common.num_reqs + 1].numpy()
+        real = int(np.searchsorted(padded_qsl, padded_qsl[-1]))  # padding rows have no tokens
+        qsl, seq_lens, table = host_batch(common, self.block_size, real)
+        query_lens = np.diff(qsl)
+        found = find_groups(table, seq_lens, query_lens, self.block_size,
+                            max_query_len=MAX_GROUP_QUERY_LEN)
+        shapes = [GroupShape(num_reqs=len(reqs), num_query_tokens=int(query_lens[reqs].sum()),
+                             prefix_len=prefix_len) for reqs, prefix_len in found]
+        groups = strongest_groups(found, choose_relay(shapes, self.shape))
+        relay = self._graph_relay(common, self.graph_table.fill(qsl, groups, table, self.block_size))
+        RELAY_STATS.record(relay if relay.groups else None, time.perf_counter() - start)
+        RELAY_STATS.full_graph_relay_batches += bool(relay.groups)
+        return relay
+
+    def _graph_relay(self, common, spans) -> GraphRelay:
+        num_reqs = common.num_reqs
+        num_tokens = int(common.query_start_loc_cpu[num_reqs])  # capture: the graph's size
+        max_seq_len = self.model_config.max_model_len
+        meta = self.graph_table.metadata(
+            common.query_start_loc[: num_reqs + 1], common.seq_lens[:num_reqs],
+            common.block_table_tensor[:num_reqs], num_tokens, common.max_query_len, max_seq_len)
+        kwargs = launch_kwargs(num_tokens, self.num_heads_q, self.num_heads_kv, self.headdim,
+                               max_seq_len, self._num_sms(), self.graph_pdl)
+        return GraphRelay(meta=meta, launch_kwargs=kwargs, groups=spans, num_tokens=num_tokens)
 
     def _worth_relaying(self, groups, query_lens):
         shapes = [GroupShape(num_reqs=len(reqs), num_query_tokens=int(query_lens[reqs].sum()),
@@ -140,6 +217,11 @@ class RelayFlashImpl(FlashAttentionImpl):
                                    output_scale, output_block_scale)
         # (B, H, N, 2*D) -> key, value (B, N, H, D): strided views, as FlashAttention reads them
         key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        if isinstance(relay, GraphRelay):  # every request, vLLM's order (FULL graphs)
+            n = query.shape[0]
+            self._layer_replay(relay)(query=query, key_cache=key_cache, value_cache=value_cache,
+                                      out=output[:n])
+            return output
         n = relay.num_tokens
         if relay.token_order is None:
             q, out = query[:n], output[:n]
@@ -153,17 +235,18 @@ class RelayFlashImpl(FlashAttentionImpl):
             self._flash_attention(query, key_cache, value_cache, relay.rest, output)
         return output
 
-    def _layer_replay(self, relay: RelayBatch) -> LayerReplay:
+    def _layer_replay(self, relay: RelayBatch | GraphRelay) -> LayerReplay:
         """The batch's relay pipeline, planned at its first layer and replayed at the others
         (kernels/replay.py). One stream: the "fused" schedule (prefix partials folded into the
         suffix kernel's epilogue), two launches per layer when the suffix is not split."""
         replay = relay.replays.get(self.scale)
         if replay is None:
             meta, scale = relay.meta, self.scale
+            kwargs = getattr(relay, "launch_kwargs", {})
             replay = relay.replays[scale] = LayerReplay(
                 lambda query, key_cache, value_cache, out: relay_attention(
                     query, key_cache, value_cache, meta, scale, out=out, validate=False,
-                    schedule="fused"))
+                    schedule="fused", **kwargs))
         return replay
 
     def _flash_attention(self, query, key_cache, value_cache, rest: RestBatch, output) -> None:

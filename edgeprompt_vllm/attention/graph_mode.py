@@ -1,5 +1,9 @@
 """Full CUDA graphs for the decode steps that relay nothing (Model Runner V2, vLLM 0.26).
 
+(Where the FULL graphs hold the relay kernels themselves, graph_relay.py, there is nothing to
+forecast: `enable_for(..., forecast=False)` only records each step's mode for the builders and
+the connector, and vLLM's dispatch is left as it is.)
+
 Stock FlashAttention lets vLLM replay a whole uniform decode step as one CUDA graph (FULL); the
 relay kernels' launches depend on the step's grouping, planned on the host, so a step that relays
 must run under piecewise graphs with attention eager between the pieces. The relay builder
@@ -56,16 +60,17 @@ class _Step:
 STATS = GraphModeStats()
 STEP = _Step()
 _INSTALLED: list[str] = []
-_ENABLED: set = set()  # the engines (_engine_key) whose relay builder enabled the forecast
+_ENABLED: dict = {}  # engine (_engine_key) whose relay builder enabled this -> forecast or not
 
 
 def _engine_key(vllm_config):
     return getattr(vllm_config, "instance_id", "") or id(vllm_config)
 
 
-def enable_for(vllm_config) -> None:
-    """Forecast the graph mode of this engine's steps (the relay builder calls it)."""
-    _ENABLED.add(_engine_key(vllm_config))
+def enable_for(vllm_config, forecast: bool = True) -> None:
+    """Record the graph mode of this engine's steps and, if `forecast`, move the steps forecast
+    to relay out of their FULL graphs (the relay builder calls it)."""
+    _ENABLED[_engine_key(vllm_config)] = forecast
 
 
 def full_graphs_possible(vllm_config) -> bool:
@@ -98,13 +103,14 @@ def note_build(relay_next: bool) -> None:
     STEP.notes.append(relay_next)
 
 
-def choose(dispatch, num_reqs, num_tokens, uniform_token_count, *args, **kwargs):
+def choose(dispatch, num_reqs, num_tokens, uniform_token_count, *args, forecast: bool = True,
+           **kwargs):
     """dispatch(num_reqs, num_tokens, uniform_token_count, ...) -> descriptor, moved from FULL
-    to the PIECEWISE graph of the same size when the forecast says the step relays."""
+    to the PIECEWISE graph of the same size when `forecast` is on and says the step relays."""
     if STEP.notes:  # the builds since the last dispatch; a FULL step's leave the forecast as it is
         STEP.forecast_relay, STEP.notes = any(STEP.notes), []
     desc = dispatch(num_reqs, num_tokens, uniform_token_count, *args, **kwargs)
-    if desc.cg_mode.name == "FULL" and STEP.forecast_relay:
+    if desc.cg_mode.name == "FULL" and forecast and STEP.forecast_relay:
         # no uniform token count: the candidates left are the mixed-batch (PIECEWISE) graphs
         desc = dispatch(num_reqs, num_tokens, None, *args, **kwargs)
         if desc.cg_mode.name == "PIECEWISE":
@@ -131,9 +137,10 @@ def install() -> bool:
     dispatch = ModelCudaGraphManager.dispatch
 
     def relay_aware_dispatch(self, *args, **kwargs):
-        if _engine_key(self.vllm_config) not in _ENABLED:
+        forecast = _ENABLED.get(_engine_key(self.vllm_config))
+        if forecast is None:
             return dispatch(self, *args, **kwargs)
-        return choose(partial(dispatch, self), *args, **kwargs)
+        return choose(partial(dispatch, self), *args, forecast=forecast, **kwargs)
 
     ModelCudaGraphManager.dispatch = relay_aware_dispatch
     _INSTALLED.append("done")

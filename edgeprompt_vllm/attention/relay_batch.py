@@ -38,11 +38,13 @@ class RelayBatch:
     replays: dict = field(default_factory=dict)  # CUDA only: softmax scale -> kernels' LayerReplay
 
 
-def host_batch(common, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def host_batch(common, block_size: int, num_reqs: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """query_start_loc [R+1], seq_lens [R], block_table [R, W] (W: blocks of the longest
     sequence) on the host, from vLLM's CommonAttentionMetadata and the runners' host copies
-    (host_block_table.py); a device sync only where vLLM keeps none."""
-    num_reqs = common.num_reqs
+    (host_block_table.py); a device sync only where vLLM keeps none. R: `num_reqs`, default all
+    (a FULL graph's batch passes its real requests, without the padding rows)."""
+    num_reqs = common.num_reqs if num_reqs is None else num_reqs
     qsl = common.query_start_loc_cpu[: num_reqs + 1].numpy()
     seq_lens = common.seq_lens[:num_reqs]
     if seq_lens.device.type != "cpu":

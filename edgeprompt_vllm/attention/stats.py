@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 class RelayStats:
     batches: int = 0  # metadata builds (steps x KV-cache groups) with relay selected
     relay_batches: int = 0  # of which at least one group relayed
+    full_graph_relay_batches: int = 0  # ... of which inside a FULL CUDA graph (graph_relay.py)
     groups: int = 0  # relayed groups, summed over batches
     grouped_requests: int = 0  # requests served by a prefix pass, summed over batches
     shared_tokens: int = 0  # prefix tokens read once per group instead of once per request

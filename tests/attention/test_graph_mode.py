@@ -96,6 +96,20 @@ def test_without_piecewise_graphs_a_relaying_step_runs_eagerly(descs):
     assert graph_mode.graph_mode_stats()["eager_for_relay"] == 1
 
 
+def test_relay_in_full_graphs_keeps_vllms_dispatch_and_records_the_mode(descs):
+    """forecast=False (the FULL graphs hold the relay kernels, graph_relay.py): decode steps stay
+    FULL whatever the builds forecast; the step's mode is still known to the builders."""
+    graph_mode.enable_for(_Config("relay-in-graphs"), forecast=False)
+    mgr = _manager("relay-in-graphs", {(n, 0): list(descs) for n in range(1, 257)})
+    graph_mode.note_build(True)
+    assert mgr.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "FULL"
+    assert graph_mode.step_is_full_graph()
+    assert mgr.dispatch(3, 256, None, num_active_loras=0).cg_mode.name == "PIECEWISE"
+    assert not graph_mode.step_is_full_graph()
+    assert graph_mode.graph_mode_stats() == {"full_steps": 1, "piecewise_for_relay": 0,
+                                             "eager_for_relay": 0}
+
+
 def test_engines_without_relay_dispatch_as_stock(descs):
     """A stock engine in the same process (the wrapper is on the class) keeps its FULL graphs."""
     stock = _manager("stock-engine", {(n, 0): list(descs) for n in range(1, 257)})

@@ -201,3 +201,71 @@ def test_metadata_validation_names_the_problem(change, message, make_batch):
     bad = _meta_with(batch.meta, **change(batch.meta))
     with pytest.raises(ValueError, match=message):
         relay_attention(batch.query, batch.key_cache, batch.value_cache, bad, batch.scale)
+
+
+def _as_token_lists(batch, order: list[int], slots: int):
+    """The batch with its requests put in `order` (groups no longer contiguous) and its groups
+    given as token lists in a table of `slots` entries (the unused ones empty), as
+    attention/graph_relay.py builds them for CUDA graphs."""
+    m = batch.meta
+    qsl, starts, ends = m.query_start_loc.tolist(), m.group_req_start.tolist(), m.group_req_end.tolist()
+    old_tokens = [list(range(qsl[r], qsl[r + 1])) for r in order]
+    new_qsl = [0]
+    for toks in old_tokens:
+        new_qsl.append(new_qsl[-1] + len(toks))
+    new_of_old = {old: new for new, old in enumerate(order)}
+    index, spans = [], []
+    for r0, r1 in zip(starts, ends):
+        begin = len(index)
+        for r in reversed(range(r0, r1)):  # any order within a group
+            n = new_of_old[r]
+            index += list(range(new_qsl[n], new_qsl[n + 1]))
+        spans.append((begin, len(index)))
+    spans += [(len(index), len(index))] * (slots - len(spans))
+    pad = slots - m.num_groups
+    perm = torch.tensor(order)
+    meta = RelayMetadata(
+        query_start_loc=torch.tensor(new_qsl, dtype=torch.int32),
+        seq_lens=m.seq_lens[perm],
+        block_table=m.block_table[perm],
+        prefix_lens=m.prefix_lens[perm],
+        group_req_start=torch.tensor([s for s, _ in spans], dtype=torch.int32),
+        group_req_end=torch.tensor([e for _, e in spans], dtype=torch.int32),
+        group_block_table=torch.cat([m.group_block_table, m.group_block_table[:1].repeat(pad, 1)]),
+        group_prefix_len=torch.cat([m.group_prefix_len, torch.zeros(pad, dtype=torch.int32)]),
+        max_query_len=m.max_query_len,
+        max_seq_len=m.max_seq_len,
+        max_group_query_len=len(index),  # a bound, as a CUDA graph's: the whole batch
+        max_prefix_len=m.max_prefix_len,
+        group_token_index=torch.tensor(index + [0] * 3, dtype=torch.int32),
+    )
+    query = torch.cat([batch.query[t[0]:t[-1] + 1] for t in old_tokens])
+    return type(batch)(query, batch.key_cache, batch.value_cache, meta, batch.scale)
+
+
+@pytest.mark.parametrize("schedule", ["fused", "serial"])
+@pytest.mark.parametrize("queries_per_kv", [1, 4])
+def test_token_list_groups_equal_plain_attention(schedule, queries_per_kv, make_batch, poisoned,
+                                                 check_attention):
+    """Groups as token lists in a fixed-capacity table (CUDA graphs): requests of a group apart,
+    in any order, unused slots empty; the references agree too."""
+    batch = make_batch(seed=7, queries_per_kv=queries_per_kv, query_lens=[1] * 6,
+                       own_lens=[9, 17, 1, 40, 3, 20], groups=[(0, 3, 48), (3, 5, 16)])
+    lists = _as_token_lists(batch, order=[3, 0, 5, 1, 4, 2], slots=4)
+    lists.meta.validate(lists.query.shape[0], lists.key_cache.shape[1])
+    want = _plain(lists)
+    got = relay_attention(lists.query, lists.key_cache, lists.value_cache, lists.meta, lists.scale,
+                          out=poisoned(lists.query), return_lse=True, schedule=schedule,
+                          prefix_splits=3)
+    check_attention(got, want, lists.query.dtype)
+    ref = relay_attention_ref(lists.query.float(), lists.key_cache, lists.value_cache, lists.meta,
+                              lists.scale, return_lse=True)
+    check_attention(ref, want, torch.float16)
+
+
+def test_token_list_validation_names_the_problem(make_batch):
+    batch = make_batch(query_lens=[1] * 3, own_lens=[1, 5, 9], groups=[(0, 3, 32)])
+    lists = _as_token_lists(batch, order=[2, 0, 1], slots=2)
+    bad = _meta_with(lists.meta, group_token_index=lists.meta.group_token_index.flip(0))
+    with pytest.raises(ValueError, match="every token of its requests once"):
+        bad.validate(lists.query.shape[0], lists.key_cache.shape[1])
