@@ -140,10 +140,11 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False) -> RelayFlashMetadata:
         stock = super().build(common_prefix_len, common_attn_metadata, fast_build)
         relay = None
-        if (self.relay_enabled and graph_mode.step_is_full_graph() and self.graph_table is not None
-                and self.graph_table.fits(common_attn_metadata)):
-            relay = self._graph_step(common_attn_metadata)  # every FULL step rewrites the table
-        elif self.relay_enabled and graph_mode.step_is_full_graph():
+        if self.graph_table is not None and self._uniform_decode(common_attn_metadata):
+            # every decode batch that fits the table (every FULL step's) rewrites it, whatever
+            # mode the step runs in: a FULL graph never sees an older step's groups
+            relay = self._graph_step(common_attn_metadata)
+        elif self.relay_enabled and self.graph_table is None and graph_mode.step_is_full_graph():
             # a FULL graph step replays FlashAttention: nothing to group (graph_mode.py); a
             # request joining here (a 1-token prefill) makes the next decode step decide
             if graph_mode.has_prefill(common_attn_metadata, MAX_GROUP_QUERY_LEN):
@@ -170,6 +171,11 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             self.graph_table.fill(qsl, [], np.zeros((0, 0), np.int32), self.block_size)
             relay = self._graph_relay(common_attn_metadata, [])
         return RelayFlashMetadata(**vars(stock), relay=relay)
+
+    def _uniform_decode(self, common) -> bool:
+        """A batch of one query token per request (vLLM captures FULL graphs of these only) that
+        fits the graph table."""
+        return common.max_query_len == 1 and self.graph_table.fits(common)
 
     def _graph_step(self, common) -> GraphRelay:
         """Group a FULL step's requests and write them into the graph's table."""

@@ -26,13 +26,15 @@ A FULL step runs no Python inside the forward, so the connector's per-layer wait
 there: its loads wait for every layer before the graph (`step_is_full_graph`, worker_side.py).
 
 Scope: only the target model's manager (ModelCudaGraphManager) of engines whose relay builder
-enabled it (`enable_for`); the builder keeps reporting no CUDA-graph support with speculative
+enabled it (`enable_for`, keyed by the VllmConfig object itself: vLLM re-runs its __post_init__
+once the engine core has started, v1/engine/core.py, which gives it a new instance_id); the builder keeps reporting no CUDA-graph support with speculative
 decoding (the draft's graphs must follow the target's mode) and with data parallelism (the
 ranks would have to agree on the forecast). Where vLLM dispatches no graph (profile runs,
 `need_eager`), the last step's mode stays: a FULL one only makes that step group nothing and
 wait for its loads up front, still exact.
 """
 
+import weakref
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
@@ -60,17 +62,20 @@ class _Step:
 STATS = GraphModeStats()
 STEP = _Step()
 _INSTALLED: list[str] = []
-_ENABLED: dict = {}  # engine (_engine_key) whose relay builder enabled this -> forecast or not
-
-
-def _engine_key(vllm_config):
-    return getattr(vllm_config, "instance_id", "") or id(vllm_config)
+# id(VllmConfig) of an engine whose relay builder enabled this -> (weak reference, forecast)
+_ENABLED: dict[int, tuple[weakref.ref, bool]] = {}
 
 
 def enable_for(vllm_config, forecast: bool = True) -> None:
     """Record the graph mode of this engine's steps and, if `forecast`, move the steps forecast
     to relay out of their FULL graphs (the relay builder calls it)."""
-    _ENABLED[_engine_key(vllm_config)] = forecast
+    _ENABLED[id(vllm_config)] = (weakref.ref(vllm_config), forecast)
+
+
+def _forecast_of(vllm_config) -> bool | None:
+    """None: an engine that did not enable this (dispatch as stock vLLM)."""
+    entry = _ENABLED.get(id(vllm_config))
+    return entry[1] if entry is not None and entry[0]() is vllm_config else None
 
 
 def full_graphs_possible(vllm_config) -> bool:
@@ -137,7 +142,7 @@ def install() -> bool:
     dispatch = ModelCudaGraphManager.dispatch
 
     def relay_aware_dispatch(self, *args, **kwargs):
-        forecast = _ENABLED.get(_engine_key(self.vllm_config))
+        forecast = _forecast_of(self.vllm_config)
         if forecast is None:
             return dispatch(self, *args, **kwargs)
         return choose(partial(dispatch, self), *args, forecast=forecast, **kwargs)

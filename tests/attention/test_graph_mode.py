@@ -22,12 +22,12 @@ class _Config:  # the fields of a VllmConfig the wrapper reads
         self.instance_id = instance_id
 
 
-def _manager(instance_id, candidates):
+def _manager(config, candidates):
     from vllm.v1.worker.gpu.cudagraph_utils import ModelCudaGraphManager
 
     mgr = object.__new__(ModelCudaGraphManager)
     mgr._graphs_captured, mgr._lora_dispatch_map = True, {}
-    mgr._candidates, mgr.vllm_config = candidates, _Config(instance_id)
+    mgr._candidates, mgr.vllm_config = candidates, config
     return mgr
 
 
@@ -49,8 +49,9 @@ def descs():
 @pytest.fixture
 def manager(descs):
     """A relay engine's manager that 'captured' both kinds of graph of 256 tokens."""
-    graph_mode.enable_for(_Config("relay-engine"))
-    return _manager("relay-engine", {(n, 0): list(descs) for n in range(1, 257)})
+    config = _Config("relay-engine")
+    graph_mode.enable_for(config)
+    return _manager(config, {(n, 0): list(descs) for n in range(1, 257)})
 
 
 def test_decode_step_runs_full_graph_until_a_build_relays(manager):
@@ -90,8 +91,9 @@ def test_mixed_and_uncaptured_steps_are_left_alone(manager):
 
 def test_without_piecewise_graphs_a_relaying_step_runs_eagerly(descs):
     full, _ = descs  # FULL_DECODE_ONLY: no PIECEWISE graphs were captured
-    graph_mode.enable_for(_Config("decode-only"))
-    mgr = _manager("decode-only", {(n, 0): [full] for n in range(1, 257)})
+    config = _Config("decode-only")
+    graph_mode.enable_for(config)
+    mgr = _manager(config, {(n, 0): [full] for n in range(1, 257)})
     assert mgr.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "NONE"
     assert graph_mode.graph_mode_stats()["eager_for_relay"] == 1
 
@@ -99,8 +101,9 @@ def test_without_piecewise_graphs_a_relaying_step_runs_eagerly(descs):
 def test_relay_in_full_graphs_keeps_vllms_dispatch_and_records_the_mode(descs):
     """forecast=False (the FULL graphs hold the relay kernels, graph_relay.py): decode steps stay
     FULL whatever the builds forecast; the step's mode is still known to the builders."""
-    graph_mode.enable_for(_Config("relay-in-graphs"), forecast=False)
-    mgr = _manager("relay-in-graphs", {(n, 0): list(descs) for n in range(1, 257)})
+    config = _Config("relay-in-graphs")
+    graph_mode.enable_for(config, forecast=False)
+    mgr = _manager(config, {(n, 0): list(descs) for n in range(1, 257)})
     graph_mode.note_build(True)
     assert mgr.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "FULL"
     assert graph_mode.step_is_full_graph()
@@ -110,9 +113,22 @@ def test_relay_in_full_graphs_keeps_vllms_dispatch_and_records_the_mode(descs):
                                              "eager_for_relay": 0}
 
 
+def test_the_engine_is_known_by_its_config_object_not_its_instance_id(descs):
+    """vLLM re-runs VllmConfig.__post_init__ after the engine core starts (a new instance_id):
+    the enabled engine must still be recognised; an equal-looking other config must not."""
+    config = _Config("before-handshake")
+    graph_mode.enable_for(config)
+    mgr = _manager(config, {(n, 0): list(descs) for n in range(1, 257)})
+    config.instance_id = "after-handshake"
+    graph_mode.note_build(True)
+    assert mgr.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "PIECEWISE"  # forecast
+    other = _manager(_Config("after-handshake"), {(n, 0): list(descs) for n in range(1, 257)})
+    assert other.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "FULL"  # stock
+
+
 def test_engines_without_relay_dispatch_as_stock(descs):
     """A stock engine in the same process (the wrapper is on the class) keeps its FULL graphs."""
-    stock = _manager("stock-engine", {(n, 0): list(descs) for n in range(1, 257)})
+    stock = _manager(_Config("stock-engine"), {(n, 0): list(descs) for n in range(1, 257)})
     graph_mode.note_build(True)
     assert stock.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "FULL"
     assert graph_mode.graph_mode_stats()["full_steps"] == 0  # not counted: not ours
