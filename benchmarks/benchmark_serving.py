@@ -25,7 +25,9 @@ server (prefill, or the cloud transfer), then bursts of 2, 4, ... --warmup-reque
 Measured per rate: output tok/s, TTFT, TPOT, ITL and end-to-end latency (mean, p50, p99),
 failures. "Sustainable rate": the highest rate whose p99 TPOT is within --tpot-slo-ms with no
 failure (every lower rate passing too), and where p99 TPOT crosses the SLO (interpolated); the
-issue's target reads edgeprompt / paged-pc of it (>= 1.4x).
+issue's target reads edgeprompt / paged-pc of it (>= 1.4x). The same is reported for a sweep of
+SLOs (SLO_SWEEP_MS: "at the same p99 TPOT", whichever a deployment picks), as a table and as the
+plot's last panel (sustainable rate vs SLO, with 1.4x paged-pc's drawn).
 
 Output: tables on stdout, a JSON (device, versions, commit, command, workload; rewritten after
 every rate) and a PNG (throughput, p99 TPOT, p99 TTFT, p50 ITL vs rate, per cloud prompt).
@@ -233,6 +235,9 @@ def _metrics(base_url: str) -> dict:
 
 
 # ---------------- sustainable rate, tables, files ----------------
+SLO_SWEEP_MS = (10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0)  # p99 TPOT SLOs of the sweep table
+
+
 def sustainable(report: dict, slo_ms: float) -> list[dict]:
     from edgeprompt_vllm.bench.load import sustainable_rate
 
@@ -251,6 +256,34 @@ def sustainable(report: dict, slo_ms: float) -> list[dict]:
             if sr["cloud_len"] == cl and base and base["interpolated"] > 0:
                 sr["vs_paged_pc"] = sr["interpolated"] / base["interpolated"]
     return out
+
+
+def sustainable_by_slo(report: dict) -> list[dict]:
+    """`sustainable` at every SLO of the sweep and the run's own, one row per (SLO, scheme,
+    cloud prompt)."""
+    slos = sorted(set(SLO_SWEEP_MS) | {float(report["workload"]["tpot_slo_ms"])})
+    return [row for slo in slos for row in sustainable(report, slo)]
+
+
+def slo_sweep_table(report: dict) -> list[str]:
+    """Rows: scheme and cloud prompt; columns: SLO; cells: interpolated sustainable rate (req/s,
+    '>=' where every rate passed) and its ratio to paged-pc's."""
+    sweep = report.get("sustainable_by_slo") or []
+    slos = sorted({s["slo_p99_tpot_ms"] for s in sweep})
+    if not slos:
+        return []
+    lines = ["", "sustainable rate (req/s, interpolated) by p99 TPOT SLO; (x): vs paged-pc", "",
+             "| scheme | cloud | " + " | ".join(f"{v:g} ms" for v in slos) + " |",
+             "|---" * (2 + len(slos)) + "|"]
+    for key in dict.fromkeys((s["scheme"], s["cloud_len"]) for s in sweep):
+        cells = []
+        for slo in slos:
+            s = next(x for x in sweep if (x["scheme"], x["cloud_len"]) == key
+                     and x["slo_p99_tpot_ms"] == slo)
+            ratio = f" ({s['vs_paged_pc']:.2f}x)" if s.get("vs_paged_pc") is not None else ""
+            cells.append(f"{'>=' if s['censored'] else ''}{s['interpolated']:.1f}{ratio}")
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def tables(report: dict) -> str:
@@ -275,13 +308,14 @@ def tables(report: dict) -> str:
         at_least = ">=" if s["censored"] else ""
         lines.append(f"| {s['scheme']} | {s['cloud_len']} | {at_least}{s['rate']:g} | "
                      f"{s['interpolated']:.2f} | {ratio} |")
-    return "\n".join(lines)
+    return "\n".join(lines + slo_sweep_table(report))
 
 
 def write_outputs(report: dict, out: Path) -> None:
     from edgeprompt_vllm.bench.plots import plot_serving
 
     report["sustainable"] = sustainable(report, report["workload"]["tpot_slo_ms"])
+    report["sustainable_by_slo"] = sustainable_by_slo(report)
     out.write_text(json.dumps(report, indent=2))
     if any("metrics" in r for r in report["results"]):
         plot_serving(report, out.with_suffix(".png"))

@@ -53,7 +53,8 @@ def plot_throughput(report: dict, path: Path) -> None:
 
 
 def plot_serving(report: dict, path: Path) -> None:
-    """Per cloud prompt length (rows): output tok/s, p99 TPOT, p99 TTFT, p50 ITL versus rate."""
+    """Per cloud prompt length (rows): output tok/s, p99 TPOT, p99 TTFT, p50 ITL versus rate,
+    and (with report["sustainable_by_slo"]) the sustainable rate versus the p99 TPOT SLO."""
     plt = _plt()
     rows = [r for r in report["results"] if "metrics" in r]
     lens = sorted({r["cloud_len"] for r in rows}) or [0]
@@ -63,8 +64,10 @@ def plot_serving(report: dict, path: Path) -> None:
         ("ttft_ms", "p99", "p99 TTFT (ms)"),
         ("itl_ms", "p50", "p50 ITL (ms)"),
     ]
+    sweep = report.get("sustainable_by_slo") or []
     fig, axes = plt.subplots(
-        len(lens), len(panels), figsize=(4.2 * len(panels), 3.4 * len(lens)), squeeze=False
+        len(lens), len(panels) + bool(sweep), figsize=(4.2 * (len(panels) + bool(sweep)), 3.4 * len(lens)),
+        squeeze=False
     )
     slo = report["workload"].get("tpot_slo_ms")
     for i, cl in enumerate(lens):
@@ -85,8 +88,30 @@ def plot_serving(report: dict, path: Path) -> None:
             ax.set_ylabel(label)
             ax.set_title(f"cloud prompt {cl} tokens", fontsize=9)
             ax.grid(alpha=0.3)
+        if sweep:
+            _plot_slo_sweep(axes[i][len(panels)], [s for s in sweep if s["cloud_len"] == cl], cl)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(_title(report, "interactive serving, Poisson arrivals"), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_slo_sweep(ax, sweep: list[dict], cloud_len: int) -> None:
+    """Sustainable rate (interpolated) versus p99 TPOT SLO per scheme; hollow markers: every
+    rate tried passed (a lower bound); dashed: 1.4x paged-pc's (the interactive target)."""
+    for scheme in dict.fromkeys(s["scheme"] for s in sweep):
+        pts = sorted((s["slo_p99_tpot_ms"], s["interpolated"], s["censored"])
+                     for s in sweep if s["scheme"] == scheme)
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=LABELS.get(scheme, scheme))
+        for x, y, censored in pts:
+            ax.plot(x, y, marker="o", color=line.get_color(),
+                    markerfacecolor="none" if censored else line.get_color())
+        if scheme == "paged-pc":
+            ax.plot([p[0] for p in pts], [1.4 * p[1] for p in pts], ls="--", lw=1,
+                    color=line.get_color(), label="1.4x paged-pc")
+    ax.set_xlabel("p99 TPOT SLO (ms)")
+    ax.set_ylabel("sustainable rate (req/s)")
+    ax.set_title(f"cloud prompt {cloud_len} tokens", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
