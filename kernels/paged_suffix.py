@@ -22,7 +22,8 @@ grouped request (prefix_lens > 0) folds them into its own online-softmax state b
 so an unsplit decode batch needs no separate merge launch (RelayAttention, Zhu et al., ACL 2024).
 
 Convention: lse: float32, natural log, [num_heads, num_tokens].
-Rows of `out` past query_start_loc[-1] (CUDA-graph padding) are not written.
+Rows of `out` past query_start_loc[-1] (CUDA-graph padding) are not written without a KV split;
+with one, the merge writes them from unwritten partial states (padding: never read).
 """
 
 import torch

@@ -132,7 +132,7 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         if "answer" not in _GRAPH_CHECK:
             _GRAPH_CHECK["answer"] = relay_graph_self_check(
                 self.num_heads_q, self.num_heads_kv, self.headdim, self.block_size,
-                self.model_config.dtype, device)
+                self.model_config.dtype, device, self.model_config.max_model_len)
         answer = _GRAPH_CHECK["answer"]
         self.graph_pdl = bool(answer and answer["pdl"])
         return answer is not None
@@ -142,8 +142,11 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         relay = None
         if self.graph_table is not None and self._uniform_decode(common_attn_metadata):
             # every decode batch that fits the table (every FULL step's) rewrites it, whatever
-            # mode the step runs in: a FULL graph never sees an older step's groups
+            # mode the step runs in: a FULL graph never sees an older step's groups. A step
+            # that runs eagerly with no group keeps FlashAttention.
             relay = self._graph_step(common_attn_metadata)
+            if not relay.groups and not graph_mode.step_is_full_graph():
+                relay = None
         elif self.relay_enabled and self.graph_table is None and graph_mode.step_is_full_graph():
             # a FULL graph step replays FlashAttention: nothing to group (graph_mode.py); a
             # request joining here (a 1-token prefill) makes the next decode step decide
@@ -166,7 +169,9 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         stock FlashAttention (relay off: dummy block tables share their leading blocks)."""
         stock = super().build(0, common_attn_metadata)
         relay = None
-        if self.graph_table is not None:
+        if self.graph_table is not None and self._uniform_decode(common_attn_metadata):
+            # (vLLM builds capture metadata for mixed batches too with breakable piecewise
+            # graphs, VLLM_USE_BREAKABLE_CUDAGRAPH: those keep FlashAttention)
             qsl = common_attn_metadata.query_start_loc_cpu[: common_attn_metadata.num_reqs + 1].numpy()
             self.graph_table.fill(qsl, [], np.zeros((0, 0), np.int32), self.block_size)
             relay = self._graph_relay(common_attn_metadata, [])
@@ -178,17 +183,21 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         return common.max_query_len == 1 and self.graph_table.fits(common)
 
     def _graph_step(self, common) -> GraphRelay:
-        """Group a FULL step's requests and write them into the graph's table."""
+        """Group a decode batch's requests and write them into the graph's table (no groups
+        where the runner keeps no host copy of the block ids: reading them would sync)."""
         start = time.perf_counter()
         padded_qsl = common.query_start_loc_cpu[: common.num_reqs + 1].numpy()
         real = int(np.searchsorted(padded_qsl, padded_qsl[-1]))  # padding rows have no tokens
-        qsl, seq_lens, table = host_batch(common, self.block_size, real)
-        query_lens = np.diff(qsl)
-        found = find_groups(table, seq_lens, query_lens, self.block_size,
-                            max_query_len=MAX_GROUP_QUERY_LEN)
-        shapes = [GroupShape(num_reqs=len(reqs), num_query_tokens=int(query_lens[reqs].sum()),
-                             prefix_len=prefix_len) for reqs, prefix_len in found]
-        groups = strongest_groups(found, choose_relay(shapes, self.shape))
+        groups, table = [], np.zeros((0, 0), np.int32)
+        qsl = padded_qsl[: real + 1]
+        if host_block_table.is_noted(common.block_table_tensor, real):
+            qsl, seq_lens, table = host_batch(common, self.block_size, real)
+            query_lens = np.diff(qsl)
+            found = find_groups(table, seq_lens, query_lens, self.block_size,
+                                max_query_len=MAX_GROUP_QUERY_LEN)
+            shapes = [GroupShape(num_reqs=len(reqs), num_query_tokens=int(query_lens[reqs].sum()),
+                                 prefix_len=prefix_len) for reqs, prefix_len in found]
+            groups = strongest_groups(found, choose_relay(shapes, self.shape))
         relay = self._graph_relay(common, self.graph_table.fill(qsl, groups, table, self.block_size))
         RELAY_STATS.record(relay if relay.groups else None, time.perf_counter() - start)
         RELAY_STATS.full_graph_relay_batches += bool(relay.groups)

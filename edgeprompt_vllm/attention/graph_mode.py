@@ -68,7 +68,9 @@ _ENABLED: dict[int, tuple[weakref.ref, bool]] = {}
 
 def enable_for(vllm_config, forecast: bool = True) -> None:
     """Record the graph mode of this engine's steps and, if `forecast`, move the steps forecast
-    to relay out of their FULL graphs (the relay builder calls it)."""
+    to relay out of their FULL graphs (each relay builder calls it; one that needs the forecast
+    turns it on for the engine)."""
+    forecast = forecast or bool(_forecast_of(vllm_config))
     _ENABLED[id(vllm_config)] = (weakref.ref(vllm_config), forecast)
 
 
@@ -79,10 +81,13 @@ def _forecast_of(vllm_config) -> bool | None:
 
 
 def full_graphs_possible(vllm_config) -> bool:
-    """FULL decode graphs beside relay: Model Runner V2, no speculative decoding (the draft's
-    graphs would have to follow each target step's mode), no data parallelism (the ranks would
-    have to agree on the forecast)."""
+    """FULL decode graphs beside relay: Model Runner V2, FULL decode graphs asked for (not
+    enforce_eager, which sets the mode to NONE, nor a PIECEWISE-only mode), no speculative
+    decoding (the draft's graphs would have to follow each target step's mode), no data
+    parallelism (the ranks would have to agree on the forecast)."""
+    mode = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
     return (bool(getattr(vllm_config, "use_v2_model_runner", False))
+            and mode is not None and mode.decode_mode().name == "FULL"
             and vllm_config.speculative_config is None
             and vllm_config.parallel_config.data_parallel_size == 1)
 

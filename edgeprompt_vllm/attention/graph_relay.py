@@ -138,10 +138,10 @@ def strongest_groups(groups: list, decisions: list[GroupDecision]) -> list:
 
 def self_check_batch(num_q_heads: int, num_kv_heads: int, head_size: int, block_size: int,
                      dtype: torch.dtype, device, num_reqs: int = 8) -> dict:
-    """A small decode batch for the self-check: one group of the first num_reqs - 2 requests
-    over 4 shared blocks, one of the next request alone over 2 (a prefix shorter than the
-    graph's split count covers), the last request ungrouped; random caches; every request has
-    1.5 blocks of its own."""
+    """A small decode batch for the self-check (num_reqs >= 3): one group of the first
+    num_reqs - 2 requests over 4 shared blocks, one of the next request alone over 2 (fewer
+    tiles than the graph's prefix splits), the last request ungrouped; random caches; every
+    request has 1.5 blocks of its own."""
     gen = torch.Generator().manual_seed(0)
     own = [[4 + 2 * r, 5 + 2 * r] for r in range(num_reqs)]
     rows = [[0, 1, 2, 3] + o for o in own]
@@ -160,15 +160,17 @@ def self_check_batch(num_q_heads: int, num_kv_heads: int, head_size: int, block_
     )
 
 
-def run_self_check(batch: dict, launch: dict, block_size: int, capture) -> bool:
+def run_self_check(batch: dict, launch: dict, block_size: int, capture,
+                   max_seq_len: int) -> bool:
     """Record the relay launches over an empty table (`capture(fn)` -> a replay function), fill
-    the table with the batch's groups, replay, compare with plain attention (fp32 reference)."""
+    the table with the batch's groups, replay, compare with plain attention (fp32 reference).
+    `launch` and `max_seq_len` (the bound) as serving sizes them (launch_kwargs)."""
     from edgeprompt_vllm.kernels import plain_attention_ref, relay_attention
 
     query, device = batch["query"], batch["query"].device
     qsl, seq_lens, table = (torch.from_numpy(batch[k]).to(device)
                             for k in ("qsl", "seq_lens", "block_table"))
-    num_reqs, max_seq_len = len(batch["seq_lens"]), int(batch["seq_lens"].max())
+    num_reqs = len(batch["seq_lens"])
     graph_table = GraphRelayTable(num_reqs, num_reqs, table.shape[1], device)
     meta = graph_table.metadata(qsl, seq_lens, table, num_reqs, 1, max_seq_len)
     out = torch.zeros_like(query)
@@ -199,17 +201,20 @@ def _cuda_graph_capture(fn):
 
 
 def relay_graph_self_check(num_q_heads: int, num_kv_heads: int, head_size: int, block_size: int,
-                           dtype: torch.dtype, device) -> dict | None:
-    """Capture the relay launches in a CUDA graph and replay them over a small batch, first with
+                           dtype: torch.dtype, device, max_model_len: int) -> dict | None:
+    """Capture the relay launches in CUDA graphs and replay them over two small batches (8
+    requests; 3, where the suffix splits and merges), sized as serving sizes them, first with
     programmatic dependent launch (PDL), then without: {"pdl": bool} for the first that matches
     plain attention, None if neither does (the FULL graphs then keep FlashAttention)."""
-    batch = self_check_batch(num_q_heads, num_kv_heads, head_size, block_size, dtype, device)
+    batches = [self_check_batch(num_q_heads, num_kv_heads, head_size, block_size, dtype, device, n)
+               for n in (8, 3)]
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     for pdl in (True, False):
-        launch = launch_kwargs(len(batch["seq_lens"]), num_q_heads, num_kv_heads, head_size,
-                               int(batch["seq_lens"].max()), sms, pdl)
         try:
-            ok = run_self_check(batch, launch, block_size, _cuda_graph_capture)
+            ok = all(run_self_check(
+                batch, launch_kwargs(len(batch["seq_lens"]), num_q_heads, num_kv_heads, head_size,
+                                     max_model_len, sms, pdl),
+                block_size, _cuda_graph_capture, max_model_len) for batch in batches)
         except Exception as e:  # noqa: BLE001  any failure means: not in FULL graphs
             logger.warning("relay in CUDA graphs (pdl=%s) failed its self-check: %r", pdl, e)
             continue

@@ -34,6 +34,14 @@ def note(device_table: torch.Tensor, host_table: np.ndarray, rows: np.ndarray | 
     _NOTES[device_table.data_ptr()] = (host_table, rows)
 
 
+def is_noted(block_table_tensor: torch.Tensor, num_reqs: int) -> bool:
+    """Whether `host_rows` can answer for the first `num_reqs` rows without a device copy."""
+    if block_table_tensor.device.type == "cpu":
+        return True
+    found = _NOTES.get(block_table_tensor.data_ptr())
+    return found is not None and (found[1] is None or len(found[1]) >= num_reqs)
+
+
 def host_rows(block_table_tensor: torch.Tensor, num_blocks: np.ndarray) -> np.ndarray:
     """block_table_tensor [>= R, W] (device), num_blocks [R] blocks in use per request -> the
     first R rows on the host [R, max(num_blocks)], from a note if there is one. Entries past a
@@ -41,12 +49,11 @@ def host_rows(block_table_tensor: torch.Tensor, num_blocks: np.ndarray) -> np.nd
     num_reqs, width = len(num_blocks), int(num_blocks.max(initial=0))
     if block_table_tensor.device.type == "cpu":
         return block_table_tensor[:num_reqs, :width].numpy()
-    found = _NOTES.get(block_table_tensor.data_ptr())
-    if found is None or (found[1] is not None and len(found[1]) < num_reqs):
+    if not is_noted(block_table_tensor, num_reqs):
         LOOKUPS["host_rows_copied"] += 1
         return block_table_tensor[:num_reqs, :width].cpu().numpy()
     LOOKUPS["host_rows_noted"] += 1
-    host, rows = found
+    host, rows = _NOTES[block_table_tensor.data_ptr()]
     table = host[:num_reqs, :width] if rows is None else host[rows[:num_reqs], :width]
     if os.environ.get("EDGEPROMPT_CHECK_HOST_BLOCK_TABLE") == "1":
         _check(table, block_table_tensor[:num_reqs, :width].cpu().numpy(), num_blocks)

@@ -171,11 +171,27 @@ def test_has_prefill_prefers_vllms_flag():
     assert not graph_mode.has_prefill(_Common([1, 16, 1]), 16)
 
 
-@pytest.mark.parametrize("v2,spec,dp,possible", [(True, None, 1, True), (False, None, 1, False),
-                                                 (True, object(), 1, False), (True, None, 2, False)])
-def test_full_graphs_only_where_the_forecast_is_safe(v2, spec, dp, possible):
+@pytest.mark.parametrize("v2,mode,spec,dp,possible", [
+    (True, "FULL_AND_PIECEWISE", None, 1, True), (True, "FULL_DECODE_ONLY", None, 1, True),
+    (False, "FULL_AND_PIECEWISE", None, 1, False), (True, "PIECEWISE", None, 1, False),
+    (True, "NONE", None, 1, False),  # enforce_eager
+    (True, "FULL_AND_PIECEWISE", object(), 1, False), (True, "FULL_AND_PIECEWISE", None, 2, False)])
+def test_full_graphs_only_where_asked_for_and_the_forecast_is_safe(v2, mode, spec, dp, possible):
     from types import SimpleNamespace
 
+    pytest.importorskip("vllm")
+    from vllm.config.compilation import CUDAGraphMode
+
     config = SimpleNamespace(use_v2_model_runner=v2, speculative_config=spec,
+                             compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode[mode]),
                              parallel_config=SimpleNamespace(data_parallel_size=dp))
     assert graph_mode.full_graphs_possible(config) is possible
+
+
+def test_a_builder_that_needs_the_forecast_turns_it_on(descs):
+    config = _Config("two-builders")
+    graph_mode.enable_for(config, forecast=True)  # e.g. a GQA group's builder (FA3 in FULL graphs)
+    graph_mode.enable_for(config, forecast=False)  # an MHA group's (relay in FULL graphs)
+    mgr = _manager(config, {(n, 0): list(descs) for n in range(1, 257)})
+    graph_mode.note_build(True)
+    assert mgr.dispatch(250, 250, 1, num_active_loras=0).cg_mode.name == "PIECEWISE"

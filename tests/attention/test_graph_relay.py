@@ -17,19 +17,26 @@ def _no_capture(fn):
     return fn
 
 
-@pytest.mark.parametrize("queries_per_kv", [1, 4])
-def test_launches_over_an_empty_table_serve_the_groups_written_later(queries_per_kv):
-    batch = graph_relay.self_check_batch(4 * queries_per_kv, 4, 64, 16, torch.float32, "cpu")
-    launch = graph_relay.launch_kwargs(8, 4 * queries_per_kv, 4, 64, 96, 4, pdl=False)
-    assert graph_relay.run_self_check(batch, launch, 16, _no_capture)
+@pytest.mark.parametrize("queries_per_kv,num_reqs", [(1, 8), (4, 8), (1, 3)])
+def test_launches_over_an_empty_table_serve_the_groups_written_later(queries_per_kv, num_reqs):
+    """Sized as a GPU with 132 SMs sizes them for a 2048-token bound: 4 prefix splits (the
+    2-block group's prefix has 1 tile: empty splits); with 3 requests the suffix is split too
+    (forced here: the interpreter's launcher sees 4 SMs), then merged."""
+    batch = graph_relay.self_check_batch(4 * queries_per_kv, 4, 64, 16, torch.float32, "cpu",
+                                         num_reqs)
+    launch = graph_relay.launch_kwargs(num_reqs, 4 * queries_per_kv, 4, 64, 2048, 132, pdl=False)
+    assert launch["prefix_splits"] == 4
+    if num_reqs < 8:
+        launch["suffix_splits"] = 2
+    assert graph_relay.run_self_check(batch, launch, 16, _no_capture, max_seq_len=2048)
 
 
 def test_the_check_fails_on_groups_the_blocks_do_not_share():
     """Request 6 shares only 2 of the group's 4 blocks: served the group's 4, it is wrong."""
     batch = graph_relay.self_check_batch(4, 4, 64, 16, torch.float32, "cpu")
-    launch = graph_relay.launch_kwargs(8, 4, 4, 64, 96, 4, pdl=False)
+    launch = graph_relay.launch_kwargs(8, 4, 4, 64, 2048, 132, pdl=False)
     batch["groups"] = [(list(range(7)), 64)]
-    assert not graph_relay.run_self_check(batch, launch, 16, _no_capture)
+    assert not graph_relay.run_self_check(batch, launch, 16, _no_capture, max_seq_len=2048)
 
 
 def test_fill_rewrites_everything_and_lists_tokens_in_request_order():
