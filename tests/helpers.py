@@ -9,6 +9,19 @@ import tempfile
 from pathlib import Path
 
 SCRIPTS = Path(__file__).parent / "scripts"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (its folder is not on sys.path in the tests), registered in
+    sys.modules under NAME (Ray's cloudpickle finds classes by module)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def interruptible(**popen_kwargs) -> dict:

@@ -43,7 +43,12 @@ from edgeprompt_vllm.attention.graph_relay import (
     strongest_groups,
 )
 from edgeprompt_vllm.attention.grouping import find_groups
-from edgeprompt_vllm.attention.relay_batch import RelayBatch, RestBatch, build_relay_batch, host_batch
+from edgeprompt_vllm.attention.relay_batch import (
+    RelayBatch,
+    RestBatch,
+    build_relay_batch,
+    host_batch,
+)
 from edgeprompt_vllm.attention.stats import RELAY_STATS
 from edgeprompt_vllm.attention.warmup import warm_up_relay_kernels
 from edgeprompt_vllm.kernels import relay_attention

@@ -8,9 +8,9 @@ graph, tests/attention/test_relay_backend.py runs it inside vLLM)."""
 import numpy as np
 import pytest
 import torch
+from edgeprompt_vllm.kernels.cost_model import GroupDecision
 
 from edgeprompt_vllm.attention import graph_relay
-from edgeprompt_vllm.kernels.cost_model import GroupDecision
 
 
 def _no_capture(fn):

@@ -1,16 +1,6 @@
 """benchmark_network's analysis: prediction accuracy per run and per grid cell (median of reps)."""
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "benchmark_network.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("benchmark_network", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def _row(strategy, rep, ttft_s, predicted_s, chosen=None):
@@ -24,7 +14,7 @@ def test_a_slow_repetition_misses_per_run_but_not_the_cell_median():
             _row("layerwise", 2, 1.25, 1.0),  # a repetition 25% slower than the others: a miss
             _row("recompute", 0, 2.0, 1.5), _row("recompute", 1, 2.0, 1.5), _row("recompute", 2, 2.1, 1.5),
             _row("auto", 0, 1.01, 1.0, "layerwise")]
-    p = _load().analyse(rows)["prediction"]
+    p = load_benchmark("benchmark_network").analyse(rows)["prediction"]
     assert (p["rows"], p["within_15pct"]) == (7, 3)  # misses: the slow rep, recompute's 3 runs
     cells = p["cell_medians"]
     # layerwise: median 1.02 vs 1.0 (2%); recompute: 2.0 vs 1.5 (25%); auto: 1%

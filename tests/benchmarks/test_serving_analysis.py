@@ -1,16 +1,6 @@
 """benchmark_serving's analysis: the sustainable rate at a sweep of p99 TPOT SLOs, table and plot."""
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "benchmark_serving.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("benchmark_serving", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_benchmark
 
 
 def _report(p99_by_scheme: dict) -> dict:
@@ -24,7 +14,7 @@ def _report(p99_by_scheme: dict) -> dict:
 
 
 def test_the_sweep_reads_the_target_at_every_slo(tmp_path):
-    serving = _load()
+    serving = load_benchmark("benchmark_serving")
     # stock's p99 TPOT rises with the rate; edgeprompt's rises later
     report = _report({"paged-pc": [(10, 12.0), (20, 18.0), (30, 40.0)],
                       "edgeprompt": [(10, 11.0), (20, 13.0), (30, 19.0)]})

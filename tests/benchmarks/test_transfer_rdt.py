@@ -5,7 +5,6 @@ torch.distributed group that the benchmark registers under Ray's NCCL name when 
 missing, and the CLI must write JSONL rows. The two-actor code is benchmarks/transfer_pair.py,
 which benchmark_transfer.py imports."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,26 +14,17 @@ from types import SimpleNamespace
 import pytest
 import ray
 import torch
+from helpers import load_benchmark
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "benchmark_transfer.py"
-PAIR = ROOT / "benchmarks" / "transfer_pair.py"
 LAYERS = 2
 TOKENS = 16  # 16 x 8 heads x 128 x 2 (K, V) x 2 B = 64 KiB a layer
 
-
-def load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 # transfer_pair registers itself with Ray's cloudpickle: its actor classes go to the workers by
 # value (no worker can import it by name)
-BT = load("transfer_pair", PAIR)
+BT = load_benchmark("transfer_pair")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +100,7 @@ def test_cpu2_cli_writes_rows(tmp_path):
 
 
 def test_benchmark_transfer_loads_from_its_path_and_runs_the_pair_module():
-    module = load("benchmark_transfer", SCRIPT)  # its folder is not on sys.path here
+    module = load_benchmark("benchmark_transfer")
     assert module.run_pair is BT.run_pair and module.cpu_model is BT.cpu_model
     assert module.CUDA_FP[2:4] == (BT.KV_HEADS, BT.HEAD_SIZE)
     assert module.CUDA_FP[4] == "bfloat16" and module.CUDA_FP[6] == BT.BLOCK_SIZE

@@ -2,13 +2,12 @@
 90; benchmarks/benchmark_soak.py runs the same code longer and keeps its numbers): no failed
 request, every answer stock vLLM's, the server's memory flat after warm-up, no KV held after."""
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers import load_benchmark
 from reliability.calls import client, cloud_text
 from reliability.stack import wait_kv_idle
 
@@ -16,14 +15,6 @@ pytestmark = pytest.mark.slow
 SOAK_S = float(os.environ.get("EDGEPROMPT_SOAK_S", "90"))
 CLIENTS = 12
 MAX_TOKENS = 24
-
-
-def load_benchmark():
-    path = Path(__file__).parents[2] / "benchmarks" / "benchmark_soak.py"
-    spec = importlib.util.spec_from_file_location("benchmark_soak", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def stock_answer(stack, kind: str, cloud: str | None, question: str) -> str:
@@ -40,7 +31,7 @@ def stock_answer(stack, kind: str, cloud: str | None, question: str) -> str:
 
 
 def test_soak_of_streaming_clients_no_failures_bounded_memory(stack, tmp_path):
-    res = load_benchmark().run_soak(stack.edge.base_url, stack.edge.model, stack.edge.proc.pid,
+    res = load_benchmark("benchmark_soak").run_soak(stack.edge.base_url, stack.edge.model, stack.edge.proc.pid,
                                     duration_s=SOAK_S, clients=CLIENTS, max_tokens=MAX_TOKENS)
     (tmp_path / "soak.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k not in ("rss_samples_mb", "answers")}))
