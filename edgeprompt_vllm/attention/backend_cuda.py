@@ -11,7 +11,8 @@ the others (kernels/replay.py), so eager attention costs little host time per la
 CUDA graphs: under Model Runner V2 the builder reports UNIFORM_BATCH and vLLM captures FULL
 graphs of uniform decode steps beside piecewise ones. By default (MHA models) the FULL graphs
 hold the relay kernels themselves, launched from a persistent group table the builder rewrites
-before every FULL step (graph_relay.py; a start-up self-check captures and replays them first).
+for every uniform decode batch (graph_relay.py; a start-up self-check captures and replays them
+first).
 Otherwise (GQA models, where our plain kernel is not measured level with FA3, or
 EDGEPROMPT_RELAY_IN_FULL_GRAPHS=0) the FULL graphs hold stock FlashAttention and a decode step
 runs its FULL graph unless it is forecast to relay; a relaying step then runs piecewise,
@@ -81,7 +82,8 @@ _GRAPH_CHECK: dict = {}  # once per process: relay_graph_self_check's answer ({"
 def relay_in_full_graphs(shape: AttentionShape) -> bool:
     """EDGEPROMPT_RELAY_IN_FULL_GRAPHS: 1 on, 0 off, auto (default): MHA only, where our plain
     paged kernel (a FULL graph runs it for every request no group relays) is level with FA3
-    (benchmarks/results/kernels/h100.md); GQA is not measured so: FA3 stays in its FULL graphs."""
+    (benchmarks/results/kernels/h100.md); for GQA that is not measured, so FA3 stays in its
+    FULL graphs."""
     setting = os.environ.get("EDGEPROMPT_RELAY_IN_FULL_GRAPHS", "auto")
     if setting not in ("0", "1", "auto"):
         raise ValueError(f"EDGEPROMPT_RELAY_IN_FULL_GRAPHS must be 0, 1 or auto, got {setting!r}")
@@ -205,7 +207,7 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             groups = strongest_groups(found, choose_relay(shapes, self.shape))
         relay = self._graph_relay(common, self.graph_table.fill(qsl, groups, table, self.block_size))
         RELAY_STATS.record(relay if relay.groups else None, time.perf_counter() - start)
-        RELAY_STATS.full_graph_relay_batches += bool(relay.groups)
+        RELAY_STATS.full_graph_relay_batches += bool(relay.groups) and graph_mode.step_is_full_graph()
         return relay
 
     def _graph_relay(self, common, spans) -> GraphRelay:

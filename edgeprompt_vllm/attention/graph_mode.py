@@ -27,11 +27,12 @@ there: its loads wait for every layer before the graph (`step_is_full_graph`, wo
 
 Scope: only the target model's manager (ModelCudaGraphManager) of engines whose relay builder
 enabled it (`enable_for`, keyed by the VllmConfig object itself: vLLM re-runs its __post_init__
-once the engine core has started, v1/engine/core.py, which gives it a new instance_id); the builder keeps reporting no CUDA-graph support with speculative
-decoding (the draft's graphs must follow the target's mode) and with data parallelism (the
-ranks would have to agree on the forecast). Where vLLM dispatches no graph (profile runs,
-`need_eager`), the last step's mode stays: a FULL one only makes that step group nothing and
-wait for its loads up front, still exact.
+once the engine core has started, v1/engine/core.py, which gives it a new instance_id); the
+builder keeps reporting no CUDA-graph support with speculative decoding (the draft's graphs must
+follow the target's mode) and with data parallelism (the ranks would have to agree on the
+forecast). Where vLLM dispatches no graph (profile runs, `need_eager`), the last step's mode
+stays: a FULL one only makes that step group nothing and wait for its loads up front, still
+exact.
 """
 
 import weakref

@@ -4,7 +4,8 @@ depend on the step's grouping.
 A FULL graph replays the launches captured for its batch size: grids, tile and split choices and
 every pointer are frozen, and no Python runs in its forward. So the step's grouping lives in
 persistent device buffers (`GraphRelayTable`, one per metadata builder) that the builder rewrites
-before every FULL step, and the launches are sized by bounds, not by the step:
+for every uniform decode batch (every FULL step's; an eager one with no group then runs
+FlashAttention), and the launches are sized by bounds, not by the step:
 
 - the suffix kernel runs over every request of the batch, on vLLM's own persistent
   query_start_loc / seq_lens / block table; prefix_lens[r] is its group's prefix, or 0 for a
@@ -41,7 +42,8 @@ MAX_GRAPH_GROUPS = 4  # prefix-pass slots per step: distinct cloud prompts decod
 
 @dataclass
 class GraphRelay:
-    """A FULL-graph step's relay: kernel metadata over the persistent table, launch choices."""
+    """A uniform decode step's relay (in a FULL graph, or eager): kernel metadata over the
+    persistent table, launch choices."""
 
     meta: RelayMetadata
     launch_kwargs: dict  # relay_attention's prefix_splits / suffix_config, fixed per batch size
