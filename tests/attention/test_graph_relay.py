@@ -17,8 +17,22 @@ def _no_capture(fn):
     return fn
 
 
+def _frozen_launches(fn):
+    """A CUDA graph's semantics on the CPU: run `fn` once recording its kernel launches (grid,
+    every argument: pointers, ints, scratch buffers), then replay exactly those launches."""
+    from edgeprompt_vllm.kernels.replay import LayerReplay
+
+    marker = torch.zeros(1)
+    replay = LayerReplay(lambda marker: fn())
+    replay(marker=marker)
+    assert replay.replaying and len(replay.launches) >= 2  # prefix pass, suffix (+ merge)
+    return lambda: replay(marker=marker)
+
+
+@pytest.mark.parametrize("capture", [_no_capture, _frozen_launches], ids=["eager", "frozen"])
 @pytest.mark.parametrize("queries_per_kv,num_reqs", [(1, 8), (4, 8), (1, 3)])
-def test_launches_over_an_empty_table_serve_the_groups_written_later(queries_per_kv, num_reqs):
+def test_launches_over_an_empty_table_serve_the_groups_written_later(queries_per_kv, num_reqs,
+                                                                     capture):
     """Sized as a GPU with 132 SMs sizes them for a 2048-token bound: 4 prefix splits (the
     2-block group's prefix has 1 tile: empty splits); with 3 requests the suffix is split too
     (forced here: the interpreter's launcher sees 4 SMs), then merged."""
@@ -28,7 +42,7 @@ def test_launches_over_an_empty_table_serve_the_groups_written_later(queries_per
     assert launch["prefix_splits"] == 4
     if num_reqs < 8:
         launch["suffix_splits"] = 2
-    assert graph_relay.run_self_check(batch, launch, 16, _no_capture, max_seq_len=2048)
+    assert graph_relay.run_self_check(batch, launch, 16, capture, max_seq_len=2048)
 
 
 def test_the_check_fails_on_groups_the_blocks_do_not_share():
