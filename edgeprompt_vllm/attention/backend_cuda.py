@@ -41,15 +41,9 @@ from edgeprompt_vllm.attention.graph_relay import (
     GraphRelayTable,
     launch_kwargs,
     relay_graph_self_check,
-    strongest_groups,
+    write_step,
 )
-from edgeprompt_vllm.attention.grouping import find_groups
-from edgeprompt_vllm.attention.relay_batch import (
-    RelayBatch,
-    RestBatch,
-    build_relay_batch,
-    host_batch,
-)
+from edgeprompt_vllm.attention.relay_batch import RelayBatch, RestBatch, build_relay_batch
 from edgeprompt_vllm.attention.stats import RELAY_STATS
 from edgeprompt_vllm.attention.warmup import warm_up_relay_kernels
 from edgeprompt_vllm.kernels import relay_attention
@@ -190,22 +184,11 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         return common.max_query_len == 1 and self.graph_table.fits(common)
 
     def _graph_step(self, common) -> GraphRelay:
-        """Group a decode batch's requests and write them into the graph's table (no groups
-        where the runner keeps no host copy of the block ids: reading them would sync)."""
+        """Group a decode batch's requests and write them into the graph's table."""
         start = time.perf_counter()
-        padded_qsl = common.query_start_loc_cpu[: common.num_reqs + 1].numpy()
-        real = int(np.searchsorted(padded_qsl, padded_qsl[-1]))  # padding rows have no tokens
-        groups, table = [], np.zeros((0, 0), np.int32)
-        qsl = padded_qsl[: real + 1]
-        if host_block_table.is_noted(common.block_table_tensor, real):
-            qsl, seq_lens, table = host_batch(common, self.block_size, real)
-            query_lens = np.diff(qsl)
-            found = find_groups(table, seq_lens, query_lens, self.block_size,
-                                max_query_len=MAX_GROUP_QUERY_LEN)
-            shapes = [GroupShape(num_reqs=len(reqs), num_query_tokens=int(query_lens[reqs].sum()),
-                                 prefix_len=prefix_len) for reqs, prefix_len in found]
-            groups = strongest_groups(found, choose_relay(shapes, self.shape))
-        relay = self._graph_relay(common, self.graph_table.fill(qsl, groups, table, self.block_size))
+        spans = write_step(self.graph_table, common, self.block_size, self.shape,
+                           MAX_GROUP_QUERY_LEN)
+        relay = self._graph_relay(common, spans)
         RELAY_STATS.record(relay if relay.groups else None, time.perf_counter() - start)
         RELAY_STATS.full_graph_relay_batches += bool(relay.groups) and graph_mode.step_is_full_graph()
         return relay

@@ -30,8 +30,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from edgeprompt_vllm.attention import host_block_table
+from edgeprompt_vllm.attention.grouping import find_groups
+from edgeprompt_vllm.attention.relay_batch import host_batch
 from edgeprompt_vllm.kernels import RelayMetadata
-from edgeprompt_vllm.kernels.cost_model import GroupDecision
+from edgeprompt_vllm.kernels.cost_model import (
+    AttentionShape,
+    GroupDecision,
+    GroupShape,
+    choose_relay,
+)
 from edgeprompt_vllm.kernels.relay_prefix import one_group_prefix_splits
 from edgeprompt_vllm.log import get_logger
 
@@ -129,6 +137,25 @@ def launch_kwargs(num_tokens: int, num_q_heads: int, num_kv_heads: int, head_siz
     splits = one_group_prefix_splits(num_q_heads, num_kv_heads, head_size, num_tokens,
                                      max_seq_len, num_sms)
     return dict(prefix_splits=splits, suffix_config=None if pdl else dict(PDL=False))
+
+
+def write_step(table: GraphRelayTable, common, block_size: int, shape: AttentionShape,
+               max_group_query_len: int) -> list[tuple[int, int, int]]:
+    """Group a uniform decode batch (vLLM's CommonAttentionMetadata, padded for a FULL graph or
+    not) and write it into the table; returns the groups' spans. No groups where the runner
+    keeps no host copy of the block ids (reading them from the device would sync)."""
+    padded_qsl = common.query_start_loc_cpu[: common.num_reqs + 1].numpy()
+    real = int(np.searchsorted(padded_qsl, padded_qsl[-1]))  # padding rows have no tokens
+    qsl, groups, block_table = padded_qsl[: real + 1], [], np.zeros((0, 0), np.int32)
+    if host_block_table.is_noted(common.block_table_tensor, real):
+        qsl, seq_lens, block_table = host_batch(common, block_size, real)
+        query_lens = np.diff(qsl)
+        found = find_groups(block_table, seq_lens, query_lens, block_size,
+                            max_query_len=max_group_query_len)
+        shapes = [GroupShape(num_reqs=len(reqs), num_query_tokens=int(query_lens[reqs].sum()),
+                             prefix_len=prefix_len) for reqs, prefix_len in found]
+        groups = strongest_groups(found, choose_relay(shapes, shape))
+    return table.fill(qsl, groups, block_table, block_size)
 
 
 def strongest_groups(groups: list, decisions: list[GroupDecision]) -> list:
