@@ -126,8 +126,10 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             graph_mode.enable_for(vllm_config, forecast=self.graph_table is None)
 
     def _num_sms(self) -> int:
-        index = torch.device(self.device).index
-        return num_sms(torch.cuda.current_device() if index is None else index)
+        device = torch.device(self.device)
+        if device.type != "cuda":
+            return num_sms(None)
+        return num_sms(torch.cuda.current_device() if device.index is None else device.index)
 
     def _graph_check(self, device) -> bool:
         if "answer" not in _GRAPH_CHECK:

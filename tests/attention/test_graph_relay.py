@@ -10,6 +10,7 @@ import pytest
 import torch
 from edgeprompt_vllm.kernels.cost_model import GroupDecision
 
+from attention.decode_batch import SHARED, decode_batch
 from edgeprompt_vllm.attention import graph_relay
 
 
@@ -92,35 +93,10 @@ def test_prefix_split_count_is_fixed_by_the_bounds():
         prefix_splits=2, suffix_config=dict(PDL=False))
 
 
-class _Common:
-    """The CommonAttentionMetadata fields write_step reads, as vLLM builds them for a FULL
-    graph: `num_reqs` padded, the padding rows with no query token and sequence length 0."""
-
-    def __init__(self, seq_lens: list[int], block_rows: list[list[int]], padded_reqs: int):
-        real = len(seq_lens)
-        self.num_reqs = padded_reqs
-        qsl = list(range(real + 1)) + [real] * (padded_reqs - real)  # vLLM's padding
-        self.query_start_loc_cpu = torch.tensor(qsl, dtype=torch.int32)
-        self.seq_lens = torch.tensor(seq_lens + [0] * (padded_reqs - real), dtype=torch.int32)
-        width = max(len(r) for r in block_rows)
-        rows = [r + [0] * (width - len(r)) for r in block_rows] + [[0] * width] * (padded_reqs - real)
-        self.block_table_tensor = torch.tensor(rows, dtype=torch.int32)
-
-
-def _decode_batch():
-    """8 decode requests padded to 12: requests 0 and 2-7 share 64 blocks (1024 tokens), 1 and 3
-    share 1 block (16 tokens: not worth a prefix pass)."""
-    shared, short = list(range(100, 164)), [7]
-    rows = [shared + [1, 2], short + [3], shared + [4], short + [5, 6]] + \
-        [shared + [10 + r] for r in range(4)]
-    seq_lens = [1024 + 20, 16 + 10, 1024 + 5, 16 + 30] + [1024 + 1 + r for r in range(4)]
-    return _Common(seq_lens, rows, padded_reqs=12), shared
-
-
 def test_write_step_groups_the_real_requests_of_a_padded_batch():
     from edgeprompt_vllm.kernels.cost_model import AttentionShape
 
-    common, shared = _decode_batch()
+    common, shared = decode_batch(), SHARED
     table = graph_relay.GraphRelayTable(max_reqs=12, max_tokens=12, max_blocks=70, device="cpu")
     shape = AttentionShape(num_q_heads=32, num_kv_heads=32, head_size=128, dtype_bytes=2)
     spans = graph_relay.write_step(table, common, 16, shape, max_group_query_len=16)
@@ -135,7 +111,7 @@ def test_write_step_groups_nothing_without_host_block_ids(monkeypatch):
     from edgeprompt_vllm.attention import host_block_table
     from edgeprompt_vllm.kernels.cost_model import AttentionShape
 
-    common, _ = _decode_batch()
+    common = decode_batch()
     table = graph_relay.GraphRelayTable(max_reqs=12, max_tokens=12, max_blocks=70, device="cpu")
     shape = AttentionShape(num_q_heads=32, num_kv_heads=32, head_size=128, dtype_bytes=2)
     assert graph_relay.write_step(table, common, 16, shape, 16) == [(0, 6, 1024)]
