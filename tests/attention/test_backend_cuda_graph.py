@@ -10,13 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from attention.decode_batch import decode_batch
+from edgeprompt_vllm.kernels import plain_attention_ref
+from edgeprompt_vllm.kernels.cost_model import AttentionShape
+
 from edgeprompt_vllm.attention import graph_mode
 from edgeprompt_vllm.attention.graph_relay import GraphRelay, GraphRelayTable
 from edgeprompt_vllm.attention.stats import RelayStats
-from edgeprompt_vllm.kernels import plain_attention_ref
-from edgeprompt_vllm.kernels.cost_model import AttentionShape
 
 HEADS, HEAD_SIZE, BLOCK = 2, 64, 16
 

@@ -8,9 +8,9 @@ graph, tests/attention/test_relay_backend.py runs it inside vLLM)."""
 import numpy as np
 import pytest
 import torch
+from attention.decode_batch import SHARED, decode_batch
 from edgeprompt_vllm.kernels.cost_model import GroupDecision
 
-from attention.decode_batch import SHARED, decode_batch
 from edgeprompt_vllm.attention import graph_relay
 
 
@@ -108,8 +108,9 @@ def test_write_step_groups_the_real_requests_of_a_padded_batch():
 
 def test_write_step_groups_nothing_without_host_block_ids(monkeypatch):
     """Where the runner keeps no host copy of the block ids, the table is cleared, not synced."""
-    from edgeprompt_vllm.attention import host_block_table
     from edgeprompt_vllm.kernels.cost_model import AttentionShape
+
+    from edgeprompt_vllm.attention import host_block_table
 
     common = decode_batch()
     table = graph_relay.GraphRelayTable(max_reqs=12, max_tokens=12, max_blocks=70, device="cpu")
