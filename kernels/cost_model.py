@@ -124,6 +124,11 @@ class GroupDecision:
     plain_s: float
     relay_s: float
 
+    @property
+    def saving_s(self) -> float:
+        """Seconds per layer a prefix pass saves this group over plain attention."""
+        return self.plain_s - self.relay_s
+
 
 def prefix_splits(group: GroupShape, shape: AttentionShape, device: DeviceModel) -> int:
     """The prefix split count relay_prefix's launcher picks for this group alone, as the default
@@ -180,7 +185,7 @@ def _flops(group: GroupShape, shape: AttentionShape) -> float:
 
 def relay_saving(decisions: list[GroupDecision]) -> float:
     """Seconds per layer the relaying groups save over plain attention."""
-    return sum(d.plain_s - d.relay_s for d in decisions if d.relay)
+    return sum(d.saving_s for d in decisions if d.relay)
 
 
 def choose_relay(

@@ -43,6 +43,7 @@ from edgeprompt_vllm.attention.graph_relay import (
     relay_graph_self_check,
     write_step,
 )
+from edgeprompt_vllm.attention.grouping import group_shapes
 from edgeprompt_vllm.attention.relay_batch import RelayBatch, RestBatch, build_relay_batch
 from edgeprompt_vllm.attention.stats import RELAY_STATS
 from edgeprompt_vllm.attention.warmup import warm_up_relay_kernels
@@ -51,7 +52,6 @@ from edgeprompt_vllm.kernels._launch import num_sms
 from edgeprompt_vllm.kernels.cost_model import (
     H100,
     AttentionShape,
-    GroupShape,
     choose_relay,
     worth_leaving_full_graph,
 )
@@ -204,12 +204,10 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             common.block_table_tensor[:num_reqs], num_tokens, common.max_query_len, max_seq_len)
         kwargs = launch_kwargs(num_tokens, self.num_heads_q, self.num_heads_kv, self.headdim,
                                max_seq_len, self._num_sms(), self.graph_pdl)
-        return GraphRelay(meta=meta, launch_kwargs=kwargs, groups=spans, num_tokens=num_tokens)
+        return GraphRelay(meta=meta, launch_kwargs=kwargs, groups=spans)
 
     def _worth_relaying(self, groups, query_lens):
-        shapes = [GroupShape(num_reqs=len(reqs), num_query_tokens=int(query_lens[reqs].sum()),
-                             prefix_len=prefix_len) for reqs, prefix_len in groups]
-        decisions = choose_relay(shapes, self.shape)
+        decisions = choose_relay(group_shapes(groups, query_lens), self.shape)
         self._relay_pays_for_piecewise = worth_leaving_full_graph(decisions, self.num_layers,
                                                                   self.piecewise_step_s)
         return [g for g, d in zip(groups, decisions) if d.relay]

@@ -31,15 +31,10 @@ import numpy as np
 import torch
 
 from edgeprompt_vllm.attention import host_block_table
-from edgeprompt_vllm.attention.grouping import find_groups
+from edgeprompt_vllm.attention.grouping import find_groups, group_shapes
 from edgeprompt_vllm.attention.relay_batch import host_batch
 from edgeprompt_vllm.kernels import RelayMetadata
-from edgeprompt_vllm.kernels.cost_model import (
-    AttentionShape,
-    GroupDecision,
-    GroupShape,
-    choose_relay,
-)
+from edgeprompt_vllm.kernels.cost_model import AttentionShape, GroupDecision, choose_relay
 from edgeprompt_vllm.kernels.relay_prefix import one_group_prefix_splits
 from edgeprompt_vllm.log import get_logger
 
@@ -56,7 +51,6 @@ class GraphRelay:
     meta: RelayMetadata
     launch_kwargs: dict  # relay_attention's prefix_splits / suffix_config, fixed per batch size
     groups: list[tuple[int, int, int]]  # host: (first position, end, prefix_len) of each group
-    num_tokens: int
     replays: dict = field(default_factory=dict)  # softmax scale -> kernels' LayerReplay
 
 
@@ -152,15 +146,13 @@ def write_step(table: GraphRelayTable, common, block_size: int, shape: Attention
         query_lens = np.diff(qsl)
         found = find_groups(block_table, seq_lens, query_lens, block_size,
                             max_query_len=max_group_query_len)
-        shapes = [GroupShape(num_reqs=len(reqs), num_query_tokens=int(query_lens[reqs].sum()),
-                             prefix_len=prefix_len) for reqs, prefix_len in found]
-        groups = strongest_groups(found, choose_relay(shapes, shape))
+        groups = strongest_groups(found, choose_relay(group_shapes(found, query_lens), shape))
     return table.fill(qsl, groups, block_table, block_size)
 
 
 def strongest_groups(groups: list, decisions: list[GroupDecision]) -> list:
     """The relaying groups, at most MAX_GRAPH_GROUPS, those that save most first."""
-    kept = [(d.plain_s - d.relay_s, i) for i, d in enumerate(decisions) if d.relay]
+    kept = [(d.saving_s, i) for i, d in enumerate(decisions) if d.relay]
     kept.sort(reverse=True)
     return [groups[i] for _, i in sorted(kept[:MAX_GRAPH_GROUPS], key=lambda x: x[1])]
 
@@ -199,25 +191,21 @@ def run_self_check(batch: dict, launch: dict, block_size: int, capture,
     query, device = batch["query"], batch["query"].device
     qsl, seq_lens, table = (torch.from_numpy(batch[k]).to(device)
                             for k in ("qsl", "seq_lens", "block_table"))
-    num_reqs = len(batch["seq_lens"])
+    num_reqs, scale = len(batch["seq_lens"]), query.shape[-1] ** -0.5
     graph_table = GraphRelayTable(num_reqs, num_reqs, table.shape[1], device)
     meta = graph_table.metadata(qsl, seq_lens, table, num_reqs, 1, max_seq_len)
     out = torch.zeros_like(query)
     graph_table.fill(batch["qsl"], [], batch["block_table"], block_size)
     replay = capture(lambda: relay_attention(query, batch["key_cache"], batch["value_cache"], meta,
-                                             head_scale(query), out=out, validate=False,
+                                             scale, out=out, validate=False,
                                              schedule="fused", **launch))
     graph_table.fill(batch["qsl"], batch["groups"], batch["block_table"], block_size)
     replay()
     want = plain_attention_ref(query, batch["key_cache"], batch["value_cache"], qsl, seq_lens,
-                               table, head_scale(query))
+                               table, scale)
     # loose on purpose: this catches a broken capture (a missing or stale prefix moves outputs
     # by ~0.1 here), not rounding; the kernels' tolerance tests are tests/kernels
     return bool(torch.allclose(out.float(), want.float(), atol=2e-2, rtol=2e-2))
-
-
-def head_scale(query: torch.Tensor) -> float:
-    return query.shape[-1] ** -0.5
 
 
 def _cuda_graph_capture(fn):

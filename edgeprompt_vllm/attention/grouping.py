@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeprompt_vllm.kernels.cost_model import GroupShape
+
 
 @dataclass(frozen=True)
 class RelayPlan:
@@ -50,6 +52,12 @@ def find_groups(block_table: np.ndarray, seq_lens: np.ndarray, query_lens: np.nd
         if shared > 0:
             groups.append((reqs, shared * block_size))
     return groups
+
+
+def group_shapes(groups: list[tuple[list[int], int]], query_lens: np.ndarray) -> list[GroupShape]:
+    """find_groups' groups as the cost model sees them."""
+    return [GroupShape(num_reqs=len(reqs), num_query_tokens=int(query_lens[reqs].sum()),
+                       prefix_len=prefix_len) for reqs, prefix_len in groups]
 
 
 def plan_relay(num_reqs: int, groups: list[tuple[list[int], int]]) -> RelayPlan:
