@@ -60,6 +60,8 @@ def environment(argv: list[str] | None = None) -> dict:
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         # other work on the machine skews CPU timings: its 1-minute load at start (and end)
         "load_average_at_start": round(os.getloadavg()[0], 2),
+        # which of the host's GPUs (several runs may share a host, one GPU each)
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
 
 
