@@ -117,6 +117,16 @@ def submit_in_groups(llm, prompts, params, groups: int, desc: str):
     return elapsed, outs
 
 
+def model_len(args, lens: list[int], max_out: int) -> int:
+    """The engines' max_model_len: the longest request (+16), or --max-model-len, which lets runs
+    of other lengths share one torch.compile cache entry (vLLM hashes max_model_len)."""
+    need = max(lens) + args.edge_len + max_out + 16
+    if args.max_model_len is not None and args.max_model_len < need:
+        raise SystemExit(f"--max-model-len {args.max_model_len} is too short: cloud prompt "
+                         f"{max(lens)} + edge {args.edge_len} + output {max_out} (+16) needs {need}")
+    return args.max_model_len or need
+
+
 def run_worker(args) -> list[dict]:
     """One engine for this scheme; every cloud prompt length of --cloud-lens in turn."""
     from transformers import AutoTokenizer
@@ -132,7 +142,7 @@ def run_worker(args) -> list[dict]:
                                output_len=None if args.output_len_from_data else args.output_len,
                                max_output_len=args.max_output_len) for cl in lens}
     max_out = max([args.output_len] + [max(w.output_lens) for w in works.values() if w.output_lens])
-    max_len = max(lens) + args.edge_len + max_out + 16
+    max_len = model_len(args, lens, max_out)
     engine = dict(seed=0, dtype=args.dtype, load_format=args.load_format,
                   block_size=args.block_size, max_model_len=max_len,
                   **json.loads(args.engine_args), **llm_kwargs)
@@ -233,7 +243,7 @@ def worker_command(args, scheme: str, lens: list[int], result: Path) -> list[str
            "--cloud-lens", ",".join(map(str, lens)), "--result", str(result), "--model", args.model]
     for name in ("load_format", "dtype", "block_size", "edge_len", "num_requests", "output_len",
                  "max_output_len", "groups", "passes", "engine_args", "gpu_memory_utilization",
-                 "cloud_gpu_memory_utilization", "cloud_device", "edge_strategy"):
+                 "cloud_gpu_memory_utilization", "cloud_device", "edge_strategy", "max_model_len"):
         value = getattr(args, name)
         if value is not None:
             cmd += ["--" + name.replace("_", "-"), str(value)]
@@ -351,6 +361,9 @@ def parse_args(argv=None):
     p.add_argument("--passes", type=int, default=2,
                    help="timed passes in the same engine; the last is the steady state")
     p.add_argument("--engine-args", default="{}", help="JSON of extra LLM(...) arguments")
+    p.add_argument("--max-model-len", type=int,
+                   help="the engines' max_model_len (default: the longest request's); the same "
+                        "value across runs reuses vLLM's compile cache")
     p.add_argument("--timeout-s", type=float, default=3600, help="per scheme and cloud length")
     p.add_argument("--engine-per-length", action="store_true",
                    help="a fresh engine for every cloud length (default: one engine per scheme, "
@@ -400,6 +413,8 @@ def main(argv=None) -> int:
     for s in schemes:
         scheme_settings(s)  # unknown names fail now, not after an hour
     lens = [int(x) for x in args.cloud_lens.split(",")]
+    if not args.output_len_from_data:
+        model_len(args, lens, args.output_len)  # too short a --max-model-len fails now
     from transformers import AutoTokenizer
 
     sample = make_workload(AutoTokenizer.from_pretrained(args.model), lens[0], args.edge_len,
@@ -410,7 +425,8 @@ def main(argv=None) -> int:
     workload = {k: getattr(args, k) for k in (
         "edge_len", "num_requests", "groups", "output_len", "output_len_from_data",
         "max_output_len", "passes", "load_format", "dtype", "block_size", "gpu_memory_utilization",
-        "cloud_gpu_memory_utilization", "cloud_device", "edge_strategy", "engine_args")}
+        "cloud_gpu_memory_utilization", "cloud_device", "edge_strategy", "engine_args",
+        "max_model_len")}
     workload.update(describe_workload(sample, args.output_len, args.max_output_len),
                     cloud_lens=lens, schemes=schemes, model=args.model,
                     submission=f"{args.num_requests} requests in {args.groups} groups of "

@@ -59,9 +59,12 @@ def test_throughput_cpu_smoke(tmp_path, tiny_model):
         str(tiny_model),
         "--cloud-lens",
         "64,96",
+        "--max-model-len",
+        "400",  # forwarded to every worker's engine (one compile cache entry across runs)
         timeout=600,
     )
     check_environment(report)
+    assert report["workload"]["max_model_len"] == 400
     rows = report["results"]
     assert not [r for r in rows if "error" in r]
     for i, cl in enumerate(report["workload"]["cloud_lens"]):

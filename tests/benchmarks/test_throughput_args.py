@@ -1,0 +1,26 @@
+"""benchmark_throughput's engine length: the longest request by default, or --max-model-len."""
+
+from pathlib import Path
+
+import pytest
+
+from helpers import load_benchmark
+
+
+def test_max_model_len_default_explicit_and_too_short():
+    tp = load_benchmark("benchmark_throughput")
+    args = tp.parse_args(["--model", "m", "--edge-len", "512", "--output-len", "128"])
+    assert tp.model_len(args, [64, 1024], 128) == 1024 + 512 + 128 + 16
+    args = tp.parse_args(["--model", "m", "--max-model-len", "2704"])
+    assert tp.model_len(args, [64, 1024], 128) == 2704
+    with pytest.raises(SystemExit, match="too short.*needs 2705"):
+        tp.model_len(args, [2048], 128 + 1)  # one token over
+
+
+def test_max_model_len_reaches_the_workers():
+    tp = load_benchmark("benchmark_throughput")
+    args = tp.parse_args(["--model", "m", "--max-model-len", "3000"])
+    cmd = tp.worker_command(args, "relay", [1024], Path("r.json"))
+    assert cmd[cmd.index("--max-model-len") + 1] == "3000"
+    assert "--max-model-len" not in tp.worker_command(tp.parse_args(["--model", "m"]), "relay",
+                                                      [1024], Path("r.json"))
