@@ -48,6 +48,20 @@ def upload(values, device: torch.device, dtype: torch.dtype = torch.int32) -> to
     return host.pin_memory().to(device, non_blocking=True)
 
 
+# Triton specializes a pointer argument on whether it is 16-byte aligned: an int32 view that
+# starts at an odd offset of a packed buffer compiles (and JITs mid-serving) another variant
+ALIGN_INT32 = 4  # elements: 16 bytes
+
+
+def upload_segments(segments: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """Several host int lists in one upload, each returned as a 16-byte aligned int32 view (each
+    segment padded to ALIGN_INT32 elements), so the kernels' variant never depends on lengths."""
+    padded = [-(-len(seg) // ALIGN_INT32) * ALIGN_INT32 for seg in segments]
+    host = [x for seg, width in zip(segments, padded) for x in (*seg, *[0] * (width - len(seg)))]
+    views = upload(host, device).split(padded)
+    return [v[: len(seg)] for v, seg in zip(views, segments)]
+
+
 @dataclass
 class RelayMetadata:
     """What the relay kernels need to know about one batch (int32 tensors on the query's device)."""
@@ -94,10 +108,8 @@ class RelayMetadata:
         for r0, r1, plen in groups:
             prefix[r0:r1] = [plen] * (r1 - r0)
         # every small host array in one upload: [qsl | seq_lens | prefix | starts | ends | plens]
-        host = qsl + list(seq_lens) + prefix + [g[0] for g in groups] + [g[1] for g in groups] \
-            + [g[2] for g in groups]
-        qsl_t, seq_t, prefix_t, start_t, end_t, plen_t = upload(host, dev).split(
-            [num_reqs + 1, num_reqs, num_reqs, num_groups, num_groups, num_groups])
+        qsl_t, seq_t, prefix_t, start_t, end_t, plen_t = upload_segments(
+            [qsl, list(seq_lens), prefix, *([g[i] for g in groups] for i in range(3))], dev)
         width = max([cdiv(p, block_size) for _, _, p in groups] + [1])
         gbt = torch.zeros(num_groups, width, dtype=torch.int32, device=dev)
         for g, (r0, _, plen) in enumerate(groups):

@@ -35,6 +35,7 @@ from edgeprompt_vllm.attention.grouping import find_groups, group_shapes
 from edgeprompt_vllm.attention.relay_batch import host_batch
 from edgeprompt_vllm.kernels import RelayMetadata
 from edgeprompt_vllm.kernels.cost_model import AttentionShape, GroupDecision, choose_relay
+from edgeprompt_vllm.kernels.relay_attention import ALIGN_INT32
 from edgeprompt_vllm.kernels.relay_prefix import one_group_prefix_splits
 from edgeprompt_vllm.log import get_logger
 
@@ -65,9 +66,12 @@ class GraphRelayTable:
         g = MAX_GRAPH_GROUPS
         self.sizes = [max_reqs, g, g, g, g * max_blocks, max_tokens]
         self.max_blocks = max_blocks
-        self.device_buffer = torch.zeros(sum(self.sizes), dtype=torch.int32, device=device)
+        # every segment starts 16-byte aligned, as the kernels' variants warmed up at start
+        padded = [-(-n // ALIGN_INT32) * ALIGN_INT32 for n in self.sizes]
+        self.offsets = np.cumsum([0] + padded[:-1])  # where each segment starts
+        self.device_buffer = torch.zeros(sum(padded), dtype=torch.int32, device=device)
         (self.prefix_lens, self.group_start, self.group_end, self.group_prefix_len, table,
-         self.token_index) = self.device_buffer.split(self.sizes)
+         self.token_index) = (v[:n] for v, n in zip(self.device_buffer.split(padded), self.sizes))
         self.group_block_table = table.view(g, max_blocks)
 
     def fits(self, common) -> bool:
@@ -86,10 +90,10 @@ class GraphRelayTable:
         if len(qsl) - 1 > self.sizes[0] or num_tokens > self.sizes[-1]:
             raise ValueError(f"batch of {len(qsl) - 1} requests / {num_tokens} tokens exceeds the "
                              f"table ({self.sizes[0]} / {self.sizes[-1]})")
-        used = sum(self.sizes[:-1]) + num_tokens  # the token list's tail is never read
+        used = int(self.offsets[-1]) + num_tokens  # the token list's tail is never read
         host = np.zeros(used, dtype=np.int32)
-        prefix_lens, starts, ends, plens, table, index = np.split(
-            host, np.cumsum(self.sizes[:-1]))
+        prefix_lens, starts, ends, plens, table, index = (
+            host[o:o + n] for o, n in zip(self.offsets, self.sizes))
         table = table.reshape(MAX_GRAPH_GROUPS, self.max_blocks)
         spans, pos = [], 0
         for g, (reqs, prefix_len) in enumerate(groups):

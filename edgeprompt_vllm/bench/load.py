@@ -58,6 +58,19 @@ async def one_request(
     return r
 
 
+def fresh_connections_client():
+    """An HTTP client that opens a connection per request. A pooled keep-alive connection that
+    idled past the server's keep-alive timeout (uvicorn: 5 s, e.g. across a pause between rates)
+    can be closed by the server just as it is reused: the request then fails with a connection
+    error that says nothing about the server (seen once in ~4000 requests on the H100). Without
+    retries (a retry would hide real failures), not pooling removes the race; a localhost
+    connect costs well under a millisecond."""
+    import httpx
+
+    return httpx.AsyncClient(timeout=3600,
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
+
+
 def poisson_offsets(n: int, rate: float, seed: int = 0) -> np.ndarray:
     """Send times (s) of n requests at `rate` per second; the first at 0."""
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, n)
@@ -79,7 +92,8 @@ async def run_load(
     from openai import AsyncOpenAI
     from tqdm import tqdm
 
-    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="EMPTY", timeout=3600, max_retries=0)
+    client = AsyncOpenAI(base_url=base_url + "/v1", api_key="EMPTY", timeout=3600, max_retries=0,
+                         http_client=fresh_connections_client())
     offsets = (
         poisson_offsets(len(prompts), rate, seed)
         if rate != float("inf")

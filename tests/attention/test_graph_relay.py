@@ -66,7 +66,20 @@ def test_fill_rewrites_everything_and_lists_tokens_in_request_order():
     assert table.group_block_table[:2, :2].tolist() == [[7, 8], [9, 0]]
     assert table.group_start.tolist() == [0, 3, 0, 0] and table.group_end.tolist() == [3, 5, 0, 0]
     table.fill(qsl, [], blocks, 16)  # a step with no groups leaves nothing behind
-    assert not table.device_buffer[:-6].any()
+    assert not table.device_buffer[:int(table.offsets[-1])].any()  # (token list: read per group)
+
+
+def test_every_table_segment_starts_16_byte_aligned():
+    """Triton compiles a variant per pointer alignment: one at an odd offset would JIT a kernel
+    mid-serving that the start-up warm-up never built."""
+    table = graph_relay.GraphRelayTable(max_reqs=5, max_tokens=7, max_blocks=3, device="cpu")
+    views = [table.prefix_lens, table.group_start, table.group_end, table.group_prefix_len,
+             table.group_block_table, table.token_index]
+    assert [v.numel() for v in views] == [5, 4, 4, 4, 12, 7]
+    assert all(v.data_ptr() % 16 == 0 for v in views)
+    spans = table.fill(np.array([0, 1, 2, 3, 4, 5]), [([1, 3], 16)], np.full((5, 3), 9), 16)
+    assert spans == [(0, 2, 16)] and table.token_index[:2].tolist() == [1, 3]
+    assert table.prefix_lens.tolist() == [0, 16, 0, 16, 0] and table.group_block_table[0, 0] == 9
 
 
 def test_fill_refuses_more_groups_or_tokens_than_its_capacity():

@@ -88,3 +88,40 @@ def test_cloud_device_must_be_another_gpu():
     for bad, gpus in (("0", 2), ("1", 1), ("2", 2), ("x", 4)):
         with pytest.raises(SystemExit, match="name a second GPU"):
             check_cloud_device(bad, gpus)
+
+
+def test_load_client_opens_a_connection_per_request():
+    """No pooled keep-alive connection can go stale between rates (the server may close it just
+    as it is reused). A keep-alive server counts the connections it accepts; the default
+    httpx client would reuse one."""
+    import asyncio
+
+    import httpx
+
+    from edgeprompt_vllm.bench.load import fresh_connections_client
+
+    async def count_connections(client) -> int:
+        writers = []
+
+        async def serve(reader, writer):
+            writers.append(writer)
+            try:
+                while await reader.readuntil(b"\r\n\r\n"):  # a request's head: answer it
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass  # the client closed the connection
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with client:
+            for _ in range(3):
+                assert (await client.get(f"http://127.0.0.1:{port}/")).text == "ok"
+        for w in writers:
+            w.close()
+        server.close()
+        await server.wait_closed()
+        return len(writers)
+
+    assert asyncio.run(count_connections(fresh_connections_client())) == 3
+    assert asyncio.run(count_connections(httpx.AsyncClient())) == 1  # pooled: the race exists

@@ -269,3 +269,21 @@ def test_token_list_validation_names_the_problem(make_batch):
     bad = _meta_with(lists.meta, group_token_index=lists.meta.group_token_index.flip(0))
     with pytest.raises(ValueError, match="every token of its requests once"):
         bad.validate(lists.query.shape[0], lists.key_cache.shape[1])
+
+
+@pytest.mark.parametrize("num_reqs,groups", [(1, [(0, 1, 16)]), (3, [(0, 2, 16)]),
+                                             (6, [(0, 2, 32), (2, 5, 16), (5, 6, 16)])])
+def test_built_metadata_is_16_byte_aligned_whatever_the_counts(num_reqs, groups):
+    """Packed into one upload, every int32 array still starts 16-byte aligned: Triton specializes
+    on pointer alignment, so otherwise each batch size class would JIT its own variants."""
+    meta = RelayMetadata.build([1] * num_reqs, [40] * num_reqs,
+                               torch.arange(3, dtype=torch.int32).repeat(num_reqs, 1),  # shared ids
+                               groups, 16)
+    arrays = [meta.query_start_loc, meta.seq_lens, meta.prefix_lens, meta.group_req_start,
+              meta.group_req_end, meta.group_prefix_len]
+    assert all(a.data_ptr() % 16 == 0 for a in arrays)
+    assert meta.query_start_loc.tolist() == list(range(num_reqs + 1))
+    assert meta.group_req_start.tolist() == [g[0] for g in groups]
+    assert meta.group_req_end.tolist() == [g[1] for g in groups]
+    assert meta.group_prefix_len.tolist() == [g[2] for g in groups]
+    meta.validate(num_reqs, 16)
