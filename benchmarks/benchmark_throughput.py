@@ -127,6 +127,19 @@ def model_len(args, lens: list[int], max_out: int) -> int:
     return args.max_model_len or need
 
 
+def too_long_for_model(args, lens: list[int]) -> dict[int, str]:
+    """Cloud lengths whose requests exceed the model's context (config.json
+    max_position_embeddings) -> why; they become status rows and the other lengths still run."""
+    try:
+        context = json.loads((Path(args.model) / "config.json").read_text())["max_position_embeddings"]
+    except (OSError, KeyError, ValueError):
+        return {}  # not a local model directory: vLLM will say
+    out = args.max_output_len if args.output_len_from_data else args.output_len
+    return {cl: f"n/a: needs {cl + args.edge_len + out} tokens of context, the model has "
+                f"{context} (edgeprompt-make-model PRESET --max-position-embeddings N)"
+            for cl in lens if cl + args.edge_len + out > context}
+
+
 def run_worker(args) -> list[dict]:
     """One engine for this scheme; every cloud prompt length of --cloud-lens in turn."""
     from transformers import AutoTokenizer
@@ -413,6 +426,10 @@ def main(argv=None) -> int:
     for s in schemes:
         scheme_settings(s)  # unknown names fail now, not after an hour
     lens = [int(x) for x in args.cloud_lens.split(",")]
+    too_long = too_long_for_model(args, lens)
+    for cl, why in too_long.items():
+        print(f"cloud prompt {cl}: {why}", flush=True)
+    lens = [cl for cl in lens if cl not in too_long] or sys.exit("no cloud length fits the model")
     if not args.output_len_from_data:
         model_len(args, lens, args.output_len)  # too short a --max-model-len fails now
     from transformers import AutoTokenizer
@@ -435,7 +452,8 @@ def main(argv=None) -> int:
                     steady_state="output_tok_per_s is the last pass's; each pass has fresh edge "
                                  "prompts; the cloud prompt was put on the engine by a warm-up")
     report = {"environment": environment(argv if argv is not None else sys.argv),
-              "workload": workload, "results": []}
+              "workload": workload, "results": [{"scheme": s, "cloud_len": cl, "status": why}
+                                                for cl, why in too_long.items() for s in schemes]}
     print(f"ShareGPT V3: {workload['sharegpt_complete_records']} complete records "
           f"(file truncated: {workload['sharegpt_file_truncated']}); output lengths: "
           f"{workload['output_lens']}", flush=True)

@@ -47,13 +47,22 @@ def read_manifest(model_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def make_model(name: str, out_dir: Path, seed: int | None = None, force: bool = False) -> dict:
-    """Builds (or reuses, when its manifest matches) the model directory; returns the manifest."""
+def make_model(name: str, out_dir: Path, seed: int | None = None, force: bool = False,
+               max_position_embeddings: int | None = None) -> dict:
+    """Builds (or reuses, when its manifest matches) the model directory; returns the manifest.
+    `max_position_embeddings` overrides the preset's context (e.g. the Llama-2-7b shape at 8192
+    tokens for 4096-token cloud prompts; RoPE needs no weights for it)."""
     preset = load_preset(name)
     seed = preset.seed if seed is None else seed
     out_dir = Path(out_dir)
+    overrides = {}
+    if max_position_embeddings is not None:
+        if max_position_embeddings < 1:
+            raise ValueError(f"max_position_embeddings must be positive, got {max_position_embeddings}")
+        overrides["max_position_embeddings"] = max_position_embeddings
     old = read_manifest(out_dir)
-    if old and not force and old["preset"] == name and old["seed"] == seed and _intact(out_dir, old):
+    if (old and not force and old["preset"] == name and old["seed"] == seed
+            and old.get("overrides", {}) == overrides and _intact(out_dir, old)):
         return old
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("model.safetensors", MANIFEST):
@@ -65,7 +74,7 @@ def make_model(name: str, out_dir: Path, seed: int | None = None, force: bool = 
     ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
     # `dtype` is the transformers 5 name of `torch_dtype`; write both for every reader.
     config = dict(preset.config, dtype=preset.config["torch_dtype"], vocab_size=preset.vocab_size,
-                  bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD])
+                  bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD], **overrides)
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json",
                 {"bos_token_id": ids[BOS], "eos_token_id": ids[EOS], "pad_token_id": ids[PAD]})
@@ -74,7 +83,8 @@ def make_model(name: str, out_dir: Path, seed: int | None = None, force: bool = 
                              out_dir / "model.safetensors")
 
     files = {p.name: _sha256(p) for p in sorted(out_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
-    manifest = {"preset": name, "seed": seed, "weights": preset.weights, "files": files,
+    manifest = {"preset": name, "seed": seed, "overrides": overrides, "weights": preset.weights,
+                "files": files,
                 "checksum": _files_checksum(files), "build_seconds": round(time.time() - t0, 1)}
     _write_json(out_dir / MANIFEST, manifest)
     return manifest
@@ -93,6 +103,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         "or $EDGEPROMPT_HOME/models/PRESET)")
     parser.add_argument("--seed", type=int, help="weight seed (default: the preset's)")
     parser.add_argument("--force", action="store_true", help="rebuild even if an intact model is there")
+    parser.add_argument("--max-position-embeddings", type=int,
+                        help="the model's context in tokens (default: the preset's)")
     return parser
 
 
@@ -100,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = args.out or default_model_dir(args.preset)
         print(f"building {args.preset} in {out} ...", file=sys.stderr, flush=True)
-        manifest = make_model(args.preset, out, seed=args.seed, force=args.force)
+        manifest = make_model(args.preset, out, seed=args.seed, force=args.force,
+                              max_position_embeddings=args.max_position_embeddings)
     except ValueError as e:
         print(f"edgeprompt-make-model: error: {e}", file=sys.stderr)
         return 2

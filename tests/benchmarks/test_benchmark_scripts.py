@@ -58,7 +58,7 @@ def test_throughput_cpu_smoke(tmp_path, tiny_model):
         "--model",
         str(tiny_model),
         "--cloud-lens",
-        "64,96",
+        "64,96,4096",  # 4096 + edge exceeds the tiny model's 4096-token context: a status row
         "--max-model-len",
         "400",  # forwarded to every worker's engine (one compile cache entry across runs)
         timeout=600,
@@ -66,6 +66,10 @@ def test_throughput_cpu_smoke(tmp_path, tiny_model):
     check_environment(report)
     assert report["workload"]["max_model_len"] == 400
     rows = report["results"]
+    past_context = [r for r in rows if r["cloud_len"] == 4096]
+    assert {r["scheme"] for r in past_context} == CPU_SCHEMES | {"cascade"}
+    assert all(r["status"].startswith("n/a: needs 4176 tokens of context") for r in past_context)
+    rows = [r for r in rows if r["cloud_len"] != 4096]
     assert not [r for r in rows if "error" in r]
     for i, cl in enumerate(report["workload"]["cloud_lens"]):
         got = {r["scheme"]: r for r in rows if r["cloud_len"] == cl}

@@ -92,3 +92,18 @@ def test_unknown_preset_is_a_clear_error(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2 and "unknown model preset" in out.stderr
     assert set(preset_names()) >= {"tiny-llama", "llama-2-7b"}
+
+
+def test_context_override_is_written_recorded_and_rebuilt_when_changed(tmp_path):
+    """A longer context (e.g. the Llama-2-7b shape for 4096-token cloud prompts): the config says
+    it, the manifest records it, and a model of another context in its folder is rebuilt."""
+    base = make_model("tiny-llama", tmp_path)
+    preset_context = load_preset("tiny-llama").config["max_position_embeddings"]
+    longer = make_model("tiny-llama", tmp_path, max_position_embeddings=2 * preset_context)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["max_position_embeddings"] == 2 * preset_context
+    assert longer["overrides"] == {"max_position_embeddings": 2 * preset_context}
+    assert longer["checksum"] != base["checksum"]
+    assert make_model("tiny-llama", tmp_path, max_position_embeddings=2 * preset_context) == longer
+    with pytest.raises(ValueError, match="positive"):
+        make_model("tiny-llama", tmp_path, max_position_embeddings=0)
