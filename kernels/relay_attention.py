@@ -53,10 +53,15 @@ def upload(values, device: torch.device, dtype: torch.dtype = torch.int32) -> to
 ALIGN_INT32 = 4  # elements: 16 bytes
 
 
+def aligned_int32(n: int) -> int:
+    """n int32 elements rounded up to a whole number of 16-byte units."""
+    return -(-n // ALIGN_INT32) * ALIGN_INT32
+
+
 def upload_segments(segments: list[list[int]], device: torch.device) -> list[torch.Tensor]:
     """Several host int lists in one upload, each returned as a 16-byte aligned int32 view (each
     segment padded to ALIGN_INT32 elements), so the kernels' variant never depends on lengths."""
-    padded = [-(-len(seg) // ALIGN_INT32) * ALIGN_INT32 for seg in segments]
+    padded = [aligned_int32(len(seg)) for seg in segments]
     host = [x for seg, width in zip(segments, padded) for x in (*seg, *[0] * (width - len(seg)))]
     views = upload(host, device).split(padded)
     return [v[: len(seg)] for v, seg in zip(views, segments)]

@@ -35,7 +35,7 @@ from edgeprompt_vllm.attention.grouping import find_groups, group_shapes
 from edgeprompt_vllm.attention.relay_batch import host_batch
 from edgeprompt_vllm.kernels import RelayMetadata
 from edgeprompt_vllm.kernels.cost_model import AttentionShape, GroupDecision, choose_relay
-from edgeprompt_vllm.kernels.relay_attention import ALIGN_INT32
+from edgeprompt_vllm.kernels.relay_attention import aligned_int32
 from edgeprompt_vllm.kernels.relay_prefix import one_group_prefix_splits
 from edgeprompt_vllm.log import get_logger
 
@@ -67,7 +67,7 @@ class GraphRelayTable:
         self.sizes = [max_reqs, g, g, g, g * max_blocks, max_tokens]
         self.max_blocks = max_blocks
         # every segment starts 16-byte aligned, as the kernels' variants warmed up at start
-        padded = [-(-n // ALIGN_INT32) * ALIGN_INT32 for n in self.sizes]
+        padded = [aligned_int32(n) for n in self.sizes]
         self.offsets = np.cumsum([0] + padded[:-1])  # where each segment starts
         self.device_buffer = torch.zeros(sum(padded), dtype=torch.int32, device=device)
         (self.prefix_lens, self.group_start, self.group_end, self.group_prefix_len, table,
