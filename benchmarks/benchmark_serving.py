@@ -31,6 +31,9 @@ plot's last panel (sustainable rate vs SLO, with 1.4x paged-pc's drawn).
 
 Output: tables on stdout, a JSON (device, versions, commit, command, workload; rewritten after
 every rate) and a PNG (throughput, p99 TPOT, p99 TTFT, p50 ITL vs rate, per cloud prompt).
+--profile-rate R: after the rates, one more pass of --profile-prompts requests at R under vLLM's
+torch profiler (bench/profile.py; a row of its own, not in the sweep), whose table of kernels
+by device time says where a serving step's time goes; traces stay in --log-dir.
 
 How to run:
   # GPU (vLLM 0.26, H100), Llama-2-7b shape with dummy weights; a subset per command is fine
@@ -52,6 +55,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgeprompt_vllm.bench import profile
 from edgeprompt_vllm.bench.cli import add_workload_args, resolve_defaults
 
 SCHEMES = ("paged", "paged-pc", "cascade", "relay", "edgeprompt")
@@ -157,6 +161,8 @@ class Run:
                 cfg = cloud.kv_transfer_config(args.edge_strategy)["kv_connector_extra_config"]
                 flags = flags + edge_serve_args(cfg, dtype=args.dtype, block_size=args.block_size)
                 env = {**env, "RAY_AUTH_MODE": "token"}
+            if args.profile_rate:
+                flags = flags + profile.server_flags(self.profile_dir())
             t0 = time.perf_counter()
             server = VllmServer(args.model, extra_args=(*common_args(args, max_len), *flags),
                                 env=env, log_path=args.log_dir / f"{self.scheme}.log",
@@ -196,6 +202,8 @@ class Run:
                           f"p99 TPOT {_f(m['tpot_ms']['p99'])} ms, "
                           f"p99 TTFT {_f(m['ttft_ms']['p99'])} ms, failed {m['failed']}",
                           flush=True)
+                if args.profile_rate:
+                    self.profile_pass(server, cl, w + len(args.rates) * args.num_prompts, desc)
             info["server_metrics"] = _metrics(server.base_url)
             if cloud is not None:
                 info["cloud_stats"] = cloud.stats()
@@ -206,6 +214,25 @@ class Run:
         finally:
             self.report["servers"].append(info)
             self.stop(server, cloud)
+
+    def profile_dir(self) -> Path:
+        d = self.args.log_dir / f"profile-{self.scheme}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def profile_pass(self, server, cloud_len: int, start: int, desc: str) -> None:
+        """--profile-rate: one more pass under the torch profiler; a row of its own (status, not
+        metrics: the profiler's overhead keeps it out of the sweep)."""
+        from edgeprompt_vllm.bench.load import summarize
+
+        rate, n = self.args.profile_rate, self.args.profile_prompts
+        out = profile.profiled(server.base_url, self.profile_dir(), lambda: self.load(
+            server, cloud_len, start, n, rate, f"{desc} profiled rate {rate:g}"))
+        results, dur = out.pop("result")
+        out["metrics_under_profiler"] = summarize(results, dur)
+        self.row(cloud_len, rate, status=f"profiled pass, {n} requests (not in the sweep): "
+                                         f"{Path(out['file']).name}", profile=out)
+        print("\n".join(["   profile, " + desc] + ["   " + x for x in out["table"][:15]]), flush=True)
 
     @staticmethod
     def stop(server, cloud) -> None:
@@ -345,6 +372,10 @@ def parse_args(argv=None):
     p.add_argument("--tpot-slo-ms", type=float, default=50.0,
                    help="p99 TPOT for the sustainable rate")
     p.add_argument("--vllm-args", default="", help="extra `vllm serve` flags, one string")
+    p.add_argument("--profile-rate", type=float,
+                   help="after the rates, one more pass at this rate under vLLM's torch profiler "
+                        "(not in the sweep); the head of its kernel table goes into the JSON")
+    p.add_argument("--profile-prompts", type=int, default=64, help="requests of that pass")
     p.add_argument("--startup-timeout-s", type=float, default=600)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/serving/serving.json"))
     p.add_argument("--plot-only", type=Path, nargs="+", metavar="JSON",
@@ -391,7 +422,8 @@ def main(argv=None) -> int:
     print(f"server logs: {args.log_dir}", flush=True)
     lens = [int(x) for x in args.cloud_lens.split(",")]
     tok = AutoTokenizer.from_pretrained(args.model)
-    total = 1 + sum(warmup_bursts(args.warmup_requests)) + args.num_prompts * len(args.rates)
+    total = 1 + sum(warmup_bursts(args.warmup_requests)) + args.num_prompts * len(args.rates) \
+        + (args.profile_prompts if args.profile_rate else 0)
     works = {cl: make_workload(tok, cl, args.edge_len, total,
                                None if args.output_len_from_data else args.output_len,
                                args.max_output_len) for cl in lens}
@@ -399,7 +431,7 @@ def main(argv=None) -> int:
         "edge_len", "output_len", "output_len_from_data", "max_output_len", "rates", "num_prompts",
         "warmup_requests", "tpot_slo_ms", "load_format", "dtype", "block_size",
         "gpu_memory_utilization", "cloud_gpu_memory_utilization", "cloud_device", "edge_strategy",
-        "vllm_args")}
+        "vllm_args", "profile_rate", "profile_prompts")}
     workload.update(describe_workload(works[lens[0]], args.output_len, args.max_output_len),
                     cloud_lens=lens, schemes=schemes, model=args.model,
                     client="openai AsyncOpenAI, streamed /v1/completions with token-id prompts, "

@@ -119,11 +119,21 @@ def test_throughput_cpu_smoke(tmp_path, tiny_model):
 def test_serving_cpu_smoke(tmp_path, tiny_model):
     out = tmp_path / "serving.json"
     report, stdout = run_script(
-        "benchmark_serving.py", out, "--model", str(tiny_model), timeout=600
+        "benchmark_serving.py", out, "--model", str(tiny_model), "--profile-rate", "8",
+        "--profile-prompts", "4", timeout=600
     )
     check_environment(report)
     rows = report["results"]
     assert not [r for r in rows if "error" in r]
+    # one profiled pass per scheme, after the sweep and kept out of it: vLLM's op table
+    profiled = {r["scheme"]: r for r in rows if "profile" in r}
+    assert set(profiled) == CPU_SCHEMES
+    for r in profiled.values():
+        assert r["rate"] == 8 and r["status"].startswith("profiled pass, 4 requests")
+        assert r["profile"]["metrics_under_profiler"]["completed"] == 4
+        assert any("Name" in line for line in r["profile"]["table"][:3])
+        assert any("attention" in line for line in r["profile"]["table"])  # the model's ops
+    rows = [r for r in rows if "profile" not in r]
     rates = report["workload"]["rates"]
     assert {r["scheme"] for r in rows} == CPU_SCHEMES | {"cascade"}
     for r in rows:
