@@ -365,7 +365,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(p, SCHEMES, cloud_lens="512,1024", engine="server")
-    p.add_argument("--rates", default="4,8,12,16,20,24,28,32",
+    p.add_argument("--rates", default="4,8,12,16,20,24,28,32,40,48",
                    help="requests/s, comma list; 'inf': all at once")
     p.add_argument("--num-prompts", type=int, default=200, help="requests per rate")
     p.add_argument("--warmup-requests", type=int, default=32)
