@@ -117,10 +117,15 @@ def submit_in_groups(llm, prompts, params, groups: int, desc: str):
     return elapsed, outs
 
 
+def needed_len(args, cloud_len: int, max_out: int) -> int:
+    """The engine length a cloud prompt's requests need: cloud + edge + output, +16 spare."""
+    return cloud_len + args.edge_len + max_out + 16
+
+
 def model_len(args, lens: list[int], max_out: int) -> int:
-    """The engines' max_model_len: the longest request (+16), or --max-model-len, which lets runs
-    of other lengths share one torch.compile cache entry (vLLM hashes max_model_len)."""
-    need = max(lens) + args.edge_len + max_out + 16
+    """The engines' max_model_len: the longest request's need, or --max-model-len, which lets
+    runs of other lengths share one torch.compile cache entry (vLLM hashes max_model_len)."""
+    need = needed_len(args, max(lens), max_out)
     if args.max_model_len is not None and args.max_model_len < need:
         raise SystemExit(f"--max-model-len {args.max_model_len} is too short: cloud prompt "
                          f"{max(lens)} + edge {args.edge_len} + output {max_out} (+16) needs {need}")
@@ -128,16 +133,18 @@ def model_len(args, lens: list[int], max_out: int) -> int:
 
 
 def too_long_for_model(args, lens: list[int]) -> dict[int, str]:
-    """Cloud lengths whose requests exceed the model's context (config.json
-    max_position_embeddings) -> why; they become status rows and the other lengths still run."""
+    """Cloud lengths whose engine length (needed_len, as model_len sizes the engine) exceeds the
+    model's context (config.json max_position_embeddings) -> why; they become status rows and
+    the other lengths still run."""
     try:
         context = json.loads((Path(args.model) / "config.json").read_text())["max_position_embeddings"]
     except (OSError, KeyError, ValueError):
         return {}  # not a local model directory: vLLM will say
     out = args.max_output_len if args.output_len_from_data else args.output_len
-    return {cl: f"n/a: needs {cl + args.edge_len + out} tokens of context, the model has "
+    need = {cl: needed_len(args, cl, out) for cl in lens}
+    return {cl: f"n/a: needs {need[cl]} tokens of context, the model has "
                 f"{context} (edgeprompt-make-model PRESET --max-position-embeddings N)"
-            for cl in lens if cl + args.edge_len + out > context}
+            for cl in lens if need[cl] > context}
 
 
 def run_worker(args) -> list[dict]:

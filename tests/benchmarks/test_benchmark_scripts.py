@@ -68,7 +68,7 @@ def test_throughput_cpu_smoke(tmp_path, tiny_model):
     rows = report["results"]
     past_context = [r for r in rows if r["cloud_len"] == 4096]
     assert {r["scheme"] for r in past_context} == CPU_SCHEMES | {"cascade"}
-    assert all(r["status"].startswith("n/a: needs 4176 tokens of context") for r in past_context)
+    assert all(r["status"].startswith("n/a: needs 4192 tokens of context") for r in past_context)
     rows = [r for r in rows if r["cloud_len"] != 4096]
     assert not [r for r in rows if "error" in r]
     for i, cl in enumerate(report["workload"]["cloud_lens"]):

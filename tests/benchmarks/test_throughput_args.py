@@ -30,8 +30,10 @@ def test_lengths_past_the_model_context_become_status_rows(tmp_path):
     tp = load_benchmark("benchmark_throughput")
     (tmp_path / "config.json").write_text('{"max_position_embeddings": 4096}')
     args = tp.parse_args(["--model", str(tmp_path)])  # edge 512, output 128
-    too_long = tp.too_long_for_model(args, [1024, 2048, 3456, 3457, 4096])
-    assert sorted(too_long) == [3457, 4096]  # 3456 + 512 + 128 = 4096 fits exactly
-    assert "needs 4736 tokens of context, the model has 4096" in too_long[4096]
+    too_long = tp.too_long_for_model(args, [1024, 2048, 3440, 3441, 4096])
+    # 3440 + 512 + 128 + 16 spare = 4096: the engine model_len sizes fits exactly
+    assert sorted(too_long) == [3441, 4096]
+    assert tp.model_len(args, [3440], 128) == 4096
+    assert "needs 4752 tokens of context, the model has 4096" in too_long[4096]
     assert "--max-position-embeddings" in too_long[4096]
     assert tp.too_long_for_model(tp.parse_args(["--model", "no/such/dir"]), [4096]) == {}
