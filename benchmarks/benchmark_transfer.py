@@ -31,6 +31,10 @@ them (ray.get + .cuda() for the naive path; until the layer is issued for ours).
 
 --device cuda2 (two GPUs: a cloud actor -> an edge actor, Ray Direct Transport over NCCL against
 the object store) and --device cpu2 (the same on CPU, RDT over gloo): see transfer_pair.py.
+
+--device link (default benchmarks/results/transfer/link.jsonl; needs --model): the connector's
+own transports from a real cloud actor into the edge's paged cache, the GPU-pair link (NCCL
+between two GPUs, gloo on CPU) against the object store: see transfer_link.py.
 """
 
 import argparse
@@ -55,6 +59,7 @@ from edgeprompt_vllm.transport.wire import encode_layer
 HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
+from transfer_link import run_link
 from transfer_pair import BLOCK_SIZE, HEAD_SIZE, KV_DTYPE, KV_HEADS, cpu_model, run_pair
 
 LAYERS = 8
@@ -125,10 +130,14 @@ def bench_raw(size: int, reps: int) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--address", help="a Ray cluster with a `cloud` node (for ray-xnode)")
-    ap.add_argument("--device", choices=["cpu", "cuda", "cuda2", "cpu2"], default="cpu",
+    ap.add_argument("--device", choices=["cpu", "cuda", "cuda2", "cpu2", "link"], default="cpu",
                     help="cuda: the naive GPU path against the edge's layer loader (one GPU); "
                          "cuda2: cloud on GPU A -> edge on GPU B, Ray RDT over NCCL against the "
-                         "object store; cpu2: the same two actors on CPU, RDT over gloo")
+                         "object store; cpu2: the same two actors on CPU, RDT over gloo; link: "
+                         "the connector's GPU-pair link against its object store path, from a "
+                         "real cloud actor (two GPUs: NCCL; else CPU: gloo)")
+    ap.add_argument("--model", help="--device link: the model directory of the cloud engine")
+    ap.add_argument("--load-format", default="auto", help="--device link: e.g. dummy")
     ap.add_argument("--sizes-mib", type=float, nargs="+",
                     help="layer sizes (default: 0.0625 1 16 64; with --device cuda/cuda2 "
                          "1 16 64; cpu2 0.0625 1)")
@@ -160,6 +169,13 @@ def main():
         args.sizes_mib = args.sizes_mib or ([1, 16, 64] if args.device == "cuda2" else [0.0625, 1])
         args.reps = args.reps or 3
         args.out = args.out or str(results / "transfer" / f"{args.device}.jsonl")
+    elif args.device == "link":
+        if not args.model:
+            ap.error("--device link needs --model (the cloud engine's model directory)")
+        gpus = torch.cuda.device_count() >= 2
+        args.sizes_mib = args.sizes_mib or ([4, 16, 32] if gpus else [0.0625, 0.25])
+        args.reps = args.reps or 3
+        args.out = args.out or str(results / "transfer" / "link.jsonl")
     else:
         args.sizes_mib = args.sizes_mib or [0.0625, 1, 16, 64]
         args.reps = args.reps or 5
@@ -168,13 +184,16 @@ def main():
         ray.init(address=args.address, log_to_driver=False)
     else:
         gpus = {"cuda": {"num_gpus": 1}, "cuda2": {"num_gpus": 2}}.get(args.device, {})
+        if args.device == "link":  # the cloud engine's own GPU is picked by CUDA_VISIBLE_DEVICES
+            gpus = {"num_gpus": torch.cuda.device_count()}
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  object_store_memory=(4 if args.device.startswith("cuda") else 2) << 30, **gpus)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, check=False, cwd=Path(__file__).parent).stdout.strip()
     env = {"host": platform.node(), "cpu": cpu_model(), "ray": ray.__version__, "commit": commit,
            "command": " ".join(sys.argv)}
-    run = {"cuda": run_cuda, "cuda2": run_pair, "cpu2": run_pair}.get(args.device, run_cpu)
+    run = {"cuda": run_cuda, "cuda2": run_pair, "cpu2": run_pair,
+           "link": run_link}.get(args.device, run_cpu)
     rows = run(args, env)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:

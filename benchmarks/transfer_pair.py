@@ -47,6 +47,7 @@ import torch
 from ray.util.collective.collective_group.torch_gloo_collective_group import TorchGLOOGroup
 
 from edgeprompt_vllm.bench.env import cpu_name
+from edgeprompt_vllm.transport.pair_group import device_checksum as checksum  # both ends
 
 # the model-like layers (also --device cuda's): KV heads x head size, bf16, block size
 KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 8, 128, 16
@@ -60,13 +61,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def cpu_model() -> str:
     """The CPU's model name and core count (rows' "cpu"; the CPU actors' "device")."""
     return f"{cpu_name()} ({os.cpu_count()} cores)"
-
-
-def checksum(t: torch.Tensor) -> int:
-    """Position-weighted sum of a 16-bit tensor's words: a partial, shifted or permuted copy
-    changes it."""
-    w = t.contiguous().view(torch.int16).flatten().to(torch.int64)
-    return int((w * (torch.arange(w.numel(), device=w.device) % 65521 + 1)).sum())
 
 
 class TorchDistGroup(TorchGLOOGroup):

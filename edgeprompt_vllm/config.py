@@ -12,6 +12,7 @@ from typing import Any
 DEFAULT_NAMESPACE = "edgeprompt"
 STRATEGIES = ("auto", "layerwise", "grouped", "bulk", "recompute")  # edge/planner.py
 DEFAULT_ACTOR_NAME = "edgeprompt-cloud"
+TRANSPORTS = ("auto", "pair", "object_store")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,11 @@ class EdgePromptConfig:
     # its text and tokens from the last registry it saw); "error" answers HTTP 503.
     on_cloud_unavailable: str = "recompute"
     health_timeout_s: float = 5.0  # the API server's registry refresh / health check
+    # How layers travel (transport/pair_link.py): "auto" uses the GPU-pair channel (NCCL, cloud
+    # GPU -> edge GPU) when the edge's KV cache and the cloud are on two different GPUs, else
+    # the object store; "pair" asks for the pair channel (gloo between CPUs: tests);
+    # "object_store" never pairs.
+    transport: str = "auto"
 
     def __post_init__(self):
         for name in ("connect_timeout_s", "fetch_timeout_s", "health_timeout_s"):
@@ -72,6 +78,9 @@ class EdgePromptConfig:
             raise ValueError("EdgePromptConfig.planner_min_gain_s must be >= 0")
         if self.emulated_rtt_s < 0:
             raise ValueError("EdgePromptConfig.emulated_rtt_s must be >= 0")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"EdgePromptConfig.transport must be one of {list(TRANSPORTS)}, "
+                             f"not {self.transport!r}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "EdgePromptConfig":

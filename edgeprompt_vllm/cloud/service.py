@@ -15,11 +15,14 @@ import threading
 import time
 
 import ray
+import torch
 
+from edgeprompt_vllm.cloud.pair_sender import PairSender
 from edgeprompt_vllm.fingerprint import Fingerprint, model_fingerprint
 from edgeprompt_vllm.log import get_logger
 from edgeprompt_vllm.prompts import CloudPrompt, PromptRegistry
-from edgeprompt_vllm.transport.wire import encode_layer
+from edgeprompt_vllm.transport.pair_group import device_checksum
+from edgeprompt_vllm.transport.wire import decode_layer, encode_kv
 
 logger = get_logger(__name__)
 
@@ -54,6 +57,7 @@ class CloudPromptService:
         self.prefills = 0
         self._encodings: dict = {}  # (prompt, layer, checksum, codec) -> encoded (header, ref)
         self._stalls: dict[tuple[str, int], float] = {}  # tests only: stall_layer_for_testing
+        self.pairs = PairSender(_engine_device(), ray.util.get_node_ip_address())
 
     # ---------------- registration (operators, configs) ----------------
     def register_prompt(self, prompt_id: str, token_ids: list[int] | None = None,
@@ -109,7 +113,8 @@ class CloudPromptService:
         except TypeError as e:
             diff = [f"malformed fingerprint: {e}"]
         return {"ok": not diff, "fingerprint": self.fingerprint.to_dict(),
-                "error": ("model fingerprint mismatch: " + "; ".join(diff)) if diff else None}
+                "error": ("model fingerprint mismatch: " + "; ".join(diff)) if diff else None,
+                "pair": self.pairs.describe()}
 
     def _check(self, digest: str) -> None:
         if digest != self.fingerprint.digest():
@@ -165,15 +170,18 @@ class CloudPromptService:
         if not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
             raise ValueError(f"timeout_s must be a positive number, not {timeout_s!r}")
         timeout_s = min(float(timeout_s), _MAX_WAIT_S)
+        slot = kv.slots[layer]
+        self._wait_layer(prompt_id, layer, slot, timeout_s)
+        return slot.header.to_dict(), [slot.ref]  # a list: Ray passes the inner ref unresolved
+
+    def _wait_layer(self, prompt_id: str, layer: int, slot, timeout_s: float) -> None:
         stall = self._stalls.get((prompt_id, layer)) or self._stalls.get((prompt_id, -1))
         if stall:  # tests only (stall_layer_for_testing)
             time.sleep(stall)
-        slot = kv.slots[layer]
         if not slot.ready.wait(timeout_s):
             raise TimeoutError(f"layer {layer} of {prompt_id!r} not computed in {timeout_s} s")
         if slot.error:
             raise RuntimeError(f"cloud prefill of {prompt_id!r} failed: {slot.error}")
-        return slot.header.to_dict(), [slot.ref]  # a list: Ray passes the inner ref unresolved
 
     def fetch_layers(self, prompt_id: str, digest: str, layers: list[int], codec: str = "none",
                      timeout_s: float = 120.0) -> list:
@@ -195,8 +203,44 @@ class CloudPromptService:
             out.append((header_d, [ref]))
         return out
 
+    # ---------------- the GPU-pair channel (cloud/pair_sender.py, transport/pair_link.py) ----
+    def pair_open(self, digest: str, backend: str, timeout_s: float = 60.0) -> dict:
+        """Opens this cloud's end of a pair channel for one edge receiver -> where to join."""
+        self._check(digest)
+        return self.pairs.open(backend, min(float(timeout_s), _MAX_WAIT_S))
+
+    def pair_send(self, prompt_id: str, digest: str, layer: int, pair_id: str, seq: int,
+                  timeout_s: float = 120.0) -> dict:
+        """Sends one layer over the pair as its `seq`-th send (once computed) -> its header
+        dict plus "dsum", the device checksum the receiver must find."""
+        self._check(digest)
+        layer = self._layer(layer)
+        kv = self._ensure(self._registered(prompt_id))
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise ValueError(f"seq must be an int >= 0, not {seq!r}")
+        timeout_s = min(float(timeout_s), _MAX_WAIT_S)
+        slot = kv.slots[layer]
+
+        def payload():
+            self._wait_layer(prompt_id, layer, slot, timeout_s)
+            return self._device_kv(slot)
+
+        self.pairs.send(pair_id, seq, payload, timeout_s)
+        return {**slot.header.to_dict(), "dsum": slot.dsum}
+
+    def pair_close(self, digest: str, pair_id: str) -> None:
+        self._check(digest)
+        self.pairs.close(pair_id)
+
+    def _device_kv(self, slot):
+        """The layer as a tensor on this cloud's device, and its device checksum (kept)."""
+        if slot.device_kv is None:  # from the stored bytes, verified first
+            kv = decode_layer(slot.header, ray.get(slot.ref)).to(self.pairs.device, copy=True)
+            slot.device_kv, slot.dsum = kv, device_checksum(kv)
+        return slot.device_kv, slot.dsum
+
     def _encoded(self, header_d: dict, ref, codec: str):
-        from edgeprompt_vllm.transport.wire import LayerHeader, decode_layer, encode_kv
+        from edgeprompt_vllm.transport.wire import LayerHeader
 
         key = (header_d["prompt_id"], header_d["layer"], header_d["checksum"], codec)
         with self._reg_lock:
@@ -230,10 +274,15 @@ class CloudPromptService:
         n = prompt.shipped_len(self.registry.block_size)
 
         def on_layer(layer, k, v, compute_s):
-            header, raw = encode_layer(prompt.prompt_id, layer, k, v, compute_s)
+            both = torch.stack([k, v])  # [2, T, H, hs] on the engine's device
+            header, raw = encode_kv(prompt.prompt_id, layer, both, compute_s)
             if layer == self.fingerprint.num_layers - 1:  # counted before anyone can fetch it
                 self.prefills += 1
-            self.store.fill(kv, layer, header, ray.put(raw))
+            # with a pair channel open, a GPU cloud keeps the layer on the GPU too (else the first
+            # pair send of a layer uploads it from the stored bytes: _device_kv)
+            keep = both.is_cuda and self.pairs.active()
+            self.store.fill(kv, layer, header, ray.put(raw), both if keep else None,
+                            device_checksum(both) if keep else None)
 
         try:
             if n == 0:
@@ -274,6 +323,9 @@ class CloudPromptService:
         """Replaces a stored layer by flipped bytes under the old checksum (integrity tests)."""
         kv = self.store.get(prompt_id)
         slot = kv.slots[layer]
+        device_kv, _ = self._device_kv(slot)  # the pair channel's copy, under the old checksum
+        flat = device_kv.view(-1).view(torch.uint8)
+        flat[flat.numel() // 2] ^= 0xFF
         raw = ray.get(slot.ref).copy()
         raw[len(raw) // 2] ^= 0xFF
         slot.ref = ray.put(raw)
@@ -281,6 +333,11 @@ class CloudPromptService:
 
 _MAX_ENCODINGS = 256
 _MAX_WAIT_S = 300.0  # no fetch holds one of the actor's threads longer than this
+
+
+def _engine_device() -> torch.device:
+    """The device of this actor's engine (CUDA_VISIBLE_DEVICES narrows it to one GPU)."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _itemsize(dtype: str) -> int:

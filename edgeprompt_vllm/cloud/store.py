@@ -20,6 +20,8 @@ class LayerSlot:
     header: LayerHeader | None = None
     ref: "ray.ObjectRef | None" = None
     error: str | None = None
+    device_kv: "object | None" = None  # [2, T, H, hs] on the engine's device, for pair channels
+    dsum: int | None = None  # transport/pair_group.device_checksum of device_kv
 
 
 @dataclass
@@ -70,9 +72,10 @@ class PromptStore:
             kv = self._items[prompt_id] = PromptKV(prompt_id, num_layers, pinned)
             return kv, True
 
-    def fill(self, kv: PromptKV, layer: int, header: LayerHeader, ref) -> None:
+    def fill(self, kv: PromptKV, layer: int, header: LayerHeader, ref, device_kv=None,
+             dsum: int | None = None) -> None:
         slot = kv.slots[layer]
-        slot.header, slot.ref = header, ref
+        slot.header, slot.ref, slot.device_kv, slot.dsum = header, ref, device_kv, dsum
         with self._lock:
             kv.nbytes += header.nbytes
         slot.ready.set()

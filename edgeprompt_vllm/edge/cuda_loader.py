@@ -64,13 +64,17 @@ class SideStream:
             return slots.pin_memory().to(self.device, non_blocking=True)
 
     def issue(self, kv: torch.Tensor, lo: int, hi: int, writes) -> torch.cuda.Event:
-        """kv [2, T, H, hs] on the host: tokens [lo, hi) go up once; each write
-        (kv_cache, a, b, slots [b - a] on the device) puts uploaded tokens [a, b) into its slots.
+        """kv [2, T, H, hs] on the host (object store) or already on this device (a GPU-pair
+        slot): tokens [lo, hi) go up once if needed; each write (kv_cache, a, b, slots [b - a]
+        on the device) puts tokens [a, b) of them into its slots.
         -> the event after the last write, on the side stream."""
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            pinned = torch.empty((2, hi - lo, *kv.shape[2:]), dtype=kv.dtype, pin_memory=True)
-            pinned.copy_(kv[:, lo:hi])  # [2, n, H, hs]
-            uploaded = pinned.to(self.device, non_blocking=True)  # [2, n, H, hs]
+            if kv.device == self.device:
+                uploaded = kv[:, lo:hi]  # [2, n, H, hs]
+            else:
+                pinned = torch.empty((2, hi - lo, *kv.shape[2:]), dtype=kv.dtype, pin_memory=True)
+                pinned.copy_(kv[:, lo:hi])  # [2, n, H, hs]
+                uploaded = pinned.to(self.device, non_blocking=True)  # [2, n, H, hs]
             for kv_cache, a, b, slots in writes:
                 block, offset = paged_index(slots, kv_cache.shape[2])
                 scatter_kv(kv_cache, uploaded[0, a:b], uploaded[1, a:b], block, offset)
@@ -113,21 +117,25 @@ class LayerLoader:
                 future.add_done_callback(functools.partial(self._arrived, i, layer))
 
     def _arrived(self, i: int, layer: int, future) -> None:
+        stream, state = self.streams[i], None
         with self._cond:
-            if self._closed or i in self._given_up:
-                return
-            lo, hi, targets = self._jobs[i]
             try:
-                _, kv = future.result()  # the fetch's error (cloud down, checksum...) raises here
-                if kv.shape[1] < hi:
-                    raise ValueError(f"cloud sent {kv.shape[1]} tokens, need {hi}")
-                writes = [(cache, a, b, slots) for cache in self._caches.get(layer, ())
-                          for a, b, slots in targets]
-                state = self._side.issue(kv, lo, hi, writes) if writes else None
-            except BaseException as e:  # noqa: BLE001 (handed to wait(), which raises it)
-                state = e
-            self._issued[(i, layer)] = state
-            self._cond.notify_all()
+                if self._closed or i in self._given_up:
+                    return
+                lo, hi, targets = self._jobs[i]
+                try:
+                    _, kv = future.result()  # the fetch's error (cloud down, checksum...) raises
+                    if kv.shape[1] < hi:
+                        raise ValueError(f"cloud sent {kv.shape[1]} tokens, need {hi}")
+                    writes = [(cache, a, b, slots) for cache in self._caches.get(layer, ())
+                              for a, b, slots in targets]
+                    state = self._side.issue(kv, lo, hi, writes) if writes else None
+                except BaseException as e:  # noqa: BLE001 (handed to wait(), which raises it)
+                    state = e
+                self._issued[(i, layer)] = state
+                self._cond.notify_all()
+            finally:  # the layer's buffer is free once what was issued from it has run
+                stream.consumed(layer, None if isinstance(state, BaseException) else state)
 
     def wait(self, stream, layer: int, timeout_s: float) -> None:
         """Until layer `layer` of `stream` is issued (host), then the compute stream waits for

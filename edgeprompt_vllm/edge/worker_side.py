@@ -12,6 +12,9 @@ l+1 overlaps the compute of l:
 A failed layer (timeout, checksum, dead actor) marks its blocks invalid: vLLM recomputes them
 (kv_load_failure_policy "recompute"); the edge knows those tokens, they are the request's own
 prompt.
+Layers come from the object store, or over a GPU-pair link (transport/pair_link.py; config
+`transport`) straight into a staging slot on this GPU. A link that cannot be opened leaves the
+object store in charge for `_LINK_RETRY_S`; a link that broke is replaced at the next load.
 """
 
 import re
@@ -31,9 +34,11 @@ from edgeprompt_vllm.edge.timeline import Timeline
 from edgeprompt_vllm.fingerprint import Fingerprint
 from edgeprompt_vllm.log import get_logger
 from edgeprompt_vllm.transport.client import CloudClient, CloudUnavailable, UnknownCloudPrompt
+from edgeprompt_vllm.transport.pair_link import PairLink, pair_possible
 
 logger = get_logger(__name__)
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LINK_RETRY_S = 30.0  # after a pair link failed to open or broke, the object store this long
 
 
 class WorkerSide:
@@ -56,6 +61,9 @@ class WorkerSide:
         self.planner = get_planner(config.planner_ewma)  # fed here, asked by the scheduler side
         self._step: dict = {}  # this step's clock and work, for the planner
         self._planner_obs: list[dict] = []  # -> the scheduler side (build_connector_worker_meta)
+        self._link: PairLink | None = None
+        self._link_retry_at = 0.0
+        self._link_refused: str | None = None  # why transport "pair" cannot pair (logged once)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.kv_caches = kv_caches
@@ -64,15 +72,59 @@ class WorkerSide:
             if m is None:
                 raise RuntimeError(f"cannot tell the layer index of KV cache {name!r}")
             self.layer_of[name] = int(m.group(1))
+        self._pair_link()  # a pair link opens now (its receiver actor, the channel), not in a load
+
+    def _pair_link(self) -> PairLink | None:
+        """The GPU-pair link to use now, opened on first need; None: the object store."""
+        mode = self.config.transport
+        cache = next(iter(self.kv_caches.values()), None)
+        if mode == "object_store" or cache is None or (mode == "auto" and cache.device.type != "cuda"):
+            return None
+        if self._link is not None and self._link.broken is None:
+            return self._link
+        if time.monotonic() < self._link_retry_at:
+            return None
+        why = pair_possible(self.client.cloud_info.get("pair"), cache.device)
+        if why:
+            if mode == "pair" and why != self._link_refused:
+                logger.error("transport 'pair' asked, but %s: layers go through the object store", why)
+            self._link_refused, self._link_retry_at = why, time.monotonic() + _LINK_RETRY_S
+            return None
+        try:
+            self._link = PairLink(self.client, cache.device, self.config.fetch_timeout_s)
+        except Exception as e:  # noqa: BLE001 (the object store still works)
+            logger.warning("cannot open a GPU-pair link (%s: %s); the object store carries the "
+                           "layers", type(e).__name__, e)
+            self._link, self._link_retry_at = None, time.monotonic() + _LINK_RETRY_S
+        return self._link
+
+    def _pair_stream(self, prompt_id: str):
+        link = self._pair_link()
+        if link is None:
+            return None
+        d = self.client.describe(prompt_id)
+        shape = (2, d["shipped_tokens"], self.fp.num_kv_heads, self.fp.head_size)
+        try:
+            return link.fetch_layers(prompt_id, range(self.fp.num_layers), shape, self.fp.dtype)
+        except CloudUnavailable as e:  # the link broke meanwhile: the object store this time
+            logger.warning("GPU-pair link unusable (%s); the object store carries %s", e, prompt_id)
+            self._link_retry_at = time.monotonic() + _LINK_RETRY_S
+            return None
 
     def _stream(self, prompt_id: str, layers_per_message: int = 1):
-        layers = range(self.fp.num_layers)
-        kw = dict(layers_per_message=layers_per_message, codec=self.config.wire_codec)
         try:
-            return self.client.fetch_layers(prompt_id, layers, **kw)
+            return self._open_stream(prompt_id, layers_per_message)
         except UnknownCloudPrompt:  # registered after our last look: the scheduler saw it
             self.client.registry()
-            return self.client.fetch_layers(prompt_id, layers, **kw)
+            return self._open_stream(prompt_id, layers_per_message)
+
+    def _open_stream(self, prompt_id: str, layers_per_message: int):
+        stream = self._pair_stream(prompt_id)
+        if stream is not None:  # one layer per message: a pair link has no per-message cost
+            return stream
+        return self.client.fetch_layers(prompt_id, range(self.fp.num_layers),
+                                        layers_per_message=layers_per_message,
+                                        codec=self.config.wire_codec)
 
     def start_load_kv(self, metadata: EdgePromptMetadata) -> None:
         self._close_loader()

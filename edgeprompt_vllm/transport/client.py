@@ -300,6 +300,10 @@ class LayerStream:
     def result(self, layer: int, timeout_s: float) -> tuple[LayerHeader, "object"]:
         return self.futures[layer].result(timeout=timeout_s)
 
+    def consumed(self, layer: int, event) -> None:
+        """The consumer is done with `layer`'s tensor (on the GPU once `event`, if any, has
+        completed). Object-store layers need nothing; pair_link.PairStream frees a slot."""
+
     def _call(self, group: list[int]):
         c = self._client
         if len(group) == 1 and self.codec == "none":  # the plain per-layer call

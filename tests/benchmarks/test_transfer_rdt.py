@@ -99,6 +99,21 @@ def test_cpu2_cli_writes_rows(tmp_path):
     assert sum(f"{r['transport']} " in proc.stdout for r in rows) == 4  # one line per row
 
 
+def test_link_cli_moves_the_same_bytes_over_both_connector_transports(tmp_path, tiny_model):
+    """--device link on CPU: a real cloud actor, the connector's pair link (gloo) and its object
+    store path; the script itself fails unless both delivered identical layers."""
+    out = tmp_path / "link.jsonl"
+    proc = run_cli("--device", "link", "--model", str(tiny_model), "--sizes-mib", "0.0625",
+                   "--reps", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["transport"] for r in rows] == ["edgeprompt-pair", "edgeprompt-objstore"]
+    for r in rows:
+        assert r["pair_backend"] == "gloo" and r["cloud_device"] == "CPU" and r["layers"] == 4
+        assert r["tokens"] == 64 and r["layer_mib"] == 0.062 and r["GBps"] > 0
+    assert rows[0]["cold_s"] > 0 and rows[1]["cold_s"] is None
+
+
 def test_benchmark_transfer_loads_from_its_path_and_runs_the_pair_module():
     module = load_benchmark("benchmark_transfer")
     assert module.run_pair is BT.run_pair and module.cpu_model is BT.cpu_model

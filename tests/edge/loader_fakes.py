@@ -28,12 +28,16 @@ class FakeStream:
         self.futures = {l: Future() for l in self.layers}
         self.timings = {l: {} for l in self.layers}
         self.messages, self.t_start = [], 0.0
+        self.consumed_calls: list[tuple[int, object]] = []  # (layer, event or None)
         g = torch.Generator().manual_seed(seed)
         self.kv = [decode_layer(*encode_kv(prompt_id, l, torch.randn(2, tokens, H, HS, generator=g)
                                            .to(dtype))) for l in self.layers]
 
     def result(self, layer: int, timeout_s: float):
         return self.futures[layer].result(timeout=timeout_s)
+
+    def consumed(self, layer: int, event) -> None:
+        self.consumed_calls.append((layer, event))
 
     def arrive(self, layer: int) -> None:
         kv = self.kv[layer]

@@ -45,6 +45,40 @@ def runs(tiny_model, workload, tmp_path_factory):
     return stock, edge, tmp
 
 
+@pytest.fixture(scope="module")
+def pair_run(tiny_model, workload, runs):
+    """The same EdgePrompt run with layers over the pair channel (transport "pair": gloo between
+    the cloud actor and the edge's receiver actor on CPU; NCCL between two GPUs)."""
+    _, _, tmp = runs
+    return run(tiny_model, "edge", workload["rounds"], tmp, cloud_prompts=workload["cloud_prompts"],
+               corrupt=[["C", 2]], extra_config={"audit_path": str(tmp / "audit_pair.jsonl"),
+                                                 "timeline_path": str(tmp / "timeline_pair.jsonl"),
+                                                 "transport": "pair"})
+
+
+def test_pair_transport_matches_stock_and_checks_every_layer(runs, pair_run, workload, tiny_model):
+    stock, _, tmp = runs
+    assert pair_run["token_ids"] == stock["token_ids"]
+    atol = logprob_atol(torch.float32)
+    for i, (a, b) in enumerate(zip(pair_run["logprobs"], stock["logprobs"])):
+        assert max(abs(x - y) for x, y in zip(a, b)) <= atol, f"request {i}"
+    st = pair_run["edgeprompt"]
+    assert sorted(s["cloud_prompt"] for s in st[:10] if s and s["status"] == "loaded") == ["A", "B"]
+    assert [s["status"] for s in st[10:]] == ["unknown_cloud_prompt", "load_failed_recomputed",
+                                               "prefix_mismatch", "cached"]
+    records = [json.loads(x) for x in (tmp / "audit_pair.jsonl").read_text().splitlines()]
+    calls = [r["method"] for r in records]
+    # the layers came over the pair: one link, one send per layer of A, B and C (4 layers each)
+    assert "fetch_layer" not in calls and calls.count("pair_open") == 1, calls
+    assert calls.count("pair_send") == 12
+    (bad,) = [t for t in pair_run["timeline"] if t["loads"][0]["prompt_id"] == "C"]
+    assert [lay["nbytes"] > 0 for lay in bad["layers"]] == [True, True, False, True]  # the
+    # flipped layer failed its device checksum at the receiver; the others were used
+    cloud = set().union(*map(set, workload["cloud_prompts"].values()))
+    edge_ids = {t for rnd in workload["rounds"] for r in rnd for t in r["token_ids"]} - cloud
+    assert audit_leaks(records, edge_ids, []) == []
+
+
 def test_greedy_tokens_identical_and_logprobs_within_tolerance(runs):
     stock, edge, _ = runs
     assert len(edge["token_ids"]) == 14

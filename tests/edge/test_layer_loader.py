@@ -67,6 +67,8 @@ def test_each_layer_is_issued_as_it_arrives_and_waited_alone(layout):
     loader.wait(s, 1, timeout_s=5)
     loader.close()
     assert side.calls()[7:] == [("wait", "P:2"), ("wait", "P:1"), ("end",)]
+    # each layer's buffer was handed back once, with the event after its writes
+    assert [(l, e.name) for l, e in s.consumed_calls] == [(0, "P:0"), (1, "P:1"), (2, "P:2")]
     expect_written(expected, s, 1)
     expect_written(expected, s, 2)
     assert_caches(caches, expected)
@@ -92,6 +94,7 @@ def test_a_stalled_layer_times_out_and_its_stream_is_never_written_again():
     s.arrive(1)
     loader.wait(other, 0, timeout_s=5)
     assert ("issue", "P:0") not in side.calls() and ("issue", "P:1") not in side.calls()
+    assert s.consumed_calls == [(0, None), (1, None)]  # given up: handed back, nothing to wait for
     expect_written(expected, other, 0)
     assert_caches(caches, expected)
 
@@ -109,6 +112,7 @@ def test_a_failed_layer_raises_its_error_and_the_next_layers_still_load():
     s.arrive(2)
     loader.wait(s, 2, timeout_s=5)
     assert side.calls()[3:] == [("issue", "P:2"), ("wait", "P:2")]
+    assert [(l, e and e.name) for l, e in s.consumed_calls] == [(0, None), (1, None), (2, "P:2")]
     expect_written(expected, s, 2)
     assert_caches(caches, expected)
 
@@ -122,6 +126,7 @@ def test_nothing_is_issued_after_the_step_closed():
     loader.close()
     s.arrive(1)
     assert side.calls()[3:] == [("issue", "P:0"), ("wait", "P:0"), ("end",)]
+    assert [(l, e and e.name) for l, e in s.consumed_calls] == [(0, "P:0"), (1, None)]
     expect_written(expected, s, 0)
     assert_caches(caches, expected)
 

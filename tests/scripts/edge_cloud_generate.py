@@ -5,8 +5,11 @@ SPEC: {"mode": "stock"|"edge", "model", "requests": [{"token_ids", "cloud_prompt
 list of such lists (rounds, run one after another on one engine), "max_tokens",
 edge only: "ray_address"? (else a local cluster), "namespace", "actor_name",
 "cloud_prompts": {id: token_ids}, "prefill": bool, "corrupt": [[id, layer]],
-"cloud_resources"?, "extra_config"?}
-Writes {"token_ids", "logprobs", "edgeprompt", "num_cached_tokens", "timeline", "cloud", "edge_node"}.
+"cloud_resources"?, "cloud_env"? (env vars of the cloud actor: CUDA_VISIBLE_DEVICES picks its GPU),
+"extra_config"?}; both modes: "engine"? (engine arguments over ENGINE; the cloud takes its dtype,
+load_format and max_model_len).
+Writes {"token_ids", "logprobs" (the chosen tokens'), "top_logprobs" (top 5 per position),
+"edgeprompt", "num_cached_tokens", "timeline", "cloud", "edge_node"}.
 """
 
 import json
@@ -17,7 +20,7 @@ ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=2048,
               kv_cache_memory_bytes=1 << 28, max_num_seqs=16, block_size=32, seed=0)
 
 
-def start_cloud(spec):
+def start_cloud(spec, engine: dict = ENGINE):
     import ray
 
     from edgeprompt_vllm.cloud.deploy import start_cloud_service
@@ -28,7 +31,9 @@ def start_cloud(spec):
         ray.init(address="local", namespace=spec["namespace"], include_dashboard=False, num_cpus=2, log_to_driver=False)
     actor = start_cloud_service(spec["model"], name=spec["actor_name"], namespace=spec["namespace"],
                                 resources=spec.get("cloud_resources"), detached=False, num_cpus=0,
-                                block_size=ENGINE["block_size"], max_kv_bytes=1 << 28)
+                                env_vars=spec.get("cloud_env"), block_size=engine["block_size"],
+                                dtype=engine["dtype"], max_model_len=engine["max_model_len"],
+                                load_format=engine.get("load_format", "auto"), max_kv_bytes=1 << 30)
     for pid, toks in spec["cloud_prompts"].items():
         ray.get(actor.register_prompt.remote(pid, token_ids=toks, prefill=spec.get("prefill", True)))
     for pid, layer in spec.get("corrupt", []):
@@ -41,12 +46,12 @@ def main(spec, out):
 
     rounds = spec["requests"]
     rounds = rounds if isinstance(rounds[0], list) else [rounds]
-    kw = dict(ENGINE)
+    kw = {**ENGINE, **spec.get("engine", {})}
     actor = None
     if spec["mode"] == "edge":
         import ray
 
-        actor, address = start_cloud(spec)
+        actor, address = start_cloud(spec, kw)
         # The load path is what these runs test: a fixed strategy, not the planner's choice
         # (edge/planner.py; a spec may still ask for "auto" in extra_config).
         extra = {"ray_address": address, "namespace": spec["namespace"],
@@ -57,10 +62,11 @@ def main(spec, out):
             "kv_connector_module_path": "edgeprompt_vllm.edge.connector",
             "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
     llm = LLM(spec["model"], **kw)
-    res = {"token_ids": [], "logprobs": [], "edgeprompt": [], "num_cached_tokens": []}
+    res = {"token_ids": [], "logprobs": [], "top_logprobs": [], "edgeprompt": [],
+           "num_cached_tokens": []}
     for reqs in rounds:
         prompts = [TokensPrompt(prompt_token_ids=r["token_ids"]) for r in reqs]
-        params = [SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 16), logprobs=1,
+        params = [SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 16), logprobs=5,
                                  extra_args={"kv_transfer_params": {"cloud_prompt": r["cloud_prompt"]}}
                                  if r.get("cloud_prompt") and spec["mode"] == "edge" else None)
                   for r in reqs]
@@ -68,6 +74,7 @@ def main(spec, out):
             c = o.outputs[0]
             res["token_ids"].append(list(c.token_ids))
             res["logprobs"].append([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
+            res["top_logprobs"].append([{str(t): p.logprob for t, p in lp.items()} for lp in c.logprobs])
             res["edgeprompt"].append((o.kv_transfer_params or {}).get("edgeprompt"))
             res["num_cached_tokens"].append(o.num_cached_tokens)
     if actor is not None:

@@ -1,0 +1,116 @@
+"""A two-process channel for the GPU-pair transport (pair_link.py): one torch.distributed
+backend of two ranks, rank 0 the cloud (sender), rank 1 the edge's receiver, built without the
+global process group (the vLLM engine in either process keeps its own).
+
+    store = host_store(host)                       # rank 0: a TCP store on a free port
+    group = PairGroup(store, rank, "nccl", 60.0)   # both ranks, concurrently (gloo blocks
+                                                   # until the peer joins; NCCL connects lazily)
+    group.send(kv, dsum) / group.recv(out)          # KV [2, T, H, hs] then its checksum [1] int64
+
+Why not Ray's own tensor transport (RDT, benchmarks/transfer_pair.py, 37 GB/s): an RDT actor
+can be in at most one collective group per backend, so one cloud actor could serve one edge
+(ray.experimental.collective.create_collective_group refuses the second), and a custom RDT
+transport must be registered in the process that creates both actors (the cloud and an edge are
+created by different processes). Ray still does everything else here: placing the receiver,
+the calls that pair each send with its receive, and failure detection. The bytes move exactly
+as RDT's NCCL transport moves them (NCCL send/recv between the two GPUs).
+
+`device_checksum` is what both ends compare: an integer sum computed where the tensor lives
+(the cloud's GPU at capture, the receiver's GPU after the transfer), so no byte has to visit a
+host to be verified.
+"""
+
+import datetime
+import os
+import socket
+
+import torch
+
+_CHUNK = 1 << 24  # words per partial sum (bounds the int64 temporaries: 128 MiB)
+
+
+def device_checksum(t: torch.Tensor) -> int:
+    """A position-weighted sum of the tensor's 16-bit words, exact (int64, wrapping) and
+    independent of the reduction order: a partial, shifted, permuted or flipped copy changes it."""
+    words = t.contiguous().view(-1).view(torch.int16)
+    total = torch.zeros((), dtype=torch.int64, device=t.device)
+    for lo in range(0, words.numel(), _CHUNK):
+        w = words[lo:lo + _CHUNK].to(torch.int64)
+        pos = torch.arange(lo, lo + w.numel(), device=t.device, dtype=torch.int64)
+        total += (w * (pos % 65521 + 1)).sum()
+    return int(total)
+
+
+def host_store(host: str) -> tuple[torch.distributed.TCPStore, int]:
+    """Rank 0's rendezvous store on a free port of `host` -> (store, port)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    store = torch.distributed.TCPStore(host, port, 2, is_master=True, wait_for_workers=False,
+                                       timeout=datetime.timedelta(seconds=60))
+    return store, port
+
+
+def peer_store(host: str, port: int) -> torch.distributed.TCPStore:
+    return torch.distributed.TCPStore(host, port, 2, is_master=False,
+                                      timeout=datetime.timedelta(seconds=60))
+
+
+class PairGroup:
+    """Rank `rank` of a two-rank `backend` ("nccl": CUDA tensors on the current device; "gloo":
+    CPU tensors). Sends and receives are matched in the order they are posted."""
+
+    def __init__(self, store, rank: int, backend: str, timeout_s: float):
+        from torch.distributed import PrefixStore
+
+        timeout = datetime.timedelta(seconds=timeout_s)
+        prefix = PrefixStore("edgeprompt-pair", store)
+        self.backend, self.rank = backend, rank
+        if backend == "nccl":
+            # a watchdog timeout aborts this group only, never the process (the cloud serves
+            # other edges): 2 = CleanUpOnly (torch.distributed's TORCH_NCCL_ASYNC_ERROR_HANDLING)
+            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
+            from torch.distributed import ProcessGroupNCCL
+
+            options = ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self._pg = ProcessGroupNCCL(prefix, rank, 2, options)
+        elif backend == "gloo":
+            from torch.distributed import ProcessGroupGloo
+
+            self._pg = ProcessGroupGloo(prefix, rank, 2, timeout)
+        else:
+            raise ValueError(f"pair backend must be 'nccl' or 'gloo', not {backend!r}")
+        self._store = store  # rank 0 hosts it: it lives as long as the group
+
+    def send(self, kv: torch.Tensor, dsum: int) -> None:
+        """Queues kv, then its checksum, to the peer. NCCL: on the group's own stream, after
+        what the current stream queued; nothing waits for it (a send stuck on a vanished peer
+        must not stall the cloud's compute stream), and the group keeps both tensors alive until
+        sent. Gloo: returns once sent."""
+        peer = 1 - self.rank
+        works = [self._pg.send([kv.contiguous()], peer, 0),
+                 self._pg.send([torch.tensor([dsum], dtype=torch.int64, device=kv.device)], peer, 0)]
+        if self.backend == "gloo":
+            for work in works:
+                work.wait()
+
+    def recv(self, out: torch.Tensor) -> int:
+        """Receives into `out` (contiguous, the sent shape and dtype) and returns the sender's
+        checksum of it; NCCL: synchronizes the device first."""
+        peer = 1 - self.rank
+        self._pg.recv([out], peer, 0).wait()
+        dsum = torch.empty(1, dtype=torch.int64, device=out.device)
+        self._pg.recv([dsum], peer, 0).wait()
+        return int(dsum.item())  # .item() waits for the receive (NCCL: the current stream)
+
+    def close(self) -> None:
+        """Aborts pending work (NCCL) and frees the communicators."""
+        for name in ("abort", "shutdown"):
+            fn = getattr(self._pg, name, None)
+            if fn is not None:
+                try:
+                    fn()
+                    return
+                except Exception:  # noqa: BLE001 (already broken: nothing more to free)
+                    pass

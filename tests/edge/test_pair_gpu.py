@@ -1,0 +1,66 @@
+"""The GPU-pair transport end to end on two GPUs: the cloud actor on GPU 1, the edge engine on
+GPU 0, layers over NCCL (transport "auto" picks it), against stock vLLM on the concatenated
+prompts (Llama-2-7b shape, dummy weights, fp16). tests/edge/test_edge_vs_stock.py runs the same
+logic on CPU (gloo)."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from edge.cloud_run import run, tokens
+from edge.tolerance import logprob_atol
+from helpers import close_in_top_k
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+LAYERS = 32
+ENGINE = {"load_format": "dummy", "dtype": "float16", "block_size": 16, "max_model_len": 2048,
+          "kv_cache_memory_bytes": None, "gpu_memory_utilization": 0.5, "max_num_seqs": 32,
+          "enforce_eager": True}
+
+
+def load_rates(timeline: list[dict]) -> list[dict]:
+    """Per load: its bytes and the time from the step's start until its last layer was ready."""
+    out = []
+    for t in timeline:
+        ready = [lay["ready_s"] for lay in t["layers"]
+                 if lay.get("ready_s") is not None and not math.isnan(lay["ready_s"])]
+        nbytes = sum(lay["nbytes"] for lay in t["layers"])
+        if ready and nbytes:
+            out.append({"prompts": [x["prompt_id"] for x in t["loads"]], "bytes": nbytes,
+                        "last_layer_s": round(max(ready), 4),
+                        "GBps": round(nbytes / max(ready) / 1e9, 2)})
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_pair_transport_on_two_gpus_matches_stock(tmp_path):
+    from edgeprompt_vllm.models.make_model import make_model
+
+    model = tmp_path / "m"
+    make_model("llama-2-7b", model)
+    rng = random.Random(7)
+    clouds = {"A": tokens(rng, 1024, (10, 31000)), "B": tokens(rng, 512, (10, 31000)),
+              "C": tokens(rng, 256, (10, 31000))}
+    round1 = [{"token_ids": clouds["AB"[i % 2]] + tokens(rng, rng.randrange(16, 300), (10, 31000)),
+               "cloud_prompt": "AB"[i % 2]} for i in range(12)]
+    round2 = [{"token_ids": clouds["C"] + tokens(rng, 40, (10, 31000)), "cloud_prompt": "C"}]
+    rounds = [round1, round2]
+    spec = dict(engine=ENGINE, max_tokens=24)
+    stock = run(model, "stock", rounds, tmp_path, timeout=900, **spec)
+    edge = run(model, "edge", rounds, tmp_path, timeout=900, cloud_prompts=clouds,
+               corrupt=[["C", 5]], cloud_env={"CUDA_VISIBLE_DEVICES": "1"}, **spec,
+               extra_config={"audit_path": str(tmp_path / "audit.jsonl"),
+                             "timeline_path": str(tmp_path / "timeline.jsonl")})
+    print("pair loads", json.dumps(load_rates(edge["timeline"])))  # -rA shows the evidence
+    assert close_in_top_k(stock, edge, logprob_atol(torch.float16)) == []
+    st = edge["edgeprompt"]
+    assert sorted(s["cloud_prompt"] for s in st[:12] if s["status"] == "loaded") == ["A", "B"]
+    assert st[12]["status"] == "load_failed_recomputed"  # C's layer 5 failed its device checksum
+    calls = [json.loads(x)["method"] for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert "fetch_layer" not in calls and calls.count("pair_open") == 1, calls
+    assert calls.count("pair_send") == 3 * LAYERS
+    (bad,) = [t for t in edge["timeline"] if t["loads"][0]["prompt_id"] == "C"]
+    assert [i for i, lay in enumerate(bad["layers"]) if not lay["nbytes"]] == [5]
