@@ -33,7 +33,8 @@ def start_cloud(spec, engine: dict = ENGINE):
                                 resources=spec.get("cloud_resources"), detached=False, num_cpus=0,
                                 env_vars=spec.get("cloud_env"), block_size=engine["block_size"],
                                 dtype=engine["dtype"], max_model_len=engine["max_model_len"],
-                                load_format=engine.get("load_format", "auto"), max_kv_bytes=1 << 30)
+                                load_format=engine.get("load_format", "auto"), max_kv_bytes=1 << 30,
+                                engine_kwargs=spec.get("cloud_engine"))
     for pid, toks in spec["cloud_prompts"].items():
         ray.get(actor.register_prompt.remote(pid, token_ids=toks, prefill=spec.get("prefill", True)))
     for pid, layer in spec.get("corrupt", []):
