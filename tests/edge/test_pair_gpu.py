@@ -48,7 +48,8 @@ def test_pair_transport_on_two_gpus_matches_stock(tmp_path):
                "cloud_prompt": "AB"[i % 2]} for i in range(12)]
     round2 = [{"token_ids": clouds["C"] + tokens(rng, 40, (10, 31000)), "cloud_prompt": "C"}]
     rounds = [round1, round2]
-    spec = dict(engine=ENGINE, max_tokens=24, cloud_engine={"kv_cache_memory_bytes": 2 << 30})
+    spec = dict(engine=ENGINE, max_tokens=24, cloud_engine={"kv_cache_memory_bytes": 2 << 30,
+                                                        "gpu_memory_utilization": 0.3})
     stock = run(model, "stock", rounds, tmp_path, timeout=900, **spec)
     edge = run(model, "edge", rounds, tmp_path, timeout=900, cloud_prompts=clouds,
                corrupt=[["C", 5]], cloud_env={"CUDA_VISIBLE_DEVICES": "1"}, **spec,
