@@ -98,11 +98,15 @@ def run_link(args, env: dict) -> list[dict]:
     per_token = 2 * fp.num_kv_heads * fp.head_size * getattr(torch, dtype).itemsize
     lens = [max(1, int(mib * (1 << 20)) // per_token // bs) * bs for mib in args.sizes_mib]
     name = f"link-bench-{uuid.uuid4().hex[:6]}"
+    max_len = max(lens) + bs
+    # its own KV cache must hold one prompt of max_len (the service's default is 256 MiB)
+    kv_bytes = max(256 << 20, 2 * max_len * per_token * fp.num_layers)
     actor = start_cloud_service(
         args.model, name=name, namespace=ray.get_runtime_context().namespace, detached=False,
         num_cpus=0, env_vars={"CUDA_VISIBLE_DEVICES": "1"} if two_gpus else None, dtype=dtype,
-        block_size=bs, max_model_len=max(lens) + bs, load_format=args.load_format,
-        max_kv_bytes=32 << 30)
+        block_size=bs, max_model_len=max_len, load_format=args.load_format, max_kv_bytes=32 << 30,
+        engine_kwargs={"kv_cache_memory_bytes": kv_bytes,
+                       **({"gpu_memory_utilization": 0.3} if two_gpus else {})})
     client = CloudClient(actor, fp, timeout_s=300)
     client.handshake()
     ids = {}
