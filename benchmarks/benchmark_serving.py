@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 
 from edgeprompt_vllm.bench import profile
-from edgeprompt_vllm.bench.cli import add_workload_args, resolve_defaults
+from edgeprompt_vllm.bench.cli import SPARE_TOKENS, add_workload_args, needed_len, resolve_defaults
 
 SCHEMES = ("paged", "paged-pc", "cascade", "relay", "edgeprompt")
 # --cpu-smoke: the tiny model, fp32, eager, a 1 GiB KV cache, block 32, small counts; the SLO is
@@ -141,8 +141,8 @@ class Run:
         from edgeprompt_vllm.serving.server import VllmServer
 
         args, lens = self.args, sorted(self.works)
-        max_len = max(lens) + args.edge_len + max(args.max_output_len if args.output_len_from_data
-                                                  else args.output_len, 1) + 16
+        max_len = needed_len(args, max(lens), max(args.max_output_len if args.output_len_from_data
+                                                  else args.output_len, 1))
         env, flags = scheme_serve(self.scheme)
         cloud = server = None
         info = {"scheme": self.scheme}
@@ -153,8 +153,8 @@ class Run:
 
                 cloud = start_bench_cloud(
                     args.model, {cloud_id(cl): self.works[cl].cloud for cl in lens},
-                    dtype=args.dtype, block_size=args.block_size, max_model_len=max(lens) + 16,
-                    load_format=args.load_format,
+                    dtype=args.dtype, block_size=args.block_size,
+                    max_model_len=max(lens) + SPARE_TOKENS, load_format=args.load_format,
                     gpu_memory_utilization=args.cloud_gpu_memory_utilization or 0.25,
                     cloud_device=args.cloud_device)
                 info["cloud_prefill_s"] = cloud.prefill_s

@@ -61,7 +61,7 @@ import threading
 import time
 from pathlib import Path
 
-from edgeprompt_vllm.bench.cli import add_workload_args, resolve_defaults
+from edgeprompt_vllm.bench.cli import SPARE_TOKENS, add_workload_args, needed_len, resolve_defaults
 
 SCHEMES = ("paged", "paged-pc", "cascade", "relay", "edgeprompt")
 CLOUD_PROMPT_ID = "bench-cloud"
@@ -117,11 +117,6 @@ def submit_in_groups(llm, prompts, params, groups: int, desc: str):
     return elapsed, outs
 
 
-def needed_len(args, cloud_len: int, max_out: int) -> int:
-    """The engine length a cloud prompt's requests need: cloud + edge + output, +16 spare."""
-    return cloud_len + args.edge_len + max_out + 16
-
-
 def model_len(args, lens: list[int], max_out: int) -> int:
     """The engines' max_model_len: the longest request's need, or --max-model-len, which lets
     runs of other lengths share one torch.compile cache entry (vLLM hashes max_model_len)."""
@@ -175,7 +170,8 @@ def run_worker(args) -> list[dict]:
 
             cloud = start_bench_cloud(args.model, {cloud_prompt_id(cl): works[cl].cloud for cl in lens},
                                       dtype=args.dtype, block_size=args.block_size,
-                                      max_model_len=max(lens) + 16, load_format=args.load_format,
+                                      max_model_len=max(lens) + SPARE_TOKENS,
+                                      load_format=args.load_format,
                                       gpu_memory_utilization=args.cloud_gpu_memory_utilization,
                                       cloud_device=args.cloud_device)
             engine["kv_transfer_config"] = cloud.kv_transfer_config(args.edge_strategy)

@@ -62,3 +62,11 @@ def check_cloud_device(cloud_device: str, num_gpus: int) -> None:
         raise SystemExit(f"--cloud-device {cloud_device}: name a second GPU (this machine has "
                          f"{num_gpus} CUDA device(s); the edges run on device 0); without "
                          "--cloud-device the cloud engine shares the edges' GPU")
+
+
+SPARE_TOKENS = 16
+
+
+def needed_len(args, cloud_len: int, max_out: int) -> int:
+    """The engine length a cloud prompt's requests need: cloud + edge + output, plus spare."""
+    return cloud_len + args.edge_len + max_out + SPARE_TOKENS

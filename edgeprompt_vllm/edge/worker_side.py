@@ -35,6 +35,7 @@ from edgeprompt_vllm.fingerprint import Fingerprint
 from edgeprompt_vllm.log import get_logger
 from edgeprompt_vllm.transport.client import CloudClient, CloudUnavailable, UnknownCloudPrompt
 from edgeprompt_vllm.transport.pair_link import PairLink, pair_possible
+from edgeprompt_vllm.transport.slot_ring import SlotsBusy
 
 logger = get_logger(__name__)
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -90,12 +91,18 @@ class WorkerSide:
                 logger.error("transport 'pair' asked, but %s: layers go through the object store", why)
             self._link_refused, self._link_retry_at = why, time.monotonic() + _LINK_RETRY_S
             return None
+        self._link = link = None
         try:
-            self._link = PairLink(self.client, cache.device, self.config.fetch_timeout_s)
+            link = PairLink(self.client, cache.device, self.config.fetch_timeout_s)
+            link.reserve(max((self._layer_bytes(p.shipped_len(self.block_size))
+                              for p in self.client.registry()), default=0))  # the largest prompt
+            self._link = link
         except Exception as e:  # noqa: BLE001 (the object store still works)
             logger.warning("cannot open a GPU-pair link (%s: %s); the object store carries the "
                            "layers", type(e).__name__, e)
-            self._link, self._link_retry_at = None, time.monotonic() + _LINK_RETRY_S
+            if link is not None:
+                link.close()
+            self._link_retry_at = time.monotonic() + _LINK_RETRY_S
         return self._link
 
     def _pair_stream(self, prompt_id: str):
@@ -106,10 +113,16 @@ class WorkerSide:
         shape = (2, d["shipped_tokens"], self.fp.num_kv_heads, self.fp.head_size)
         try:
             return link.fetch_layers(prompt_id, range(self.fp.num_layers), shape, self.fp.dtype)
+        except SlotsBusy as e:  # a prompt registered since, larger than the slots
+            logger.info("%s; the object store carries %s", e, prompt_id)
+            return None
         except CloudUnavailable as e:  # the link broke meanwhile: the object store this time
             logger.warning("GPU-pair link unusable (%s); the object store carries %s", e, prompt_id)
             self._link_retry_at = time.monotonic() + _LINK_RETRY_S
             return None
+
+    def _layer_bytes(self, tokens: int) -> int:
+        return 2 * tokens * self.fp.num_kv_heads * self.fp.head_size * _itemsize(self.fp.dtype)
 
     def _stream(self, prompt_id: str, layers_per_message: int = 1):
         try:

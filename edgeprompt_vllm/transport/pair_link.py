@@ -11,8 +11,8 @@
 
 Per layer the worker makes two Ray calls at once: `pair_send` on the cloud (through the
 client, so the audit records it: prompt id, digest, layer, pair id, sequence number) and
-`receive` on the receiver, into a free slot of a ring of `SLOTS`; up to `SLOTS` layers are in
-flight. The checksum (pair_group.device_checksum) is computed by the cloud when it captured the
+`receive` on the receiver, into a free slot of a ring of `SLOTS` (slot_ring.py); up to `SLOTS`
+layers are in flight. The slots are sized at start for the registry's largest prompt. The checksum (pair_group.device_checksum) is computed by the cloud when it captured the
 layer, sent after it, and recomputed by the receiver on what arrived: a mismatch fails that
 layer only. Anything else (a cloud call that fails, a receive not done within the fetch timeout,
 a dead receiver) breaks the link: the receiver is killed (a receive blocked on a vanished sender
@@ -34,11 +34,11 @@ import torch
 from edgeprompt_vllm.log import get_logger
 from edgeprompt_vllm.transport.client import CloudClient, CloudUnavailable, LayerStream
 from edgeprompt_vllm.transport.pair_receiver import PairReceiver
+from edgeprompt_vllm.transport.slot_ring import SLOTS, SlotRing
 from edgeprompt_vllm.transport.wire import CorruptLayer, LayerHeader
 
 logger = get_logger(__name__)
 
-SLOTS = 4  # layers in flight (staging buffers of one layer each on the edge's GPU)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -74,9 +74,7 @@ class PairLink:
         self.broken: str | None = None
         self._submit_lock = threading.Lock()  # sends and receives posted in one order
         self._seq = itertools.count()
-        self._slots: list[torch.Tensor] = []  # CUDA: [nbytes] uint8 views of the receiver's slots
-        self._free: deque = deque()  # (slot index, CUDA event of its last reader or None)
-        self._free_cond = threading.Condition()
+        self.slots = SlotRing() if device.type == "cuda" else None  # CPU: layers come by value
         uuid = device_uuid(device) if device.type == "cuda" else None
         self.receiver = (ray.remote(PairReceiver)
                          .options(num_cpus=0, num_gpus=0, max_concurrency=1).remote(uuid))
@@ -92,57 +90,41 @@ class PairLink:
         logger.info("GPU-pair link %s up (%s, %.2f s)", self.pair_id, self.backend,
                     time.perf_counter() - t0)
 
-    # ---- the slot ring (CUDA) ----
-    def _ensure_slots(self, nbytes: int) -> None:
-        """Slots of at least `nbytes` (made again, larger, once every slot is free)."""
-        if self.device.type != "cuda" or (self._slots and self._slots[0].numel() >= nbytes):
-            return
-        with self._free_cond:
-            if not self._free_cond.wait_for(lambda: len(self._free) == len(self._slots),
-                                            self.timeout_s):
-                raise PairBroken("slots still in use; cannot grow them")
-            for _, event in self._free:
-                if event is not None:
-                    event.synchronize()
-            from torch.multiprocessing.reductions import rebuild_cuda_tensor
+    # ---- the slots (CUDA) ----
+    def reserve(self, nbytes: int) -> None:
+        """Slots for layers of `nbytes` (SlotsBusy: too small and in use)."""
+        if self.slots is not None:
+            self.slots.reserve(nbytes, self._make_slots)
 
-            handles = ray.get(self.receiver.make_slots.remote(SLOTS, nbytes), timeout=self.timeout_s)
-            self._slots = []
-            for h in handles:
-                args = list(h)
-                args[6] = self.device.index  # the receiver's device 0 is this GPU
-                self._slots.append(rebuild_cuda_tensor(*args))
-            self._free = deque((i, None) for i in range(SLOTS))
+    def _make_slots(self, count: int, nbytes: int) -> list[torch.Tensor]:
+        """The receiver allocates them; this process maps each once through CUDA IPC."""
+        from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+        handles = ray.get(self.receiver.make_slots.remote(count, nbytes), timeout=self.timeout_s)
+        slots = []
+        for h in handles:
+            args = list(h)
+            args[6] = self.device.index  # the receiver's device 0 is this GPU
+            slots.append(rebuild_cuda_tensor(*args))
+        return slots
 
     def _acquire(self) -> int | None:
-        if self.device.type != "cuda":
+        if self.slots is None:
             return None
-        with self._free_cond:
-            if not self._free_cond.wait_for(lambda: self._free or self.broken, self.timeout_s):
-                raise PairBroken(f"no free slot in {self.timeout_s} s")
-            if self.broken:
-                raise PairBroken(self.broken)
-            slot, event = self._free.popleft()
-        if event is not None:
-            event.synchronize()  # the worker's scatter out of this slot has run
-        return slot
+        try:
+            return self.slots.acquire(self.timeout_s)
+        except (TimeoutError, RuntimeError) as e:
+            raise PairBroken(str(e)) from e
 
     def release(self, slot: int | None, event) -> None:
-        if slot is None:
-            return
-        with self._free_cond:
-            self._free.append((slot, event))
-            self._free_cond.notify_all()
-
-    def slot_view(self, slot: int, shape, dtype: torch.dtype) -> torch.Tensor:
-        n = dtype.itemsize * shape[0] * shape[1] * shape[2] * shape[3]
-        return self._slots[slot][:n].view(dtype).view(shape)
+        if self.slots is not None:
+            self.slots.release(slot, event)
 
     # ---- layers ----
     def fetch_layers(self, prompt_id: str, layers, shape: tuple, dtype: str) -> "PairStream":
         if self.broken:
             raise PairBroken(self.broken)
-        self._ensure_slots(_DTYPES[dtype].itemsize * shape[0] * shape[1] * shape[2] * shape[3])
+        self.reserve(_DTYPES[dtype].itemsize * shape[0] * shape[1] * shape[2] * shape[3])
         return PairStream(self, prompt_id, self.client._check_layers(layers), shape, dtype)
 
     def submit(self, prompt_id: str, layer: int, shape, dtype: str):
@@ -175,11 +157,12 @@ class PairLink:
 
     def fail(self, reason: str) -> PairBroken:
         """Breaks the link (once): kills the receiver, closes the cloud's end."""
-        with self._free_cond:
+        with self._submit_lock:
             first = self.broken is None
             if first:
                 self.broken = reason
-            self._free_cond.notify_all()
+        if self.slots is not None:
+            self.slots.break_(reason)
         if first:
             logger.error("GPU-pair link %s broken (%s); its layers are recomputed, the next load "
                          "opens a new link", self.pair_id, reason)
@@ -240,8 +223,8 @@ class PairStream(LayerStream):
                 f"layer {layer} of {self.prompt_id!r}: device checksum {reply['got']} != "
                 f"{dsum} (sent {reply['sent']})"))
             return
-        kv = reply["kv"] if slot is None else self._link.slot_view(slot, self._shape,
-                                                                   _DTYPES[self._dtype])
+        kv = reply["kv"] if slot is None else self._link.slots.view(slot, self._shape,
+                                                                    _DTYPES[self._dtype])
         self._slot_of[layer] = slot
         self.timings[layer].update(header_s=data_s, data_s=data_s, ready_s=self._now(),
                                    nbytes=header.nbytes, wire_nbytes=header.nbytes,
