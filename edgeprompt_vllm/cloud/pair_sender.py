@@ -37,6 +37,7 @@ class _Pair:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             self.group = PairGroup(self.store, 0, self.backend, self.timeout_s)
+            self.group.hello(device)  # before any layer: sends wait for `ready`
         except Exception as e:  # noqa: BLE001 (told to the pair's senders)
             self.error = f"{type(e).__name__}: {e}"
         self.ready.set()

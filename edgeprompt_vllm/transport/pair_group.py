@@ -5,6 +5,7 @@ global process group (the vLLM engine in either process keeps its own).
     store = host_store(host)                       # rank 0: a TCP store on a free port
     group = PairGroup(store, rank, "nccl", 60.0)   # both ranks, concurrently (gloo blocks
                                                    # until the peer joins; NCCL connects lazily)
+    group.hello()                                   # both ranks: the first exchange, 1 element
     group.send(kv, dsum) / group.recv(out)          # KV [2, T, H, hs] then its checksum [1] int64
 
 Why not Ray's own tensor transport (RDT, benchmarks/transfer_pair.py, 37 GB/s): an RDT actor
@@ -103,6 +104,18 @@ class PairGroup:
         dsum = torch.empty(1, dtype=torch.int64, device=out.device)
         self._pg.recv([dsum], peer, 0).wait()
         return int(dsum.item())  # .item() waits for the receive (NCCL: the current stream)
+
+    def hello(self, device: torch.device) -> None:
+        """The first exchange, one element from rank 0 to rank 1: it sets up the communicator
+        (NCCL connects lazily, at a group's first transfer: about a second) when the link opens
+        rather than in the first load, and shows the channel works."""
+        if self.rank == 0:
+            one = torch.ones(1, device=device)
+            self.send(one, device_checksum(one))
+        else:
+            one = torch.empty(1, device=device)
+            if self.recv(one) != device_checksum(one) or float(one.item()) != 1.0:
+                raise RuntimeError("the pair channel's first exchange arrived wrong")
 
     def close(self) -> None:
         """Aborts pending work (NCCL) and frees the communicators."""

@@ -33,7 +33,9 @@ class PairReceiver:
         self.slots: list[torch.Tensor] = []
 
     def join(self, host: str, port: int, backend: str, timeout_s: float) -> None:
+        """Joins the cloud's channel; returns after its first exchange (PairGroup.hello)."""
         self.group = PairGroup(peer_store(host, port), 1, backend, timeout_s)
+        self.group.hello(self.device)
 
     def make_slots(self, count: int, nbytes: int) -> list[tuple]:
         """CUDA: `count` staging buffers of `nbytes` -> their CUDA IPC handles (torch's

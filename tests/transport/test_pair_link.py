@@ -133,6 +133,7 @@ def test_pair_group_moves_tensors_in_order_and_checksums_see_every_word():
     def join(rank):
         groups[rank] = PairGroup(store if rank == 0 else peer_store("127.0.0.1", port), rank,
                                  "gloo", 30)
+        groups[rank].hello(torch.device("cpu"))  # rank 1 returns once rank 0's element arrived
 
     threads = [threading.Thread(target=join, args=(r,)) for r in (0, 1)]
     for t in threads:
