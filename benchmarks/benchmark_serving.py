@@ -246,6 +246,11 @@ def _f(x) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
+def _ci(interval) -> str:
+    """ " [lo-hi]" of a 95% interval, or nothing (older reports have none)."""
+    return "" if not interval else f" [{interval[0]:.1f}-{interval[1]:.1f}]"
+
+
 def _metrics(base_url: str) -> dict:
     """EdgePrompt's counters and vLLM's prefix cache counters from /metrics (totals)."""
     from edgeprompt_vllm.serving.prom import scrape
@@ -314,7 +319,7 @@ def slo_sweep_table(report: dict) -> list[str]:
 
 
 def tables(report: dict) -> str:
-    head = "| scheme | cloud | rate | out tok/s | TTFT p50/p99 ms | TPOT p50/p99 ms"
+    head = "| scheme | cloud | rate | out tok/s | TTFT p50/p99 ms | TPOT p50/p99 [95% CI] ms"
     lines = [head + " | ITL p50/p99 ms | failed |", "|---" * 8 + "|"]
     for r in report["results"]:
         if "metrics" not in r:
@@ -322,7 +327,7 @@ def tables(report: dict) -> str:
                          f"{r.get('status') or r.get('error')} | | | | |")
             continue
         m = r["metrics"]
-        lat = " | ".join(f"{_f(m[k]['p50'])} / {_f(m[k]['p99'])}"
+        lat = " | ".join(f"{_f(m[k]['p50'])} / {_f(m[k]['p99'])}{_ci(m[k].get('p99_ci95'))}"
                          for k in ("ttft_ms", "tpot_ms", "itl_ms"))
         lines.append(f"| {r['scheme']} | {r['cloud_len']} | {r['rate']:g} | "
                      f"{m['output_tok_per_s']:.1f} | {lat} | {m['failed']} |")

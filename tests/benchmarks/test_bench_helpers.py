@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from edgeprompt_vllm.bench.load import Result, poisson_offsets, summarize, sustainable_rate
+from edgeprompt_vllm.bench.load import (
+    Result,
+    p99_ci95,
+    poisson_offsets,
+    summarize,
+    sustainable_rate,
+)
 from edgeprompt_vllm.bench.workload import describe_workload, make_workload
 
 
@@ -46,6 +52,17 @@ def test_summarize():
         100.0
     )
     assert m["itl_ms"]["mean"] == pytest.approx(100.0)
+
+
+def test_p99_interval_brackets_p99_and_narrows_with_more_requests():
+    rng = np.random.default_rng(1)
+    few, many = rng.gamma(4, 3, 200), rng.gamma(4, 3, 5000)  # per-request TPOT, ms-like
+    (lo, hi), (lo2, hi2) = p99_ci95(few, ms=False), p99_ci95(many, ms=False)
+    assert lo <= np.percentile(few, 99) <= hi and lo2 <= np.percentile(many, 99) <= hi2
+    assert hi2 - lo2 < (hi - lo) / 2
+    assert p99_ci95([0.01]) is None
+    ok = Result(ok=True, ttft_s=0.1, latency_s=1.1, output_tokens=11, itl_s=[0.1] * 10)
+    assert summarize([ok, ok], 1.0)["tpot_ms"]["p99_ci95"] == pytest.approx([100.0, 100.0])
 
 
 def _pts(*pairs, failed_at=None):
