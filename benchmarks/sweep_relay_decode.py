@@ -23,7 +23,9 @@ One table goes to stdout at the end (progress to stderr); JSON to OUT.json when 
 of it, the components are no longer timed. Variants run in the order given, each on every shape.
 After the listed variants, "auto_combo" merges the knobs of those that beat base on the GQA
 shapes (and do not lose on MHA) and runs the merge on every shape (--no-combo: not).
---fa3 adds FA3 over the own blocks only (needs vLLM; its import takes a few seconds).
+--fa3 adds FA3 over the own blocks only, and FA3's prefix pass on a side stream beside our
+suffix kernel (then merge_attn_states; checked against the reference) (needs vLLM; its import
+takes a few seconds).
 --list prints the variants (the defaults and the extras --variants can name).
 The "launches" column shows what ran: P(refix) / S(uffix) / M(erge) kernels, rows x keys per tile,
 warps, stages, z = split count, and the switches on (+pdl / +trig: PDL, +hf: HEAD_FASTEST,
@@ -395,16 +397,25 @@ def run_variant(s, name, batch, ref, base_out, bw, components: bool) -> tuple[di
     return row, out
 
 
-def fa3_suffix_row(s, batch, bw) -> dict | None:
-    """FA3 over each request's own blocks only (the ceiling: the shared prefix for free)."""
+def fa3_rows(s, batch, ref, bw) -> list[dict]:
+    """FA3 over each request's own blocks only (the ceiling: the shared prefix for free), and
+    FA3's prefix pass on a side stream beside our suffix kernel (checked against the reference)."""
     schemes = bk.make_schemes(kernels, s, *batch)
-    if "fa3_suffix" not in schemes:
-        return None
-    nbytes = bk.problem_bytes(s, suffix_only=True)
-    ms = graph_ms(schemes["fa3_suffix"], rep_for(nbytes / bw * 1.5e3))[0]
-    return dict(model=s.model, batch=s.batch, prefix=s.prefix, suffix=s.suffix,
-                variant="ref:fa3_suffix", ms=ms, bytes=nbytes, floor_ms=nbytes / bw * 1e3,
-                pct_bw=100 * nbytes / bw * 1e3 / ms)  # fmt: skip
+    rows = []
+    for name, suffix_only in (("fa3_suffix", True), ("fa3_prefix_overlap", False)):
+        if name not in schemes:
+            continue
+        nbytes = bk.problem_bytes(s, suffix_only=suffix_only)
+        row = dict(model=s.model, batch=s.batch, prefix=s.prefix, suffix=s.suffix,
+                   variant=f"ref:{name}", bytes=nbytes, floor_ms=nbytes / bw * 1e3)
+        if not suffix_only:
+            out = schemes[name]().float()
+            row["max_err_ref"] = (out - ref).abs().max().item()
+            row["pass"] = bool(torch.allclose(out, ref, atol=1e-3, rtol=1e-3))
+        row["ms"] = graph_ms(schemes[name], rep_for(nbytes / bw * 1.5e3))[0]
+        row["pct_bw"] = 100 * row["floor_ms"] / row["ms"]
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------- main
@@ -417,7 +428,8 @@ def parse_args():
     p.add_argument("--shapes", help="model:batch:prefix,... (model gqa or llama2-7b)")
     p.add_argument("--budget", type=float, default=100.0, help="seconds; later runs skipped")
     p.add_argument("--no-components", action="store_true", help="time only the whole call")
-    p.add_argument("--fa3", action="store_true", help="add FA3 over the own blocks (vLLM)")
+    p.add_argument("--fa3", action="store_true",
+                   help="add FA3 over the own blocks, and FA3's prefix beside our suffix (vLLM)")
     p.add_argument("--no-combo", action="store_true", help="skip the auto_combo run")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     return p.parse_args()
@@ -461,12 +473,11 @@ def main() -> int:
     if args.fa3:
         for case in cases:
             try:
-                row = fa3_suffix_row(case["shape"], case["batch"], bw)
-                if row:
+                for row in fa3_rows(case["shape"], case["batch"], case["ref"], bw):
                     rows.append(row)
                     log(line(row))
             except Exception as e:  # noqa: BLE001 - FA3 is only a reference
-                log(f"# fa3_suffix failed: {e!r}")
+                log(f"# fa3 rows failed: {e!r}")
     order = {(m, b, p): i for i, (m, b, p) in enumerate(shapes)}
     rows.sort(key=lambda r: order[(r["model"], r["batch"], r["prefix"])])  # stable: variant order
     elapsed = time.perf_counter() - start
