@@ -123,7 +123,8 @@ def model_len(args, lens: list[int], max_out: int) -> int:
     need = needed_len(args, max(lens), max_out)
     if args.max_model_len is not None and args.max_model_len < need:
         raise SystemExit(f"--max-model-len {args.max_model_len} is too short: cloud prompt "
-                         f"{max(lens)} + edge {args.edge_len} + output {max_out} (+16) needs {need}")
+                         f"{max(lens)} + edge {args.edge_len} + output {max_out} "
+                         f"(+{SPARE_TOKENS}) needs {need}")
     return args.max_model_len or need
 
 

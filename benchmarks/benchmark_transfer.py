@@ -59,7 +59,7 @@ from edgeprompt_vllm.transport.wire import encode_layer
 HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-from transfer_link import run_link
+from transfer_link import EdgeCache, run_link
 from transfer_pair import BLOCK_SIZE, HEAD_SIZE, KV_DTYPE, KV_HEADS, cpu_model, run_pair
 
 LAYERS = 8
@@ -289,39 +289,23 @@ class EdgePass:
     memory), through a real CloudClient, for one layer size."""
 
     def __init__(self, actor, fp: Fingerprint):
-        from edgeprompt_vllm.edge.cuda_loader import SideStream
-
         self.client = CloudClient(actor, fp, timeout_s=120)
         self.client.handshake()
         self.client.registry()
         header, _ = ray.get(actor.fetch_layer.remote("bench", fp.digest(), 0))
-        self.tokens, bs = header["num_tokens"], fp.block_size
-        num_blocks = 2 * (-(-self.tokens // bs))
-        self.block_ids = torch.randperm(num_blocks)[:num_blocks // 2]
-        t = torch.arange(self.tokens)
-        self.slots = self.block_ids[t // bs] * bs + t % bs
-        dtype = getattr(torch, fp.dtype)
-        self.caches = {l: [torch.zeros(num_blocks, bs, fp.num_kv_heads, 2 * fp.head_size,
-                                       dtype=dtype, device="cuda").permute(0, 2, 1, 3)]
-                       for l in range(LAYERS)}
-        self.side = SideStream("cuda")
+        self.cache = EdgeCache(fp, header["num_tokens"], torch.device("cuda"))
 
     def run(self, compute: ComputeStream) -> None:
-        from edgeprompt_vllm.edge.cuda_loader import LayerLoader
-
         stream = self.client.fetch_layers("bench", range(LAYERS))
-        loader = LayerLoader(self.side, [(stream, [(0, self.tokens, self.slots)])], self.caches)
-        for l in range(LAYERS):
-            compute.layer(lambda l=l: loader.wait(stream, l, 120))
-        loader.close()
+        self.cache.fill(stream, each=compute.layer, timeout_s=120)
         self.stream = stream
 
     def check(self) -> None:
         """The last pass's last layer really is in the cache (first block of the table)."""
         _, kv = self.stream.result(LAYERS - 1, 1)
-        n = min(self.tokens, 16)
-        cache = self.caches[LAYERS - 1][0]  # [B, H, N, 2 * hs]
-        key = cache[int(self.block_ids[0]), :, :n, :kv.shape[-1]].transpose(0, 1).cpu()
+        n = min(self.cache.tokens, 16)
+        cache = self.cache.caches[LAYERS - 1][0]  # [B, H, N, 2 * hs]
+        key = cache[int(self.cache.block_ids[0]), :, :n, :kv.shape[-1]].transpose(0, 1).cpu()
         assert torch.equal(key, kv[0, :n]), "edgeprompt-cuda: the cache does not hold the layer"
 
 

@@ -19,6 +19,7 @@ two transports' caches must be identical.
     python benchmarks/benchmark_transfer.py --device link --model DIR [--sizes-mib 4 16 64]
 """
 
+import functools
 import time
 import uuid
 
@@ -62,17 +63,23 @@ class EdgeCache:
         for cs in self.caches.values():
             cs[0].zero_()
 
-    def fill(self, stream) -> None:
-        """Every layer of `stream` into the cache (CUDA: the LayerLoader; CPU: delivered)."""
+    def fill(self, stream, each=None, timeout_s: float = 300) -> None:
+        """Every layer of `stream` into the cache (CUDA: the LayerLoader; CPU: delivered).
+        each(wait): runs one layer's wait (benchmark_transfer's compute emulation); default:
+        just waits."""
         layers = range(self.fp.num_layers)
         if self.side is None:
-            self.delivered = [stream.result(l, 300)[1] for l in layers]
+            self.delivered = [stream.result(l, timeout_s)[1] for l in layers]
             return
         from edgeprompt_vllm.edge.cuda_loader import LayerLoader
 
         loader = LayerLoader(self.side, [(stream, [(0, self.tokens, self.slots)])], self.caches)
         for l in layers:
-            loader.wait(stream, l, 300)
+            wait = functools.partial(loader.wait, stream, l, timeout_s)
+            if each is None:
+                wait()
+            else:
+                each(wait)
         loader.close()
         torch.cuda.synchronize(self.device)
 

@@ -117,25 +117,27 @@ class LayerLoader:
                 future.add_done_callback(functools.partial(self._arrived, i, layer))
 
     def _arrived(self, i: int, layer: int, future) -> None:
-        stream, state = self.streams[i], None
+        state = None
         with self._cond:
-            try:
-                if self._closed or i in self._given_up:
-                    return
-                lo, hi, targets = self._jobs[i]
-                try:
-                    _, kv = future.result()  # the fetch's error (cloud down, checksum...) raises
-                    if kv.shape[1] < hi:
-                        raise ValueError(f"cloud sent {kv.shape[1]} tokens, need {hi}")
-                    writes = [(cache, a, b, slots) for cache in self._caches.get(layer, ())
-                              for a, b, slots in targets]
-                    state = self._side.issue(kv, lo, hi, writes) if writes else None
-                except BaseException as e:  # noqa: BLE001 (handed to wait(), which raises it)
-                    state = e
+            if not (self._closed or i in self._given_up):
+                state = self._issue(i, layer, future)
                 self._issued[(i, layer)] = state
                 self._cond.notify_all()
-            finally:  # the layer's buffer is free once what was issued from it has run
-                stream.consumed(layer, None if isinstance(state, BaseException) else state)
+        # the layer's buffer is free once what was issued from it has run
+        self.streams[i].consumed(layer, None if isinstance(state, BaseException) else state)
+
+    def _issue(self, i: int, layer: int, future):
+        """-> the event after the layer's writes, None (nothing to write), or its error."""
+        lo, hi, targets = self._jobs[i]
+        try:
+            _, kv = future.result()  # the fetch's error (cloud down, checksum...) raises here
+            if kv.shape[1] < hi:
+                raise ValueError(f"cloud sent {kv.shape[1]} tokens, need {hi}")
+            writes = [(cache, a, b, slots) for cache in self._caches.get(layer, ())
+                      for a, b, slots in targets]
+            return self._side.issue(kv, lo, hi, writes) if writes else None
+        except BaseException as e:  # noqa: BLE001 (handed to wait(), which raises it)
+            return e
 
     def wait(self, stream, layer: int, timeout_s: float) -> None:
         """Until layer `layer` of `stream` is issued (host), then the compute stream waits for

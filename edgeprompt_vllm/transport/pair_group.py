@@ -90,8 +90,8 @@ class PairGroup:
         must not stall the cloud's compute stream), and the group keeps both tensors alive until
         sent. Gloo: returns once sent."""
         peer = 1 - self.rank
-        works = [self._pg.send([kv.contiguous()], peer, 0),
-                 self._pg.send([torch.tensor([dsum], dtype=torch.int64, device=kv.device)], peer, 0)]
+        checksum = torch.tensor([dsum], dtype=torch.int64, device=kv.device)
+        works = [self._pg.send([kv.contiguous()], peer, 0), self._pg.send([checksum], peer, 0)]
         if self.backend == "gloo":
             for work in works:
                 work.wait()

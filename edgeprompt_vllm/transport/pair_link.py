@@ -12,9 +12,9 @@
 Per layer the worker makes two Ray calls at once: `pair_send` on the cloud (through the
 client, so the audit records it: prompt id, digest, layer, pair id, sequence number) and
 `receive` on the receiver, into a free slot of a ring of `SLOTS` (slot_ring.py); up to `SLOTS`
-layers are in flight. The slots are sized at start for the registry's largest prompt. The checksum (pair_group.device_checksum) is computed by the cloud when it captured the
-layer, sent after it, and recomputed by the receiver on what arrived: a mismatch fails that
-layer only. Anything else (a cloud call that fails, a receive not done within the fetch timeout,
+layers are in flight; the slots are sized at start for the registry's largest prompt. The
+checksum (pair_group.device_checksum) is computed by the cloud when it captured the layer, sent
+after it, and recomputed by the receiver on what arrived: a mismatch fails that layer only. Anything else (a cloud call that fails, a receive not done within the fetch timeout,
 a dead receiver) breaks the link: the receiver is killed (a receive blocked on a vanished sender
 dies with it), the cloud closes its end, the stream's remaining layers fail (their blocks are
 recomputed) and the next load opens a new link.
@@ -34,12 +34,10 @@ import torch
 from edgeprompt_vllm.log import get_logger
 from edgeprompt_vllm.transport.client import CloudClient, CloudUnavailable, LayerStream
 from edgeprompt_vllm.transport.pair_receiver import PairReceiver
-from edgeprompt_vllm.transport.slot_ring import SLOTS, SlotRing
-from edgeprompt_vllm.transport.wire import CorruptLayer, LayerHeader
+from edgeprompt_vllm.transport.slot_ring import SLOTS, SlotRing, layer_nbytes
+from edgeprompt_vllm.transport.wire import DTYPES, CorruptLayer, LayerHeader
 
 logger = get_logger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class PairBroken(CloudUnavailable):
@@ -124,7 +122,7 @@ class PairLink:
     def fetch_layers(self, prompt_id: str, layers, shape: tuple, dtype: str) -> "PairStream":
         if self.broken:
             raise PairBroken(self.broken)
-        self.reserve(_DTYPES[dtype].itemsize * shape[0] * shape[1] * shape[2] * shape[3])
+        self.reserve(layer_nbytes(shape, DTYPES[dtype]))
         return PairStream(self, prompt_id, self.client._check_layers(layers), shape, dtype)
 
     def submit(self, prompt_id: str, layer: int, shape, dtype: str):
@@ -224,7 +222,7 @@ class PairStream(LayerStream):
                 f"{dsum} (sent {reply['sent']})"))
             return
         kv = reply["kv"] if slot is None else self._link.slots.view(slot, self._shape,
-                                                                    _DTYPES[self._dtype])
+                                                                    DTYPES[self._dtype])
         self._slot_of[layer] = slot
         self.timings[layer].update(header_s=data_s, data_s=data_s, ready_s=self._now(),
                                    nbytes=header.nbytes, wire_nbytes=header.nbytes,

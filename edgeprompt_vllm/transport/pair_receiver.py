@@ -15,8 +15,8 @@ import os
 import torch
 
 from edgeprompt_vllm.transport.pair_group import PairGroup, device_checksum, peer_store
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from edgeprompt_vllm.transport.slot_ring import as_layer
+from edgeprompt_vllm.transport.wire import DTYPES
 
 
 class PairReceiver:
@@ -51,12 +51,11 @@ class PairReceiver:
     def receive(self, slot: int | None, shape: list[int], dtype: str) -> dict:
         """One layer kv [2, T, H, hs] -> {"sent": the cloud's checksum, "got": ours of what
         arrived, "kv": the tensor (CPU only)}. Returns once the bytes are in place."""
-        dt = _DTYPES[dtype]
+        dt = DTYPES[dtype]
         if slot is None:
             out = torch.empty(shape, dtype=dt)
         else:
-            nbytes = dt.itemsize * shape[0] * shape[1] * shape[2] * shape[3]
-            out = self.slots[slot][:nbytes].view(dt).view(shape)
+            out = as_layer(self.slots[slot], shape, dt)
         sent = self.group.recv(out)
         reply = {"sent": sent, "got": device_checksum(out)}  # both wait for the device
         if slot is None:

@@ -4,18 +4,28 @@ receiver actor fills and the worker reads, each handed out again only once its l
     ring = SlotRing()
     ring.reserve(nbytes, make)       # make(count, nbytes) -> [count] uint8 tensors [>= nbytes]
     i = ring.acquire(timeout_s, broken=lambda: None)   # waits for a free slot
-    kv = ring.view(i, (2, T, H, hs), torch.float16)    # the layer in slot i
+    kv = ring.view(i, (2, T, H, hs), torch.float16)    # the layer in slot i (as_layer)
     ring.release(i, event)           # free once `event` (the reader's CUDA event) completed
 
 Events are anything with .synchronize() (CUDA events on the GPU; the tests pass fakes).
 """
 
+import math
 import threading
 from collections import deque
 
 import torch
 
 SLOTS = 4  # layers in flight
+
+
+def layer_nbytes(shape, dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def as_layer(buf: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """The first bytes of a uint8 buffer [>= nbytes] as a tensor of `shape` and `dtype`."""
+    return buf[:layer_nbytes(shape, dtype)].view(dtype).view(shape)
 
 
 class SlotsBusy(RuntimeError):
@@ -42,7 +52,8 @@ class SlotRing:
             return
         with self._cond:
             if len(self._free) != len(self._slots):
-                raise SlotsBusy(f"{nbytes}-byte layers while the {self.nbytes}-byte slots are in use")
+                raise SlotsBusy(f"{nbytes}-byte layers while the {self.nbytes}-byte slots are "
+                                "in use")
             for _, event in self._free:
                 if event is not None:
                     event.synchronize()
@@ -76,7 +87,4 @@ class SlotRing:
 
     def view(self, slot: int, shape, dtype: torch.dtype) -> torch.Tensor:
         """Slot `slot` as a tensor of `shape` and `dtype` (its first bytes)."""
-        n = dtype.itemsize
-        for d in shape:
-            n *= d
-        return self._slots[slot][:n].view(dtype).view(shape)
+        return as_layer(self._slots[slot], shape, dtype)

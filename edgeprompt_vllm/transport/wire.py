@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover
 
     CHECKSUM_ALGO = "blake2b"
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class CorruptLayer(RuntimeError):
@@ -58,7 +58,7 @@ class LayerHeader:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.num_tokens * self.num_kv_heads * self.head_size * _DTYPES[self.dtype].itemsize
+        return 2 * self.num_tokens * self.num_kv_heads * self.head_size * DTYPES[self.dtype].itemsize
 
     @property
     def payload_nbytes(self) -> int:
@@ -98,6 +98,6 @@ def decode_layer(header: LayerHeader, raw: np.ndarray) -> torch.Tensor:
     if got != header.checksum:
         raise CorruptLayer(f"layer {header.layer} of {header.prompt_id!r}: checksum {got} != {header.checksum}")
     try:
-        return codecs.decode(raw, header.codec, header.shape, _DTYPES[header.dtype])
+        return codecs.decode(raw, header.codec, header.shape, DTYPES[header.dtype])
     except ValueError as e:
         raise CorruptLayer(f"layer {header.layer} of {header.prompt_id!r}: {e}") from e
