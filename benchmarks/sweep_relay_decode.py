@@ -154,6 +154,22 @@ VARIANTS = {
             else None
         ),
     ),
+    "prefix_128x128w8": (
+        "prefix tiles 128 rows x 128 keys, 8 warps, 2 stages where rows >= 512",
+        lambda s: dict(
+            prefix_config=dict(BLOCK_M=128, TILE_N=128, num_warps=8, num_stages=2)
+            if _rows(s) >= 512
+            else None
+        ),
+    ),
+    "prefix_128x64w8s2": (
+        "prefix tiles 128x64, 8 warps, 2 stages where rows >= 512",
+        lambda s: dict(
+            prefix_config=dict(BLOCK_M=128, TILE_N=64, num_warps=8, num_stages=2)
+            if _rows(s) >= 512
+            else None
+        ),
+    ),
     "suffix_split2": (
         "suffix split in 2 where there are < 4 programs per SM (+1 merge launch)",
         lambda s: dict(suffix_splits=2 if _suffix_programs(s) < 4 * _sms() else None),
