@@ -4,7 +4,7 @@ import multiprocessing
 import os
 from pathlib import Path
 
-from edgeprompt_vllm import __version__
+from edgeprompt_vllm import __version__, ray_fork
 from edgeprompt_vllm.log import get_logger
 
 logger = get_logger(__name__)
@@ -23,6 +23,7 @@ def register_all() -> None:
     if is_registered():
         return
     _registered_pid = os.getpid()
+    ray_fork.prefer_spawn()  # before vLLM starts its engine process from this one
     _register_attention_backend()
     _leave_trace()
     logger.info(

@@ -34,6 +34,7 @@ from typing import Iterable
 
 import ray
 
+from edgeprompt_vllm import ray_fork
 from edgeprompt_vllm.config import EdgePromptConfig
 from edgeprompt_vllm.fingerprint import Fingerprint, FingerprintMismatch
 from edgeprompt_vllm.log import get_logger
@@ -79,7 +80,9 @@ _RELOOK_S = 0.2  # ... or this soon after its actor died (a restarted cloud is a
 def ensure_ray(address: str | None, namespace: str, node_ip: str | None = None) -> None:
     """`node_ip`: attach to the Ray node with that address (a host running several nodes would
     otherwise attach to its head node). Joins with Ray's token authentication on
-    (RAY_AUTH_MODE=token unless set otherwise: docs/reliability.md)."""
+    (RAY_AUTH_MODE=token unless set otherwise: docs/reliability.md). Raises ForkedRayDriver in a
+    fork of a Ray driver (ray_fork.py), whose Ray calls would hang."""
+    ray_fork.check_not_forked()
     if not ray.is_initialized():
         require_token_auth(starting=False)
         kw = {"_node_ip_address": node_ip} if node_ip else {}
