@@ -35,7 +35,8 @@ from edgeprompt_vllm.fingerprint import Fingerprint
 from edgeprompt_vllm.log import get_logger
 from edgeprompt_vllm.transport.client import CloudClient, CloudUnavailable, UnknownCloudPrompt
 from edgeprompt_vllm.transport.pair_link import PairLink, pair_possible
-from edgeprompt_vllm.transport.slot_ring import SlotsBusy
+from edgeprompt_vllm.transport.slot_ring import SlotsBusy, layer_nbytes
+from edgeprompt_vllm.transport.wire import DTYPES
 
 logger = get_logger(__name__)
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -109,8 +110,7 @@ class WorkerSide:
         link = self._pair_link()
         if link is None:
             return None
-        d = self.client.describe(prompt_id)
-        shape = (2, d["shipped_tokens"], self.fp.num_kv_heads, self.fp.head_size)
+        shape = self._layer_shape(self.client.describe(prompt_id)["shipped_tokens"])
         try:
             return link.fetch_layers(prompt_id, range(self.fp.num_layers), shape, self.fp.dtype)
         except SlotsBusy as e:  # a prompt registered since, larger than the slots
@@ -121,8 +121,12 @@ class WorkerSide:
             self._link_retry_at = time.monotonic() + _LINK_RETRY_S
             return None
 
+    def _layer_shape(self, tokens: int) -> tuple:
+        """One layer of a prompt as shipped: [2 (K, V), tokens, KV heads, head size]."""
+        return (2, tokens, self.fp.num_kv_heads, self.fp.head_size)
+
     def _layer_bytes(self, tokens: int) -> int:
-        return 2 * tokens * self.fp.num_kv_heads * self.fp.head_size * _itemsize(self.fp.dtype)
+        return layer_nbytes(self._layer_shape(tokens), DTYPES[self.fp.dtype])
 
     def _stream(self, prompt_id: str, layers_per_message: int = 1):
         try:
@@ -276,7 +280,7 @@ class WorkerSide:
             [x["edge_compute_s"] for x in rec["layers"]] if rec is not None else None,
             [list(s.messages) for s in self.timeline.streams] if rec is not None else [],
             step.get("work"), step.get("start"), step.get("enter0"), time.perf_counter(),
-            self.fp.num_layers, 2 * self.fp.num_kv_heads * self.fp.head_size * _itemsize(self.fp.dtype),
+            self.fp.num_layers, self._layer_bytes(1),
             [any(sp.cloud_cold for sp, st, _ in self._active if st is s) for s in self.timeline.streams]
             if rec is not None else None)
         if HAS_WORKER_META:
@@ -327,10 +331,6 @@ class WorkerSide:
     def take_invalid_block_ids(self) -> set[int]:
         bad, self._invalid = self._invalid, set()
         return bad
-
-
-def _itemsize(dtype: str) -> int:
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 def _relay_counts() -> tuple[int, int]:
