@@ -94,6 +94,11 @@ def _suffix_only(doc: str, **knobs) -> tuple:
     return doc, lambda s: dict(suffix_config=dict(knobs))
 
 
+def _big_group_prefix(doc: str, **tiles) -> tuple:
+    """A variant that gives the prefix pass these tiles where a group has >= 512 rows."""
+    return doc, lambda s: dict(prefix_config=dict(tiles) if _rows(s) >= 512 else None)
+
+
 VARIANTS = {
     "base": ("the kernels' defaults (what the backend runs)", lambda s: {}),
     "pdl": (
@@ -146,29 +151,17 @@ VARIANTS = {
         "suffix 32-key tiles, 4 stages (single-buffered; less shared memory)",
         TILE_N=32, num_stages=4,
     ),
-    "prefix_128x64w8": (
+    "prefix_128x64w8": _big_group_prefix(
         "prefix tiles 128x64, 8 warps, 3 stages where rows >= 512",
-        lambda s: dict(
-            prefix_config=dict(BLOCK_M=128, TILE_N=64, num_warps=8, num_stages=3)
-            if _rows(s) >= 512
-            else None
-        ),
+        BLOCK_M=128, TILE_N=64, num_warps=8, num_stages=3,
     ),
-    "prefix_128x128w8": (
+    "prefix_128x128w8": _big_group_prefix(
         "prefix tiles 128 rows x 128 keys, 8 warps, 2 stages where rows >= 512",
-        lambda s: dict(
-            prefix_config=dict(BLOCK_M=128, TILE_N=128, num_warps=8, num_stages=2)
-            if _rows(s) >= 512
-            else None
-        ),
+        BLOCK_M=128, TILE_N=128, num_warps=8, num_stages=2,
     ),
-    "prefix_128x64w8s2": (
+    "prefix_128x64w8s2": _big_group_prefix(
         "prefix tiles 128x64, 8 warps, 2 stages where rows >= 512",
-        lambda s: dict(
-            prefix_config=dict(BLOCK_M=128, TILE_N=64, num_warps=8, num_stages=2)
-            if _rows(s) >= 512
-            else None
-        ),
+        BLOCK_M=128, TILE_N=64, num_warps=8, num_stages=2,
     ),
     "suffix_split2": (
         "suffix split in 2 where there are < 4 programs per SM (+1 merge launch)",
