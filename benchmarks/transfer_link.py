@@ -20,6 +20,7 @@ two transports' caches must be identical.
 """
 
 import functools
+import statistics
 import time
 import uuid
 
@@ -90,6 +91,18 @@ class EdgeCache:
         return [device_checksum(self.caches[l][0]) for l in range(self.fp.num_layers)]
 
 
+def layer_breakdown(stream) -> dict:
+    """A pair stream's per-layer times, ms (medians over its layers): the gap between two
+    arrivals, the receiver's receive (waiting for the sender included) and checksum, and the
+    time from asking for a layer (a slot wait included) to its arrival."""
+    t = [stream.timings[l] for l in stream.layers]
+    ready = sorted(x["ready_s"] for x in t)
+    ms = {"arrival_gap": [b - a for a, b in zip(ready, ready[1:])] or [0.0],
+          "receive": [x["recv_ms"] / 1e3 for x in t], "checksum": [x["checksum_ms"] / 1e3 for x in t],
+          "ask_to_arrival": [x["ready_s"] - x["submit_s"] for x in t]}
+    return {k: round(1e3 * statistics.median(v), 3) for k, v in ms.items()}
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -132,9 +145,14 @@ def run_link(args, env: dict) -> list[dict]:
             pid = ids[mib]
             cache = EdgeCache(fp, n, device)
             shape = (2, n, fp.num_kv_heads, fp.head_size)
+            last = {}  # the pair pass's last stream, for its per-layer times
+
+            def pair_pass():
+                last["stream"] = link.fetch_layers(pid, range(fp.num_layers), shape, dtype)
+                cache.fill(last["stream"])
+
             passes = {
-                "edgeprompt-pair": lambda: cache.fill(link.fetch_layers(pid, range(fp.num_layers),
-                                                                        shape, dtype)),
+                "edgeprompt-pair": pair_pass,
                 "edgeprompt-objstore": lambda: cache.fill(client.fetch_layers(pid,
                                                                               range(fp.num_layers))),
             }
@@ -152,12 +170,15 @@ def run_link(args, env: dict) -> list[dict]:
                        "layers": fp.num_layers, "GBps": round(nbytes / best / 1e9, 3),
                        "best_ms": round(1e3 * best, 3), "reps": args.reps,
                        "cold_s": round(cold_s, 4) if transport == "edgeprompt-pair" else None,
+                       "per_layer_ms": layer_breakdown(last["stream"])
+                       if transport == "edgeprompt-pair" else None,
                        **env, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
                 rows.append(row)
                 print(f"{transport:20s} {n:6d} tokens ({row['layer_mib']:8.3f} MiB a layer x "
                       f"{fp.num_layers})  {row['GBps']:8.3f} GB/s  best {row['best_ms']:9.2f} ms"
-                      + (f"  cold (prefill overlapped) {cold_s:7.3f} s" if row["cold_s"] else ""),
-                      flush=True)
+                      + (f"  cold (prefill overlapped) {cold_s:7.3f} s" if row["cold_s"] else "")
+                      + (f"\n    per layer, ms (medians): {row['per_layer_ms']}"
+                         if row["per_layer_ms"] else ""), flush=True)
             if landed["edgeprompt-pair"] != landed["edgeprompt-objstore"]:
                 raise RuntimeError(f"{pid}: the two transports landed different bytes")
             if device.type == "cuda" and not any(bool(c[0].any()) for c in cache.caches.values()):

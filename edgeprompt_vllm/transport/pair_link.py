@@ -197,6 +197,7 @@ class PairStream(LayerStream):
             while todo or pending:
                 while todo and len(pending) < self._inflight:
                     layer = todo.popleft()
+                    self.timings[layer]["submit_s"] = self._now()
                     pending.append((layer, *self._link.submit(self.prompt_id, layer, self._shape,
                                                                self._dtype)))
                 self._deliver(*pending.popleft())
@@ -226,7 +227,8 @@ class PairStream(LayerStream):
         self._slot_of[layer] = slot
         self.timings[layer].update(header_s=data_s, data_s=data_s, ready_s=self._now(),
                                    nbytes=header.nbytes, wire_nbytes=header.nbytes,
-                                   cloud_compute_s=header.compute_s, message=len(self.messages))
+                                   cloud_compute_s=header.compute_s, message=len(self.messages),
+                                   recv_ms=reply["recv_ms"], checksum_ms=reply["sum_ms"])
         self.messages.append({"layers": [layer], "nbytes": header.nbytes,
                               "wire_nbytes": header.nbytes, "codec": "none", "header_s": data_s,
                               "pull_s": data_s, "data_s": data_s,

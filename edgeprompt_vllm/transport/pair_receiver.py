@@ -11,6 +11,7 @@ runs): each layer is received into a fresh tensor and returned through Ray.
 """
 
 import os
+import time
 
 import torch
 
@@ -50,14 +51,18 @@ class PairReceiver:
 
     def receive(self, slot: int | None, shape: list[int], dtype: str) -> dict:
         """One layer kv [2, T, H, hs] -> {"sent": the cloud's checksum, "got": ours of what
-        arrived, "kv": the tensor (CPU only)}. Returns once the bytes are in place."""
+        arrived, "kv": the tensor (CPU only), "recv_ms": the receive (waiting for the sender
+        included), "sum_ms": the checksum}. Returns once the bytes are in place."""
         dt = DTYPES[dtype]
         if slot is None:
             out = torch.empty(shape, dtype=dt)
         else:
             out = as_layer(self.slots[slot], shape, dt)
+        t0 = time.perf_counter()
         sent = self.group.recv(out)
-        reply = {"sent": sent, "got": device_checksum(out)}  # both wait for the device
+        t1 = time.perf_counter()
+        reply = {"sent": sent, "got": device_checksum(out),  # both wait for the device
+                 "recv_ms": 1e3 * (t1 - t0), "sum_ms": 1e3 * (time.perf_counter() - t1)}
         if slot is None:
             reply["kv"] = out
         return reply

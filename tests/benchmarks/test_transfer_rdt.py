@@ -112,6 +112,10 @@ def test_link_cli_moves_the_same_bytes_over_both_connector_transports(tmp_path, 
         assert r["pair_backend"] == "gloo" and r["cloud_device"] == "CPU" and r["layers"] == 4
         assert r["tokens"] == 64 and r["layer_mib"] == 0.062 and r["GBps"] > 0
     assert rows[0]["cold_s"] > 0 and rows[1]["cold_s"] is None
+    per_layer = rows[0]["per_layer_ms"]  # the pair stream's medians; none for the object store
+    assert set(per_layer) == {"arrival_gap", "receive", "checksum", "ask_to_arrival"}
+    assert per_layer["ask_to_arrival"] >= per_layer["receive"] > 0 and per_layer["checksum"] > 0
+    assert rows[1]["per_layer_ms"] is None and "per layer, ms (medians)" in proc.stdout
 
 
 def test_benchmark_transfer_loads_from_its_path_and_runs_the_pair_module():
