@@ -27,19 +27,31 @@ import socket
 
 import torch
 
-_CHUNK = 1 << 24  # words per partial sum (bounds the int64 temporaries: 128 MiB)
+_MOD = 65521  # weights cycle with this period (the largest prime below 2**16)
+_CHUNK = _MOD * 64  # words per partial sum (4.2 M): a multiple of _MOD, so every chunk has the
+# same weights, kept per device (16 MiB of int32); it bounds the temporaries too
+_weights: dict[torch.device, torch.Tensor] = {}
 
 
 def device_checksum(t: torch.Tensor) -> int:
-    """A position-weighted sum of the tensor's 16-bit words, exact (int64, wrapping) and
-    independent of the reduction order: a partial, shifted, permuted or flipped copy changes it."""
+    """A position-weighted sum of the tensor's 16-bit words, sum(w[i] * (i % 65521 + 1)), exact
+    (int64) and independent of the reduction order: a partial, shifted, permuted or flipped copy
+    changes it. Each product fits an int32 (|w| <= 2**15, weight <= 65521), and the sum over a
+    layer stays far below 2**63."""
     words = t.contiguous().view(-1).view(torch.int16)
     total = torch.zeros((), dtype=torch.int64, device=t.device)
     for lo in range(0, words.numel(), _CHUNK):
-        w = words[lo:lo + _CHUNK].to(torch.int64)
-        pos = torch.arange(lo, lo + w.numel(), device=t.device, dtype=torch.int64)
-        total += (w * (pos % 65521 + 1)).sum()
+        w = words[lo:lo + _CHUNK]
+        total += (w.to(torch.int32) * _chunk_weights(t.device)[:w.numel()]).sum(dtype=torch.int64)
     return int(total)
+
+
+def _chunk_weights(device: torch.device) -> torch.Tensor:
+    """int32 [_CHUNK]: i % _MOD + 1 (made once per device)."""
+    w = _weights.get(device)
+    if w is None or w.numel() != _CHUNK:
+        w = _weights[device] = torch.arange(_CHUNK, dtype=torch.int32, device=device) % _MOD + 1
+    return w
 
 
 def host_store(host: str) -> tuple[torch.distributed.TCPStore, int]:

@@ -17,6 +17,7 @@ import torch
 
 from edgeprompt_vllm.config import EdgePromptConfig
 from edgeprompt_vllm.fingerprint import model_fingerprint
+from edgeprompt_vllm.transport import pair_group
 from edgeprompt_vllm.transport.client import RETRY_S, CloudClient
 from edgeprompt_vllm.transport.pair_group import PairGroup, device_checksum, host_store, peer_store
 from edgeprompt_vllm.transport.pair_link import PairBroken, PairLink, pair_possible
@@ -154,6 +155,18 @@ def test_pair_group_moves_tensors_in_order_and_checksums_see_every_word():
     flipped = t.clone()
     flipped.view(-1).view(torch.int16)[3] ^= 1
     assert device_checksum(flipped) != device_checksum(t) != device_checksum(t.flip(1))
+
+
+def test_device_checksum_is_the_position_weighted_word_sum(monkeypatch):
+    """sum(w[i] * (i % 65521 + 1)) over the 16-bit words, exactly, across chunk boundaries."""
+    monkeypatch.setattr(pair_group, "_CHUNK", pair_group._MOD)  # 3 chunks below
+    monkeypatch.setattr(pair_group, "_weights", {})
+    t = torch.randint(-(1 << 15), 1 << 15, (2 * pair_group._MOD + 101,), dtype=torch.int16)
+    t[:4] = torch.tensor([-(1 << 15), (1 << 15) - 1, -1, 0], dtype=torch.int16)  # the extremes
+    pos = torch.arange(t.numel(), dtype=torch.int64)
+    expected = int((t.to(torch.int64) * (pos % 65521 + 1)).sum())
+    assert device_checksum(t) == expected
+    assert device_checksum(t.view(torch.float16)) == expected  # any dtype: its 16-bit words
 
 
 def test_pair_needs_a_channel_that_can_exist():
