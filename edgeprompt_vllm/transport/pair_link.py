@@ -30,6 +30,7 @@ from collections import deque
 
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from edgeprompt_vllm.log import get_logger
 from edgeprompt_vllm.transport.client import CloudClient, CloudUnavailable, LayerStream
@@ -74,8 +75,12 @@ class PairLink:
         self._seq = itertools.count()
         self.slots = SlotRing() if device.type == "cuda" else None  # CPU: layers come by value
         uuid = device_uuid(device) if device.type == "cuda" else None
+        # on this node: it shares slots with this process through CUDA IPC (a zero-resource
+        # actor could otherwise land on any node, the cloud's included)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.receiver = (ray.remote(PairReceiver)
-                         .options(num_cpus=0, num_gpus=0, max_concurrency=1).remote(uuid))
+                         .options(num_cpus=0, num_gpus=0, max_concurrency=1,
+                                  scheduling_strategy=here).remote(uuid))
         t0 = time.perf_counter()
         try:
             opened = client._get(client._call("pair_open", client._digest, self.backend, timeout_s))

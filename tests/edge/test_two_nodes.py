@@ -1,6 +1,7 @@
 """Two Ray nodes on one machine: the cloud actor on the node with the `cloud` resource, the edge
 engine (and its object reads) on the head node; exact output across the node boundary."""
 
+import json
 import os
 import random
 import signal
@@ -67,12 +68,19 @@ def two_nodes(tmp_path):
 
 
 def test_cloud_on_its_node_edge_on_the_other(tiny_model, tmp_path, two_nodes):
+    """Both transports across the node boundary: the object store, and the pair channel (gloo
+    here) with its receiver actor pinned to the edge's node."""
     rng = random.Random(2)
     A = tokens(rng, 200, CLOUD_TOKENS)
     reqs = [{"token_ids": A + tokens(rng, n, EDGE_TOKENS), "cloud_prompt": "A"} for n in (9, 40)]
     stock = run(tiny_model, "stock", [reqs], tmp_path)
-    edge = run(tiny_model, "edge", [reqs], tmp_path, ray_address=two_nodes, env=ENV,
-               cloud_prompts={"A": A}, cloud_resources={"cloud": 1})
-    assert edge["cloud"]["node_id"] != edge["edge_node"]
-    assert [s["status"] for s in edge["edgeprompt"]] == ["loaded", "cached"]
-    assert edge["token_ids"] == stock["token_ids"]
+    for transport in ("object_store", "pair"):
+        audit = tmp_path / f"audit_{transport}.jsonl"
+        edge = run(tiny_model, "edge", [reqs], tmp_path, ray_address=two_nodes, env=ENV,
+                   cloud_prompts={"A": A}, cloud_resources={"cloud": 1},
+                   extra_config={"transport": transport, "audit_path": str(audit)})
+        assert edge["cloud"]["node_id"] != edge["edge_node"]
+        assert [s["status"] for s in edge["edgeprompt"]] == ["loaded", "cached"], transport
+        assert edge["token_ids"] == stock["token_ids"], transport
+        calls = [json.loads(x)["method"] for x in audit.read_text().splitlines()]
+        assert ("pair_send" in calls) == (transport == "pair"), calls
