@@ -50,7 +50,8 @@ def check_not_forked() -> None:
         raise ForkedRayDriver(
             f"process {os.getpid()} was forked from a process connected to Ray, and Ray cannot "
             f"be used in a fork (its calls hang). Start vLLM's processes with spawn: set "
-            f"{START_METHOD_ENV}=spawn, or call ray.init() before vLLM loads its plugins."
+            f"{START_METHOD_ENV}=spawn (the EdgePrompt plugin sets it itself when it loads in a "
+            f"process already connected to Ray)."
         )
 
 

@@ -162,7 +162,8 @@ def test_device_checksum_is_the_position_weighted_word_sum(monkeypatch):
     monkeypatch.setattr(pair_group, "_CHUNK", pair_group._MOD)  # 3 chunks below
     monkeypatch.setattr(pair_group, "_weights", {})
     t = torch.randint(-(1 << 15), 1 << 15, (2 * pair_group._MOD + 101,), dtype=torch.int16)
-    t[:4] = torch.tensor([-(1 << 15), (1 << 15) - 1, -1, 0], dtype=torch.int16)  # the extremes
+    mod = pair_group._MOD
+    t[mod - 1], t[2 * mod - 1] = -(1 << 15), (1 << 15) - 1  # extreme words at the top weight 65521
     pos = torch.arange(t.numel(), dtype=torch.int64)
     expected = int((t.to(torch.int64) * (pos % 65521 + 1)).sum())
     assert device_checksum(t) == expected
