@@ -96,10 +96,12 @@ class LayerLoader:
     loads:  [(stream, [(start, end, slots [end - start] int64 on the host)])], one per
             LayerStream (its `futures`: layer -> Future of (header, kv [2, T, H, hs]))
     caches: layer index -> the paged KV caches of that layer
+    heads:  the KV heads of each layer these caches hold (a tensor-parallel rank's share)
     """
 
-    def __init__(self, side, loads, caches: dict[int, list[torch.Tensor]]):
-        self._side, self._caches = side, caches
+    def __init__(self, side, loads, caches: dict[int, list[torch.Tensor]],
+                 heads: slice = slice(None)):
+        self._side, self._caches, self._heads = side, caches, heads
         self._cond = threading.Condition()
         self._closed = False
         self._given_up: set[int] = set()  # streams whose layers are no longer written
@@ -135,7 +137,7 @@ class LayerLoader:
                 raise ValueError(f"cloud sent {kv.shape[1]} tokens, need {hi}")
             writes = [(cache, a, b, slots) for cache in self._caches.get(layer, ())
                       for a, b, slots in targets]
-            return self._side.issue(kv, lo, hi, writes) if writes else None
+            return self._side.issue(kv[:, :, self._heads], lo, hi, writes) if writes else None
         except BaseException as e:  # noqa: BLE001 (handed to wait(), which raises it)
             return e
 

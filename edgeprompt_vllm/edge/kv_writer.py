@@ -33,10 +33,22 @@ def paged_index(slot_mapping: torch.Tensor, block_size: int) -> tuple[torch.Tens
     return slot_mapping // block_size, slot_mapping % block_size
 
 
+def cache_heads(kv_cache: torch.Tensor) -> int:
+    """The KV heads a cache of any layout above holds (a tensor-parallel rank: its share)."""
+    return kv_cache.shape[3] if kv_cache.dim() == 5 else kv_cache.shape[1]
+
+
+def _check_heads(kv_cache: torch.Tensor, key: torch.Tensor) -> None:
+    if key.shape[1] != cache_heads(kv_cache):
+        raise ValueError(f"{key.shape[1]} KV heads to write into a cache of "
+                         f"{cache_heads(kv_cache)} (a tensor-parallel rank takes its share)")
+
+
 def scatter_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                block: torch.Tensor, offset: torch.Tensor) -> None:
     """GPU layouts; key, value: [T, H, hs] and block, offset: [T], all on kv_cache's device.
     Queued on the current stream."""
+    _check_heads(kv_cache, key)
     key_cache, value_cache = split_kv_cache(kv_cache)  # [B, N, H, hs]
     key_cache[block, offset] = key
     value_cache[block, offset] = value
@@ -46,6 +58,7 @@ def write_layer(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 slot_mapping: torch.Tensor, isa: str | None) -> None:
     """kv_cache: [num_blocks, H, block_size, 2 * hs] (logical); key, value: [T, H, hs];
     slot_mapping: [T] int64. `isa` is None on GPU."""
+    _check_heads(kv_cache, key)
     if kv_cache.device.type == "cpu":
         from vllm import _custom_ops as ops
 

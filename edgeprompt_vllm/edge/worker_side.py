@@ -25,8 +25,9 @@ import torch
 from edgeprompt_vllm.attention import graph_mode
 from edgeprompt_vllm.config import EdgePromptConfig
 from edgeprompt_vllm.edge.cuda_loader import LayerLoader, SideStream
-from edgeprompt_vllm.edge.kv_writer import cpu_isa, write_layer
+from edgeprompt_vllm.edge.kv_writer import cache_heads, cpu_isa, write_layer
 from edgeprompt_vllm.edge.metadata import EdgePromptMetadata, LoadSpec
+from edgeprompt_vllm.edge.parallel import check_no_pipeline_parallelism, this_worker_kv_heads
 from edgeprompt_vllm.edge.planner import get_planner, step_observation
 from edgeprompt_vllm.edge.planner_meta import HAS_WORKER_META, PlannerObservations
 from edgeprompt_vllm.edge.stats import EdgePromptStats
@@ -49,6 +50,7 @@ class WorkerSide:
         self.client = CloudClient.connect(config, fingerprint)
         self.client.registry()
         self.kv_caches: dict[str, torch.Tensor] = {}
+        self.heads = slice(0, fingerprint.num_kv_heads)  # this worker's KV heads (register_kv_caches)
         self.layer_of: dict[str, int] = {}
         self._isa: dict[str, str | None] = {}
         self._active: list[tuple[LoadSpec, object, torch.Tensor]] = []  # (spec, stream, slots)
@@ -69,11 +71,18 @@ class WorkerSide:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.kv_caches = kv_caches
-        for name in kv_caches:
+        check_no_pipeline_parallelism()
+        self.heads = this_worker_kv_heads(self.fp.num_kv_heads)  # of every layer the cloud sends
+        for name, cache in kv_caches.items():
             m = _LAYER.search(name)
             if m is None:
                 raise RuntimeError(f"cannot tell the layer index of KV cache {name!r}")
             self.layer_of[name] = int(m.group(1))
+            if cache_heads(cache) != self.heads.stop - self.heads.start:
+                raise RuntimeError(
+                    f"KV cache {name!r} holds {cache_heads(cache)} KV heads, but this worker's "
+                    f"share of the model's {self.fp.num_kv_heads} is heads "
+                    f"{self.heads.start}..{self.heads.stop - 1}")
         self._pair_link()  # a pair link opens now (its receiver actor, the channel), not in a load
 
     def _pair_link(self) -> PairLink | None:
@@ -162,7 +171,8 @@ class WorkerSide:
                                  list(streams.values()))
         side = self._side_stream()
         if side is not None and self._active:
-            self._loader = LayerLoader(side, self._loads_per_stream(), self._caches_per_layer())
+            self._loader = LayerLoader(side, self._loads_per_stream(), self._caches_per_layer(),
+                                       self.heads)
         self._waited_up_front = bool(self._active) and graph_mode.step_is_full_graph()
         if self._waited_up_front:
             # a FULL CUDA graph runs no wait_for_layer_load: every layer is waited for before it
@@ -229,8 +239,9 @@ class WorkerSide:
                 header, kv = stream.result(layer, self.config.fetch_timeout_s)
                 if kv.shape[1] < spec.end:
                     raise ValueError(f"cloud sent {kv.shape[1]} tokens, need {spec.end}")
-                write_layer(self.kv_caches[layer_name], kv[0, spec.start:spec.end],
-                            kv[1, spec.start:spec.end], slots, self._layer_isa(layer_name, kv.dtype))
+                key, value = kv[:, spec.start:spec.end, self.heads]  # [T, h, hs] each
+                write_layer(self.kv_caches[layer_name], key, value, slots,
+                            self._layer_isa(layer_name, kv.dtype))
             except Exception as e:
                 self._fail_layer(stream, layer, e)
 

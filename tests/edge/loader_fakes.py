@@ -69,7 +69,8 @@ class FakeSide:
     def __init__(self, *streams: FakeStream):
         self.log: list[tuple] = []
         self.lock = threading.Lock()
-        self.names = {id(kv): f"{s.prompt_id}:{l}" for s in streams for l, kv in enumerate(s.kv)}
+        # by storage: the loader hands over a view of each layer (this worker's KV heads)
+        self.names = {_storage(kv): f"{s.prompt_id}:{l}" for s in streams for l, kv in enumerate(s.kv)}
 
     def _note(self, *entry):
         with self.lock:
@@ -87,7 +88,7 @@ class FakeSide:
         for kv_cache, a, b, slots in writes:
             block, offset = paged_index(slots, kv_cache.shape[2])
             scatter_kv(kv_cache, uploaded[0, a:b], uploaded[1, a:b], block, offset)
-        event = FakeEvent(self.names[id(kv)])
+        event = FakeEvent(self.names[_storage(kv)])
         self._note("issue", event.name)
         return event
 
@@ -107,15 +108,19 @@ class FakeSide:
             return next(e[-1] for e in self.log if e[:-1] == call)
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
 def vllm_cache(num_blocks: int, layout: str = "logical", device="cpu", dtype=torch.float32,
-               seed: int = 1) -> torch.Tensor:
+               seed: int = 1, heads: int = H) -> torch.Tensor:
     """A paged cache as vLLM 0.26 hands it to the connector. `logical`: FlashAttention/Triton's
     logical [B, H, N, 2 * hs] over physical NHD memory [B, N, H, 2 * hs] (stride order 0,2,1,3);
     `5d`: [B, 2, N, H, hs]."""
     g = torch.Generator().manual_seed(seed)
     if layout == "logical":
-        return torch.randn(num_blocks, BS, H, 2 * HS, generator=g, dtype=dtype).to(device).permute(0, 2, 1, 3)
-    return torch.randn(num_blocks, 2, BS, H, HS, generator=g, dtype=dtype).to(device)
+        return torch.randn(num_blocks, BS, heads, 2 * HS, generator=g, dtype=dtype).to(device).permute(0, 2, 1, 3)
+    return torch.randn(num_blocks, 2, BS, heads, HS, generator=g, dtype=dtype).to(device)
 
 
 def reference_write(cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -43,6 +43,25 @@ def assert_caches(caches, expected) -> None:
 
 
 @pytest.mark.parametrize("layout", ["logical", "5d"])
+def test_a_tensor_parallel_rank_writes_only_its_kv_heads(layout):
+    """Rank 1 of 2 holds KV head 1 of the cloud's 2 (edge/parallel.py)."""
+    s = FakeStream("P", L, TOKENS)
+    caches = {l: [vllm_cache(12, layout, seed=l, heads=1)] for l in range(L)}
+    expected = {l: [c.clone() for c in cs] for l, cs in caches.items()}
+    loads = [(s, [(start, end, slots_of(ids, start, end)) for ids, start, end in (A, B)])]
+    loader = LayerLoader(FakeSide(s), loads, caches, heads=slice(1, 2))
+    for l in range(L):
+        s.arrive(l)
+        loader.wait(s, l, timeout_s=5)
+        kv = s.kv[l][:, :, 1:2]
+        for ids, start, end in (A, B):
+            reference_write(expected[l][0], kv[0, start:end], kv[1, start:end],
+                            slots_of(ids, start, end))
+    loader.close()
+    assert_caches(caches, expected)
+
+
+@pytest.mark.parametrize("layout", ["logical", "5d"])
 def test_each_layer_is_issued_as_it_arrives_and_waited_alone(layout):
     s = FakeStream("P", L, TOKENS)
     side, loads, caches, expected = setup(s, layout=layout)
