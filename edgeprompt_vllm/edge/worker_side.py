@@ -78,6 +78,10 @@ class WorkerSide:
             if m is None:
                 raise RuntimeError(f"cannot tell the layer index of KV cache {name!r}")
             self.layer_of[name] = int(m.group(1))
+            if cache.dtype != DTYPES[self.fp.dtype]:  # e.g. --kv-cache-dtype fp8
+                raise RuntimeError(
+                    f"KV cache {name!r} holds {cache.dtype}, but the cloud ships {self.fp.dtype} "
+                    f"KV: EdgePrompt needs the KV cache in the model's dtype (no --kv-cache-dtype)")
             if cache_heads(cache) != self.heads.stop - self.heads.start:
                 raise RuntimeError(
                     f"KV cache {name!r} holds {cache_heads(cache)} KV heads, but this worker's "

@@ -238,3 +238,15 @@ def test_a_full_cuda_graph_step_waits_for_every_layer_before_the_graph(monkeypat
     w.wait_for_save()
     assert w.take_invalid_block_ids() == set()
     assert observed == []  # no edge compute ran between those waits: the planner learns nothing
+
+
+@pytest.mark.parametrize("cache, message", [
+    (vllm_cache(12, dtype=torch.float16), "holds torch.float16, but the cloud ships float32"),
+    (vllm_cache(12, heads=1), "holds 1 KV heads, but this worker's share of the model's 2"),
+])
+def test_worker_side_refuses_a_cache_the_cloud_s_layers_do_not_fit(monkeypatch, cache, message):
+    """A KV cache in another dtype (--kv-cache-dtype) or with other heads than this worker's
+    share is refused when vLLM registers it, not written wrong later."""
+    w = loader_fakes.make_worker(monkeypatch, {}, 1)
+    with pytest.raises(RuntimeError, match=message):
+        w.register_kv_caches({"model.layers.0.self_attn.attn": cache})
