@@ -91,6 +91,12 @@ class SchedulerSide:
         if num_computed_tokens >= match.num_tokens:  # vLLM's prefix cache holds it already
             self._status[request.request_id] = {**status, "status": "cached", "loaded_tokens": 0}
             return 0, False
+        if getattr(request, "lora_request", None) is not None:
+            # the cloud runs the base model: an adapter changes every layer's K and V (through
+            # its own projections or the hidden states), so the edge computes the prompt itself
+            self._status[request.request_id] = {**status, "status": "lora_adapter",
+                                                "loaded_tokens": 0}
+            return 0, False
         if self.client.down_reason is not None:  # a dead or stalled cloud: the edge computes it
             self._status[request.request_id] = {**status, "status": "cloud_unavailable",
                                                 "loaded_tokens": 0}

@@ -18,7 +18,8 @@ Names (all with labels model_name, engine):
     edgeprompt_cloud_prompt_hits_total{kind}     requests served with cloud KV: loaded | cached
     edgeprompt_cloud_prompt_misses_total{reason} requests that named / matched a cloud prompt and
                                                  were computed on the edge: unknown_cloud_prompt |
-                                                 prefix_mismatch | load_failed | planned_recompute
+                                                 prefix_mismatch | load_failed | planned_recompute |
+                                                 cloud_unavailable | lora_adapter
     edgeprompt_relay_groups_total                relay groups (requests sharing cloud blocks)
     edgeprompt_relay_groups_per_step             histogram: relay groups in one step
 """
@@ -37,7 +38,8 @@ _LISTS = ("layer_waits", "load_seconds", "relay_groups_per_step")
 MISS_REASONS = {"unknown_cloud_prompt": "unknown_cloud_prompt",
                 "prefix_mismatch": "prefix_mismatch", "load_failed_recomputed": "load_failed",
                 "recompute": "planned_recompute",  # the planner chose to compute it on the edge
-                "cloud_unavailable": "cloud_unavailable"}  # a dead or stalled cloud
+                "cloud_unavailable": "cloud_unavailable",  # a dead or stalled cloud
+                "lora_adapter": "lora_adapter"}  # the cloud's base-model KV does not fit an adapter
 _MAX_LIST = 4096  # observations kept per list between two collections (bounded memory)
 
 

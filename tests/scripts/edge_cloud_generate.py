@@ -7,7 +7,8 @@ edge only: "ray_address"? (else a local cluster), "namespace", "actor_name",
 "cloud_prompts": {id: token_ids}, "prefill": bool, "corrupt": [[id, layer]],
 "cloud_resources"?, "cloud_env"? (env vars of the cloud actor: CUDA_VISIBLE_DEVICES picks its GPU),
 "extra_config"?}; both modes: "engine"? (engine arguments over ENGINE; the cloud takes its dtype,
-load_format and max_model_len).
+load_format and max_model_len), "lora"? (a LoRA adapter directory for the requests with
+"lora": true; the cloud runs the base model).
 Writes {"token_ids", "logprobs" (the chosen tokens'), "top_logprobs" (top 5 per position),
 "edgeprompt", "num_cached_tokens", "timeline", "cloud", "edge_node"}.
 """
@@ -48,6 +49,12 @@ def main(spec, out):
     rounds = spec["requests"]
     rounds = rounds if isinstance(rounds[0], list) else [rounds]
     kw = {**ENGINE, **spec.get("engine", {})}
+    lora = None
+    if spec.get("lora"):
+        from vllm.lora.request import LoRARequest
+
+        lora = LoRARequest("adapter", 1, spec["lora"])
+        kw.update(enable_lora=True, max_loras=1, max_lora_rank=8)
     actor = None
     if spec["mode"] == "edge":
         import ray
@@ -71,7 +78,8 @@ def main(spec, out):
                                  extra_args={"kv_transfer_params": {"cloud_prompt": r["cloud_prompt"]}}
                                  if r.get("cloud_prompt") and spec["mode"] == "edge" else None)
                   for r in reqs]
-        for o in llm.generate(prompts, params, use_tqdm=False):
+        loras = [lora if r.get("lora") else None for r in reqs]
+        for o in llm.generate(prompts, params, use_tqdm=False, lora_request=loras):
             c = o.outputs[0]
             res["token_ids"].append(list(c.token_ids))
             res["logprobs"].append([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
