@@ -28,6 +28,9 @@ class Fingerprint:
     rope: str  # canonical JSON of the RoPE settings in config.json
     block_size: int
     weights: str  # sha256 over the weight files; "dummy" for --load-format dummy
+    # vLLM's quantization method as the engine resolved it ("none"): an edge quantizing the same
+    # checkpoint (e.g. --quantization fp8) computes other K and V than an unquantized cloud
+    quantization: str = "none"
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
@@ -71,8 +74,9 @@ def _weights_checksum(model_dir: Path) -> str:
 
 
 def model_fingerprint(model_dir: str | Path, dtype, block_size: int,
-                      load_format: str = "auto") -> Fingerprint:
-    """The fingerprint of a local model directory as an engine with `dtype` and `block_size` runs it."""
+                      load_format: str = "auto", quantization: str | None = None) -> Fingerprint:
+    """The fingerprint of a local model directory as an engine with `dtype`, `block_size` and
+    `quantization` (its model_config's, None: unquantized) runs it."""
     model_dir = Path(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)
@@ -88,4 +92,5 @@ def model_fingerprint(model_dir: str | Path, dtype, block_size: int,
         rope=json.dumps(rope, sort_keys=True),
         block_size=int(block_size),
         weights="dummy" if load_format == "dummy" else _weights_checksum(model_dir),
+        quantization=str(quantization or "none"),
     )

@@ -43,7 +43,8 @@ class CloudPromptService:
                   max_num_seqs=1, seed=0)
         kw.update(engine_kwargs or {})
         self.llm = LLM(model, **kw)
-        self.fingerprint = model_fingerprint(model, dtype, block_size, load_format)
+        self.fingerprint = model_fingerprint(model, dtype, block_size, load_format,
+                                             _engine_model_config(self.llm).quantization)
         self.max_model_len = max_model_len
         self.capture = KVCapture(self.fingerprint.num_kv_heads, self.fingerprint.head_size)
         (n,) = self.llm.apply_model(self.capture.install)
@@ -333,6 +334,12 @@ class CloudPromptService:
 
 _MAX_ENCODINGS = 256
 _MAX_WAIT_S = 300.0  # no fetch holds one of the actor's threads longer than this
+
+
+def _engine_model_config(llm):
+    """The engine's resolved ModelConfig (its quantization method, as the edge's connector sees it)."""
+    engine = llm.llm_engine
+    return getattr(engine, "model_config", None) or engine.vllm_config.model_config
 
 
 def _engine_device() -> torch.device:

@@ -32,7 +32,7 @@ logger = get_logger(__name__)
 def edge_fingerprint(vllm_config):
     mc = vllm_config.model_config
     return model_fingerprint(mc.model, mc.dtype, vllm_config.cache_config.block_size,
-                             str(vllm_config.load_config.load_format))
+                             str(vllm_config.load_config.load_format), mc.quantization)
 
 
 class EdgePromptConnector(KVConnectorBase_V1):

@@ -40,3 +40,6 @@ def test_fingerprint_differences_are_named(tiny_model):
     with pytest.raises(FingerprintMismatch, match="block_size: 32 != 64"):
         a.check_same(b)
     assert model_fingerprint(tiny_model, "bfloat16", 32).digest() != a.digest()
+    assert a.quantization == "none"
+    with pytest.raises(FingerprintMismatch, match="quantization: 'none' != 'fp8'"):
+        a.check_same(model_fingerprint(tiny_model, "float32", 32, quantization="fp8"))
