@@ -23,6 +23,15 @@ _STATE_TTL_S = 30.0
 _MIN_OBSERVED_TOKENS = 16  # smaller steps (decode) do not feed the planner's prefill estimate
 
 
+def _computes_whole_prompt(request) -> bool:
+    """vLLM reads no cached KV for this request (skip_reading_prefix_cache; by default when it
+    asks for prompt logprobs, which need every prompt position computed here)."""
+    if getattr(request, "skip_reading_prefix_cache", False):
+        return True
+    params = getattr(request, "sampling_params", None)
+    return params is not None and getattr(params, "prompt_logprobs", None) is not None
+
+
 def requested_prompt(request) -> str | None:
     params = request.kv_transfer_params or {}
     return params.get("cloud_prompt") or params.get("cloud_prompt_id")
@@ -88,6 +97,10 @@ class SchedulerSide:
         if match is None or match.num_tokens < self.config.min_prefix_blocks * self.block_size:
             return 0, False
         status = {"cloud_prompt": match.prompt.prompt_id, "cloud_tokens": match.num_tokens}
+        if _computes_whole_prompt(request):  # e.g. prompt logprobs: no cached or loaded KV
+            self._status[request.request_id] = {**status, "status": "prefix_reuse_off",
+                                                "loaded_tokens": 0}
+            return 0, False
         if num_computed_tokens >= match.num_tokens:  # vLLM's prefix cache holds it already
             self._status[request.request_id] = {**status, "status": "cached", "loaded_tokens": 0}
             return 0, False

@@ -1,7 +1,8 @@
 """Greedy generation on token-id prompts, stock or EdgePrompt (cloud actor + edge connector).
 
 usage: edge_cloud_generate.py SPEC_JSON RESULT_PATH
-SPEC: {"mode": "stock"|"edge", "model", "requests": [{"token_ids", "cloud_prompt"?}, ...] or a
+SPEC: {"mode": "stock"|"edge", "model", "requests": [{"token_ids", "cloud_prompt"?, "lora"?,
+"prompt_logprobs"?}, ...] or a
 list of such lists (rounds, run one after another on one engine), "max_tokens",
 edge only: "ray_address"? (else a local cluster), "namespace", "actor_name",
 "cloud_prompts": {id: token_ids}, "prefill": bool, "corrupt": [[id, layer]],
@@ -10,7 +11,8 @@ edge only: "ray_address"? (else a local cluster), "namespace", "actor_name",
 load_format and max_model_len), "lora"? (a LoRA adapter directory for the requests with
 "lora": true; the cloud runs the base model).
 Writes {"token_ids", "logprobs" (the chosen tokens'), "top_logprobs" (top 5 per position),
-"edgeprompt", "num_cached_tokens", "timeline", "cloud", "edge_node"}.
+"prompt_logprobs" (each prompt token's, where asked), "edgeprompt", "num_cached_tokens",
+"timeline", "cloud", "edge_node"}.
 """
 
 import json
@@ -75,6 +77,7 @@ def main(spec, out):
     for reqs in rounds:
         prompts = [TokensPrompt(prompt_token_ids=r["token_ids"]) for r in reqs]
         params = [SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 16), logprobs=5,
+                                 prompt_logprobs=r.get("prompt_logprobs"),
                                  extra_args={"kv_transfer_params": {"cloud_prompt": r["cloud_prompt"]}}
                                  if r.get("cloud_prompt") and spec["mode"] == "edge" else None)
                   for r in reqs]
@@ -86,6 +89,10 @@ def main(spec, out):
             res["top_logprobs"].append([{str(t): p.logprob for t, p in lp.items()} for lp in c.logprobs])
             res["edgeprompt"].append((o.kv_transfer_params or {}).get("edgeprompt"))
             res["num_cached_tokens"].append(o.num_cached_tokens)
+            res.setdefault("prompt_logprobs", []).append(  # each prompt token's, if asked
+                None if o.prompt_logprobs is None else
+                [None if lp is None else lp[t].logprob
+                 for t, lp in zip(o.prompt_token_ids, o.prompt_logprobs)])
     if actor is not None:
         import ray
 
