@@ -40,8 +40,8 @@ MISS_REASONS = {"unknown_cloud_prompt": "unknown_cloud_prompt",
                 "prefix_mismatch": "prefix_mismatch", "load_failed_recomputed": "load_failed",
                 "recompute": "planned_recompute",  # the planner chose to compute it on the edge
                 "cloud_unavailable": "cloud_unavailable",  # a dead or stalled cloud
-                "lora_adapter": "lora_adapter",
-                "prefix_reuse_off": "prefix_reuse_off"}  # e.g. prompt logprobs: computed here  # the cloud's base-model KV does not fit an adapter
+                "lora_adapter": "lora_adapter",  # the cloud's base-model KV does not fit an adapter
+                "prefix_reuse_off": "prefix_reuse_off"}  # e.g. prompt logprobs: computed here
 _MAX_LIST = 4096  # observations kept per list between two collections (bounded memory)
 
 
