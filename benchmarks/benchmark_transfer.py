@@ -72,7 +72,7 @@ class SyntheticCloud:
         self.fp = Fingerprint.from_dict(fp)
         f = self.fp
         dtype = getattr(torch, f.dtype)
-        per_token = 2 * f.num_kv_heads * f.head_size * dtype.itemsize
+        per_token = f.kv_bytes_per_token()
         t = max(1, size_bytes // per_token)  # [2, T, H, hs]
         self.slots = []
         for l in range(LAYERS):
@@ -320,7 +320,7 @@ def timed(pass_fn, compute_ms: float) -> tuple[float, ComputeStream]:
 
 def run_cuda(args, env: dict) -> list[dict]:
     fp = Fingerprint(*CUDA_FP)
-    per_token = 2 * fp.num_kv_heads * fp.head_size * 2
+    per_token = fp.kv_bytes_per_token()
     env = {**env, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
     gpu_cloud = ray.remote(GpuTensorCloud).options(num_gpus=1, num_cpus=0).remote()
     rows = []

@@ -115,7 +115,7 @@ def run_link(args, env: dict) -> list[dict]:
     dtype = "float16" if two_gpus else "float32"
     bs = block_size(device)
     fp = model_fingerprint(args.model, dtype, bs, args.load_format)
-    per_token = 2 * fp.num_kv_heads * fp.head_size * getattr(torch, dtype).itemsize
+    per_token = fp.kv_bytes_per_token()
     lens = [max(1, int(mib * (1 << 20)) // per_token // bs) * bs for mib in args.sizes_mib]
     name = f"link-bench-{uuid.uuid4().hex[:6]}"
     max_len = max(lens) + bs

@@ -35,6 +35,12 @@ class Fingerprint:
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
 
+    def kv_bytes_per_token(self) -> int:
+        """One token's K and V in one layer, as the cloud ships them: 2 x KV heads x head size."""
+        from edgeprompt_vllm.transport.wire import DTYPES
+
+        return 2 * self.num_kv_heads * self.head_size * DTYPES[self.dtype].itemsize
+
     def diff(self, other: "Fingerprint") -> list[str]:
         return [f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
                 for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]

@@ -157,8 +157,8 @@ class CloudPromptService:
         return {"prompt_id": prompt_id, "token_ids": list(prompt.token_ids),
                 "shipped_tokens": prompt.shipped_len(self.registry.block_size),
                 "num_layers": self.fingerprint.num_layers,
-                "bytes_per_layer": 2 * prompt.shipped_len(self.registry.block_size)
-                * self.fingerprint.num_kv_heads * self.fingerprint.head_size * _itemsize(self.fingerprint.dtype),
+                "bytes_per_layer": prompt.shipped_len(self.registry.block_size)
+                * self.fingerprint.kv_bytes_per_token(),
                 "checksums": [s.header.checksum if s.header else None for s in slots],
                 "state": "warm" if kv and kv.complete else ("computing" if kv else "cold")}
 
@@ -345,7 +345,3 @@ def _engine_model_config(llm):
 def _engine_device() -> torch.device:
     """The device of this actor's engine (CUDA_VISIBLE_DEVICES narrows it to one GPU)."""
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _itemsize(dtype: str) -> int:
-    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]

@@ -58,8 +58,8 @@ def write_layer(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 slot_mapping: torch.Tensor, isa: str | None) -> None:
     """kv_cache: [num_blocks, H, block_size, 2 * hs] (logical); key, value: [T, H, hs];
     slot_mapping: [T] int64. `isa` is None on GPU."""
-    _check_heads(kv_cache, key)
-    if kv_cache.device.type == "cpu":
+    if kv_cache.device.type == "cpu":  # (GPU: scatter_kv checks the heads)
+        _check_heads(kv_cache, key)
         from vllm import _custom_ops as ops
 
         num_blocks, num_heads, block_size, two_hs = kv_cache.shape

@@ -43,8 +43,7 @@ class SchedulerSide:
         self.client = CloudClient.connect(config, fingerprint)  # refuses a mismatched cloud
         self.planner = get_planner(config.planner_ewma)  # the worker side feeds it (same process)
         self._num_layers = fingerprint.num_layers
-        self._bytes_per_token = 2 * fingerprint.num_kv_heads * fingerprint.head_size * \
-            {"float32": 4, "float16": 2, "bfloat16": 2}.get(fingerprint.dtype, 2)
+        self._bytes_per_token = fingerprint.kv_bytes_per_token()
         self._cloud_state: dict[str, tuple[str, float]] = {}  # prompt id -> (state, when)
         self._decisions: dict[str, Decision] = {}  # req -> the planner's decision
         self.registry = PromptRegistry(block_size)
@@ -97,22 +96,9 @@ class SchedulerSide:
         if match is None or match.num_tokens < self.config.min_prefix_blocks * self.block_size:
             return 0, False
         status = {"cloud_prompt": match.prompt.prompt_id, "cloud_tokens": match.num_tokens}
-        if _computes_whole_prompt(request):  # e.g. prompt logprobs: no cached or loaded KV
-            self._status[request.request_id] = {**status, "status": "prefix_reuse_off",
-                                                "loaded_tokens": 0}
-            return 0, False
-        if num_computed_tokens >= match.num_tokens:  # vLLM's prefix cache holds it already
-            self._status[request.request_id] = {**status, "status": "cached", "loaded_tokens": 0}
-            return 0, False
-        if getattr(request, "lora_request", None) is not None:
-            # the cloud runs the base model: an adapter changes every layer's K and V (through
-            # its own projections or the hidden states), so the edge computes the prompt itself
-            self._status[request.request_id] = {**status, "status": "lora_adapter",
-                                                "loaded_tokens": 0}
-            return 0, False
-        if self.client.down_reason is not None:  # a dead or stalled cloud: the edge computes it
-            self._status[request.request_id] = {**status, "status": "cloud_unavailable",
-                                                "loaded_tokens": 0}
+        why = self._no_load_reason(request, match, num_computed_tokens)
+        if why is not None:
+            self._status[request.request_id] = {**status, "status": why, "loaded_tokens": 0}
             return 0, False
         decision = self._plan(request, match, num_computed_tokens)
         if decision.strategy == "recompute":  # the link is slower than the edge's own prefill
@@ -124,6 +110,20 @@ class SchedulerSide:
                                             "loaded_tokens": match.num_tokens - num_computed_tokens,
                                             **decision.status()}
         return match.num_tokens - num_computed_tokens, False
+
+    def _no_load_reason(self, request, match: Match, num_computed_tokens: int) -> str | None:
+        """Why a matched request loads nothing (its status), or None: it may load."""
+        if _computes_whole_prompt(request):  # e.g. prompt logprobs: no cached or loaded KV
+            return "prefix_reuse_off"
+        if num_computed_tokens >= match.num_tokens:  # vLLM's prefix cache holds it already
+            return "cached"
+        if getattr(request, "lora_request", None) is not None:
+            # the cloud runs the base model: an adapter changes every layer's K and V (through
+            # its own projections or the hidden states), so the edge computes the prompt itself
+            return "lora_adapter"
+        if self.client.down_reason is not None:  # a dead or stalled cloud: the edge computes it
+            return "cloud_unavailable"
+        return None
 
     # ---------------- the planner (edge/planner.py) ----------------
     def _plan(self, request, match: Match, num_computed_tokens: int) -> Decision:

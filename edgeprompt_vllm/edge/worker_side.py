@@ -36,7 +36,7 @@ from edgeprompt_vllm.fingerprint import Fingerprint
 from edgeprompt_vllm.log import get_logger
 from edgeprompt_vllm.transport.client import CloudClient, CloudUnavailable, UnknownCloudPrompt
 from edgeprompt_vllm.transport.pair_link import PairLink, pair_possible
-from edgeprompt_vllm.transport.slot_ring import SlotsBusy, layer_nbytes
+from edgeprompt_vllm.transport.slot_ring import SlotsBusy
 from edgeprompt_vllm.transport.wire import DTYPES
 
 logger = get_logger(__name__)
@@ -139,7 +139,7 @@ class WorkerSide:
         return (2, tokens, self.fp.num_kv_heads, self.fp.head_size)
 
     def _layer_bytes(self, tokens: int) -> int:
-        return layer_nbytes(self._layer_shape(tokens), DTYPES[self.fp.dtype])
+        return tokens * self.fp.kv_bytes_per_token()
 
     def _stream(self, prompt_id: str, layers_per_message: int = 1):
         try:

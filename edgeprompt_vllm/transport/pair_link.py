@@ -14,8 +14,9 @@ client, so the audit records it: prompt id, digest, layer, pair id, sequence num
 `receive` on the receiver, into a free slot of a ring of `SLOTS` (slot_ring.py); up to `SLOTS`
 layers are in flight; the slots are sized at start for the registry's largest prompt. The
 checksum (pair_group.device_checksum) is computed by the cloud when it captured the layer, sent
-after it, and recomputed by the receiver on what arrived: a mismatch fails that layer only. Anything else (a cloud call that fails, a receive not done within the fetch timeout,
-a dead receiver) breaks the link: the receiver is killed (a receive blocked on a vanished sender
+after it, and recomputed by the receiver on what arrived: a mismatch fails that layer only.
+Anything else (a cloud call that fails, a receive not done within the fetch timeout, a dead
+receiver) breaks the link: the receiver is killed (a receive blocked on a vanished sender
 dies with it), the cloud closes its end, the stream's remaining layers fail (their blocks are
 recomputed) and the next load opens a new link.
 

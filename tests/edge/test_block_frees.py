@@ -11,6 +11,7 @@ from helpers import run_script
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 
 from edgeprompt_vllm.edge import connector as C
+from edgeprompt_vllm.fingerprint import Fingerprint
 from edgeprompt_vllm.prompts import CloudPrompt
 from edgeprompt_vllm.transport.client import CloudClient
 
@@ -25,8 +26,9 @@ class FakeCloud:
 @pytest.fixture
 def connector(monkeypatch):
     monkeypatch.setattr(CloudClient, "connect", classmethod(lambda cls, config, fp: FakeCloud()))
-    monkeypatch.setattr(C, "edge_fingerprint", lambda vllm_config: SimpleNamespace(
-        num_layers=2, num_kv_heads=1, head_size=8, dtype="float32"))
+    monkeypatch.setattr(C, "edge_fingerprint", lambda vllm_config: Fingerprint(
+        "Fake", num_layers=2, num_kv_heads=1, head_size=8, dtype="float32", rope="{}",
+        block_size=16, weights="dummy"))
     vllm_config = SimpleNamespace(
         cache_config=SimpleNamespace(block_size=16), max_concurrent_batches=2,
         kv_transfer_config=SimpleNamespace(kv_connector_extra_config={}, is_kv_consumer=True))
