@@ -189,6 +189,22 @@ VARIANTS = {
         "schedule=overlap (prefix on a side stream, then merge_attn_states)",
         lambda s: dict(schedule="overlap"),
     ),
+    # The prefix pass is compute-bound at large GQA groups, the suffix bandwidth-bound. With the
+    # prefix unsplit its grid leaves a program slot per SM free, so suffix programs run beside it
+    # (co-resident) instead of queueing behind it.
+    "overlap_z1": (
+        "overlap, prefix unsplit (64x64 w4 s3: at most one prefix program per SM)",
+        lambda s: dict(schedule="overlap", prefix_splits=1),
+    ),
+    "overlap_z1_s2": (
+        "overlap, prefix unsplit, 2 stages (less shared memory beside a suffix program)",
+        lambda s: dict(schedule="overlap", prefix_splits=1, prefix_config=dict(num_stages=2)),
+    ),
+    "overlap_z1_128x64w8": (
+        "overlap, prefix unsplit, 128x64 tiles, 8 warps, 2 stages (half the prefix programs)",
+        lambda s: dict(schedule="overlap", prefix_splits=1,
+                       prefix_config=dict(BLOCK_M=128, TILE_N=64, num_warps=8, num_stages=2)),
+    ),
 }
 # In this order (a variant runs on every shape before the next starts, so a --budget cut drops
 # whole variants from the end). "auto_combo" (after them, unless --no-combo) merges the knobs of

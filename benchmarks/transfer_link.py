@@ -28,7 +28,7 @@ import ray
 import torch
 
 from edgeprompt_vllm.bench.env import cpu_name
-from edgeprompt_vllm.cloud.deploy import start_cloud_service
+from edgeprompt_vllm.cloud.deploy import start_cloud_service, visible_gpu
 from edgeprompt_vllm.fingerprint import model_fingerprint
 from edgeprompt_vllm.transport.client import CloudClient
 from edgeprompt_vllm.transport.pair_group import device_checksum
@@ -123,7 +123,7 @@ def run_link(args, env: dict) -> list[dict]:
     kv_bytes = max(256 << 20, 2 * max_len * per_token * fp.num_layers)
     actor = start_cloud_service(
         args.model, name=name, namespace=ray.get_runtime_context().namespace, detached=False,
-        num_cpus=0, env_vars={"CUDA_VISIBLE_DEVICES": "1"} if two_gpus else None, dtype=dtype,
+        num_cpus=0, env_vars={"CUDA_VISIBLE_DEVICES": visible_gpu(1)} if two_gpus else None, dtype=dtype,
         block_size=bs, max_model_len=max_len, load_format=args.load_format, max_kv_bytes=32 << 30,
         engine_kwargs={"kv_cache_memory_bytes": kv_bytes,
                        **({"gpu_memory_utilization": 0.3} if two_gpus else {})})

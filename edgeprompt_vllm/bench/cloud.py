@@ -62,7 +62,7 @@ def start_bench_cloud(
     import ray
     import torch
 
-    from edgeprompt_vllm.cloud.deploy import start_cloud_service
+    from edgeprompt_vllm.cloud.deploy import start_cloud_service, visible_gpu
 
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # the edge joins by address (edge_args.ray_env)
     namespace = f"edgeprompt-bench-{uuid.uuid4().hex[:8]}"
@@ -82,7 +82,7 @@ def start_bench_cloud(
         else None
     )
     if gpu and cloud_device is not None:  # its own GPU: Ray assigns none, the env var picks it
-        gpus, env_vars = 0, {"CUDA_VISIBLE_DEVICES": str(cloud_device)}
+        gpus, env_vars = 0, {"CUDA_VISIBLE_DEVICES": visible_gpu(int(cloud_device))}
     else:
         gpus, env_vars = (gpu_memory_utilization if gpu else 0), None
     t0 = time.perf_counter()

@@ -142,3 +142,16 @@ def test_load_client_opens_a_connection_per_request():
 
     assert asyncio.run(count_connections(fresh_connections_client())) == 3
     assert asyncio.run(count_connections(httpx.AsyncClient())) == 1  # pooled: the race exists
+
+
+def test_cloud_gpu_index_is_mapped_to_the_visible_gpus(monkeypatch):
+    """--cloud-device 1 under CUDA_VISIBLE_DEVICES=2,3 is physical GPU 3: the actor's env var
+    names physical GPUs (before this, the cloud landed on physical GPU 1)."""
+    from edgeprompt_vllm.cloud.deploy import visible_gpu
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
+    assert [visible_gpu(0), visible_gpu(1)] == ["2", "3"]
+    with pytest.raises(ValueError, match="GPU 2 is not visible"):
+        visible_gpu(2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpu(1) == "1"

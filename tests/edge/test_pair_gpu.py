@@ -9,9 +9,11 @@ import random
 
 import pytest
 import torch
-from edge.cloud_run import run, tokens
+from edge.cloud_run import CLOUD_TOKENS, EDGE_TOKENS, run, tokens
 from edge.tolerance import logprob_atol
 from helpers import close_in_top_k
+
+from edgeprompt_vllm.cloud.deploy import visible_gpu
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -52,7 +54,7 @@ def test_pair_transport_on_two_gpus_matches_stock(tmp_path):
                                                         "gpu_memory_utilization": 0.3})
     stock = run(model, "stock", rounds, tmp_path, timeout=900, **spec)
     edge = run(model, "edge", rounds, tmp_path, timeout=900, cloud_prompts=clouds,
-               corrupt=[["C", 5]], cloud_env={"CUDA_VISIBLE_DEVICES": "1"}, **spec,
+               corrupt=[["C", 5]], cloud_env={"CUDA_VISIBLE_DEVICES": visible_gpu(1)}, **spec,
                extra_config={"audit_path": str(tmp_path / "audit.jsonl"),
                              "timeline_path": str(tmp_path / "timeline.jsonl")})
     print("pair loads", json.dumps(load_rates(edge["timeline"])))  # -rA shows the evidence
@@ -65,3 +67,28 @@ def test_pair_transport_on_two_gpus_matches_stock(tmp_path):
     assert calls.count("pair_send") == 3 * LAYERS
     (bad,) = [t for t in edge["timeline"] if t["loads"][0]["prompt_id"] == "C"]
     assert [i for i, lay in enumerate(bad["layers"]) if not lay["nbytes"]] == [5]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 3, reason="needs three GPUs")
+def test_two_ranks_on_two_gpus_match_stock(tiny_model, tmp_path):
+    """Tensor parallelism on GPUs: the edge's 2 ranks on GPUs 0 and 1 (the tiny model's 2 KV
+    heads, one per rank), the cloud on GPU 2. Each rank writes its head of every layer with the
+    CUDA scatter (tests/edge/test_tensor_parallel.py: the same on CPU)."""
+    rng = random.Random(5)
+    A = tokens(rng, 320, CLOUD_TOKENS)
+    reqs = [{"token_ids": A + tokens(rng, n, EDGE_TOKENS), "cloud_prompt": "A"}
+            for n in (9, 40, 131)]
+    spec = dict(engine={"dtype": "float16", "tensor_parallel_size": 2,
+                        "gpu_memory_utilization": 0.3},
+                cloud_engine={"gpu_memory_utilization": 0.3}, max_tokens=24)
+    stock = run(tiny_model, "stock", [reqs], tmp_path, timeout=600, **spec)
+    for transport, links in (("pair", 2), ("object_store", 0)):  # pair: a link per rank
+        audit = tmp_path / f"audit-{transport}.jsonl"
+        edge = run(tiny_model, "edge", [reqs], tmp_path, timeout=600, cloud_prompts={"A": A},
+                   cloud_env={"CUDA_VISIBLE_DEVICES": visible_gpu(2)},
+                   extra_config={"transport": transport, "audit_path": str(audit)}, **spec)
+        statuses = [s["status"] for s in edge["edgeprompt"]]
+        assert statuses[0] == "loaded" and set(statuses) <= {"loaded", "cached"}, statuses
+        assert close_in_top_k(stock, edge, logprob_atol(torch.float16)) == [], transport
+        calls = [json.loads(x)["method"] for x in audit.read_text().splitlines()]
+        assert calls.count("pair_open") == links, (transport, calls)
