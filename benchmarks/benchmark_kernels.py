@@ -604,12 +604,7 @@ def environment() -> dict:
         env["vllm"] = vllm.__version__
     except Exception:  # noqa: BLE001 - vLLM is optional here
         env["vllm"] = None
-    try:
-        env["git_commit"] = subprocess.run(
-            ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except Exception:  # noqa: BLE001 - no git checkout on the device
-        env["git_commit"] = None
+    env["git_commit"] = git_commit()
     return env
 
 
@@ -707,6 +702,19 @@ def plot(result: dict, path: str) -> None:
 
 
 # ---------------------------------------------------------------- main
+
+
+def git_commit() -> str | None:
+    """$EDGEPROMPT_COMMIT when set (a copied tree whose git metadata is another commit's, as on
+    the lent GPU; edgeprompt_vllm/bench/env.py reads it too), else git's HEAD."""
+    if os.environ.get("EDGEPROMPT_COMMIT"):
+        return os.environ["EDGEPROMPT_COMMIT"]
+    try:
+        return subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except Exception:  # noqa: BLE001 - no git checkout on the device
+        return None
 
 
 def import_kernels():

@@ -165,11 +165,10 @@ def _mb(b: int) -> float:
 def environment() -> dict:
     import vllm
 
-    from edgeprompt_vllm.bench.env import cpu_name
+    from edgeprompt_vllm.bench.env import cpu_name, source_commit
 
     cpu = cpu_name()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            check=False, cwd=Path(__file__).parent).stdout.strip()
+    commit = source_commit(short=False)
     dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
                            check=False, cwd=Path(__file__).parent).stdout.strip()
     import os

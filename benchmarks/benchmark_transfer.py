@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ import numpy as np
 import ray
 import torch
 
+from edgeprompt_vllm.bench.env import source_commit
 from edgeprompt_vllm.fingerprint import Fingerprint
 from edgeprompt_vllm.transport.client import CloudClient
 from edgeprompt_vllm.transport.wire import encode_layer
@@ -188,9 +188,8 @@ def main():
             gpus = {"num_gpus": torch.cuda.device_count()}
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  object_store_memory=(4 if args.device.startswith("cuda") else 2) << 30, **gpus)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False, cwd=Path(__file__).parent).stdout.strip()
-    env = {"host": platform.node(), "cpu": cpu_model(), "ray": ray.__version__, "commit": commit,
+    env = {"host": platform.node(), "cpu": cpu_model(), "ray": ray.__version__,
+           "commit": source_commit(),
            "command": " ".join(sys.argv)}
     run = {"cuda": run_cuda, "cuda2": run_pair, "cpu2": run_pair,
            "link": run_link}.get(args.device, run_cpu)

@@ -569,16 +569,14 @@ def environment() -> dict:
         sms=_sms(),
         command=" ".join(sys.argv),
     )
+    env["git_commit"] = bk.git_commit()
     try:
-        env["git_commit"] = subprocess.run(
-            ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
         env["git_dirty"] = subprocess.run(
             ["git", "-C", REPO, "status", "--porcelain", "kernels"], capture_output=True,
             text=True, check=True,
         ).stdout.strip()  # fmt: skip
     except Exception:  # noqa: BLE001 - no git on the device
-        env["git_commit"] = None
+        env["git_dirty"] = None
     return env
 
 

@@ -19,6 +19,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def source_commit(short: bool = True) -> str:
+    """The commit of the code that runs: $EDGEPROMPT_COMMIT when set (a copied tree whose git
+    metadata is another commit's, as on the lent GPU), else git's HEAD ("" without git)."""
+    commit = os.environ.get("EDGEPROMPT_COMMIT") or _git("rev-parse", "HEAD")
+    return commit[:7] if short else commit
+
+
 def _git(*args: str) -> str:
     try:
         return subprocess.run(
@@ -54,7 +61,7 @@ def environment(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
-        "commit": _git("rev-parse", "--short", "HEAD"),
+        "commit": source_commit(),
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "command": shlex.join(["python", *(argv if argv is not None else sys.argv)]),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -112,11 +112,9 @@ class PairLink:
             slots.append(rebuild_cuda_tensor(*args))
         return slots
 
-    def _acquire(self) -> int | None:
-        if self.slots is None:
-            return None
+    def _acquire(self, wait: bool) -> int | None:
         try:
-            return self.slots.acquire(self.timeout_s)
+            return self.slots.acquire(self.timeout_s if wait else None)
         except (TimeoutError, RuntimeError) as e:
             raise PairBroken(str(e)) from e
 
@@ -131,9 +129,14 @@ class PairLink:
         self.reserve(layer_nbytes(shape, DTYPES[dtype]))
         return PairStream(self, prompt_id, self.client._check_layers(layers), shape, dtype)
 
-    def submit(self, prompt_id: str, layer: int, shape, dtype: str):
-        """-> (slot, cloud ref, receiver ref): one send paired with one receive."""
-        slot = self._acquire()
+    def submit(self, prompt_id: str, layer: int, shape, dtype: str, wait: bool = True):
+        """-> (slot, cloud ref, receiver ref): one send paired with one receive. wait False:
+        None instead of waiting for a slot to come free (CUDA; on CPU there are no slots)."""
+        slot = None
+        if self.slots is not None:
+            slot = self._acquire(wait)
+            if slot is None:
+                return None
         c = self.client
         with self._submit_lock:
             if self.broken:
@@ -197,15 +200,23 @@ class PairStream(LayerStream):
         self._link.release(self._slot_of.pop(layer, None), event)
 
     def _run(self) -> None:
+        """Submits layers while slots are free, delivers them in order. It waits for a slot only
+        with nothing in flight: the streams of a step share the link's slots, and a stream that
+        waited while holding arrived layers it had not delivered (their slots free only once
+        delivered and written) would deadlock with another stream doing the same."""
         pending: deque = deque()
         todo = deque(self.layers)
         try:
             while todo or pending:
                 while todo and len(pending) < self._inflight:
+                    submit_s = self._now()
+                    sent = self._link.submit(self.prompt_id, todo[0], self._shape, self._dtype,
+                                             wait=not pending)
+                    if sent is None:  # no free slot now: deliver what is in flight first
+                        break
                     layer = todo.popleft()
-                    self.timings[layer]["submit_s"] = self._now()
-                    pending.append((layer, *self._link.submit(self.prompt_id, layer, self._shape,
-                                                               self._dtype)))
+                    self.timings[layer]["submit_s"] = submit_s
+                    pending.append((layer, *sent))
                 self._deliver(*pending.popleft())
         except CloudUnavailable as e:  # PairBroken included: the rest of the stream fails
             for _, slot, _, _ in pending:

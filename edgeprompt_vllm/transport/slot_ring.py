@@ -3,7 +3,7 @@ receiver actor fills and the worker reads, each handed out again only once its l
 
     ring = SlotRing()
     ring.reserve(nbytes, make)       # make(count, nbytes) -> [count] uint8 tensors [>= nbytes]
-    i = ring.acquire(timeout_s, broken=lambda: None)   # waits for a free slot
+    i = ring.acquire(timeout_s)      # waits for a free slot (None: only if one is free now)
     kv = ring.view(i, (2, T, H, hs), torch.float16)    # the layer in slot i (as_layer)
     ring.release(i, event)           # free once `event` (the reader's CUDA event) completed
 
@@ -60,10 +60,14 @@ class SlotRing:
             self._slots = list(make(self.count, nbytes))
             self._free = deque((i, None) for i in range(self.count))
 
-    def acquire(self, timeout_s: float) -> int:
-        """A free slot whose last reader has run; TimeoutError, or RuntimeError once broken."""
+    def acquire(self, timeout_s: float | None) -> int | None:
+        """A free slot whose last reader has run; TimeoutError, or RuntimeError once broken.
+        timeout_s None: never waits for a slot to come free (None when none is free now)."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._free or self._broken, timeout_s):
+            if timeout_s is None:
+                if not (self._free or self._broken):
+                    return None
+            elif not self._cond.wait_for(lambda: self._free or self._broken, timeout_s):
                 raise TimeoutError(f"no free slot in {timeout_s} s")
             if self._broken:
                 raise RuntimeError(self._broken)

@@ -38,7 +38,8 @@ def load_rates(timeline: list[dict]) -> list[dict]:
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_pair_transport_on_two_gpus_matches_stock(tmp_path):
+@pytest.mark.parametrize("transport", ["pair", "object_store"])
+def test_pair_transport_on_two_gpus_matches_stock(tmp_path, transport):
     from edgeprompt_vllm.models.make_model import make_model
 
     model = tmp_path / "m"
@@ -55,8 +56,9 @@ def test_pair_transport_on_two_gpus_matches_stock(tmp_path):
     stock = run(model, "stock", rounds, tmp_path, timeout=900, **spec)
     edge = run(model, "edge", rounds, tmp_path, timeout=900, cloud_prompts=clouds,
                corrupt=[["C", 5]], cloud_env={"CUDA_VISIBLE_DEVICES": visible_gpu(1)}, **spec,
-               extra_config={"audit_path": str(tmp_path / "audit.jsonl"),
+               extra_config={"audit_path": str(tmp_path / "audit.jsonl"), "transport": transport,
                              "timeline_path": str(tmp_path / "timeline.jsonl")})
+    (tmp_path / "results.json").write_text(json.dumps({"stock": stock, "edge": edge}))
     print("pair loads", json.dumps(load_rates(edge["timeline"])))  # -rA shows the evidence
     assert close_in_top_k(stock, edge, logprob_atol(torch.float16)) == []
     st = edge["edgeprompt"]
