@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 from edgeprompt_vllm import __version__, ray_fork
-from edgeprompt_vllm.edge.sync_scheduling import default_to_sync_scheduling
 from edgeprompt_vllm.log import get_logger
 
 logger = get_logger(__name__)
@@ -26,7 +25,6 @@ def register_all() -> None:
     _registered_pid = os.getpid()
     ray_fork.prefer_spawn()  # before vLLM starts its engine process from this one
     _register_attention_backend()
-    default_to_sync_scheduling()  # before vLLM builds an engine's config in this process
     _leave_trace()
     logger.info(
         "EdgePrompt %s plugin registered in process %s (pid %d)",

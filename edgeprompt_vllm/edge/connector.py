@@ -5,8 +5,9 @@
         "kv_load_failure_policy": "recompute",   # a failed layer is recomputed on the edge
         "kv_connector_extra_config": {...EdgePromptConfig...}})
 
-Scheduler role: scheduler_side.py. Worker role: worker_side.py. Nothing is saved. The engine
-runs vLLM's synchronous scheduler (edge/sync_scheduling.py: the plugin makes it the default).
+Scheduler role: scheduler_side.py. Worker role: worker_side.py. Nothing is saved. A failed
+cloud load is recomputed where vLLM can do that exactly, else its requests fail
+(edge/failure_policy.py).
 
 Freed KV blocks go back to vLLM's pool at once (`_free_blocks_at_once`): vLLM 0.26+ defers the
 frees of every kv_consumer under async scheduling, which under KV pressure costs steps (and in
@@ -23,8 +24,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from edgeprompt_vllm.config import EdgePromptConfig
+from edgeprompt_vllm.edge.failure_policy import recomputes_failures, settle_failure_policy
 from edgeprompt_vllm.edge.metadata import EdgePromptMetadata
-from edgeprompt_vllm.edge.sync_scheduling import check_sync_scheduling
 from edgeprompt_vllm.fingerprint import model_fingerprint
 from edgeprompt_vllm.log import get_logger
 
@@ -40,18 +41,19 @@ def edge_fingerprint(vllm_config):
 class EdgePromptConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        check_sync_scheduling(vllm_config)
         config = EdgePromptConfig.from_vllm_config(vllm_config)
         fp, bs = edge_fingerprint(vllm_config), vllm_config.cache_config.block_size
         self._sched = self._worker = None
         if role == KVConnectorRole.SCHEDULER:
             from edgeprompt_vllm.edge.scheduler_side import SchedulerSide
 
-            self._sched = SchedulerSide(config, fp, bs)
+            recompute = settle_failure_policy(vllm_config) == "recompute"
+            self._sched = SchedulerSide(config, fp, bs, recompute_failures=recompute)
         else:
             from edgeprompt_vllm.edge.worker_side import WorkerSide
 
-            self._worker = WorkerSide(config, fp, bs)
+            self._worker = WorkerSide(config, fp, bs,
+                                      recompute_failures=recomputes_failures(vllm_config))
 
     # ==================== worker side ====================
     def register_kv_caches(self, kv_caches) -> None:

@@ -38,8 +38,11 @@ def requested_prompt(request) -> str | None:
 
 
 class SchedulerSide:
-    def __init__(self, config: EdgePromptConfig, fingerprint: Fingerprint, block_size: int):
+    def __init__(self, config: EdgePromptConfig, fingerprint: Fingerprint, block_size: int,
+                 recompute_failures: bool = True):
         self.config, self.block_size = config, block_size
+        # a request whose load failed: recomputed by vLLM, or failed (edge/failure_policy.py)
+        self._failed_status = "load_failed_recomputed" if recompute_failures else "load_failed"
         self.client = CloudClient.connect(config, fingerprint)  # refuses a mismatched cloud
         self.planner = get_planner(config.planner_ewma)  # the worker side feeds it (same process)
         self._num_layers = fingerprint.num_layers
@@ -204,7 +207,7 @@ class SchedulerSide:
             return
         for req_id, spec in self._loads.items():
             if spec.loaded_block_ids(self.block_size) & bad and req_id in self._status:
-                self._status[req_id]["status"] = "load_failed_recomputed"
+                self._status[req_id]["status"] = self._failed_status
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
         self.planner.step_done()

@@ -10,8 +10,8 @@ l+1 overlaps the compute of l:
         is issued, the compute stream waits on its event. The timeline's leave_s is then
         "issued", not "written".
 A failed layer (timeout, checksum, dead actor) marks its blocks invalid: vLLM recomputes them
-(kv_load_failure_policy "recompute"); the edge knows those tokens, they are the request's own
-prompt.
+(kv_load_failure_policy "recompute"; the edge knows those tokens, they are the request's own
+prompt), or fails their requests where it cannot recompute exactly (edge/failure_policy.py).
 Layers come from the object store, or over a GPU-pair link (transport/pair_link.py; config
 `transport`) straight into a staging slot on this GPU. A link that cannot be opened leaves the
 object store in charge for `_LINK_RETRY_S`; a link that broke is replaced at the next load.
@@ -45,8 +45,11 @@ _LINK_RETRY_S = 30.0  # after a pair link failed to open or broke, the object st
 
 
 class WorkerSide:
-    def __init__(self, config: EdgePromptConfig, fingerprint: Fingerprint, block_size: int):
+    def __init__(self, config: EdgePromptConfig, fingerprint: Fingerprint, block_size: int,
+                 recompute_failures: bool = True):
         self.config, self.fp, self.block_size = config, fingerprint, block_size
+        self._on_failure = ("its blocks are recomputed on the edge" if recompute_failures else
+                            "its requests fail (edge/failure_policy.py)")
         self.client = CloudClient.connect(config, fingerprint)
         self.client.registry()
         self.kv_caches: dict[str, torch.Tensor] = {}
@@ -169,7 +172,8 @@ class WorkerSide:
                     streams[spec.prompt_id] = self._stream(spec.prompt_id, spec.layers_per_message)
                 self._active.append((spec, streams[spec.prompt_id], spec.slot_mapping(self.block_size)))
             except Exception as e:
-                logger.error("cannot fetch cloud prompt %s: %s; recomputing on the edge", spec.prompt_id, e)
+                logger.error("cannot fetch cloud prompt %s: %s; %s", spec.prompt_id, e,
+                             self._on_failure)
                 self._invalid |= spec.loaded_block_ids(self.block_size)
         self.timeline = Timeline(self.fp.num_layers, [s for s, _, _ in self._active],
                                  list(streams.values()))
@@ -250,8 +254,8 @@ class WorkerSide:
                 self._fail_layer(stream, layer, e)
 
     def _fail_layer(self, stream, layer: int, error: Exception) -> None:
-        """A layer of `stream` failed (timeout, checksum, dead cloud): every request loading from
-        it is recomputed on the edge. After a timeout or an unavailable cloud no later layer of
+        """A layer of `stream` failed (timeout, checksum, dead cloud): the blocks of every request
+        loading from it are invalid (recomputed, or the requests fail). After a timeout or an unavailable cloud no later layer of
         it is waited for: a stalled cloud costs a step at most `fetch_timeout_s`, not one
         timeout per layer."""
         if isinstance(error, (TimeoutError, CloudUnavailable)):
@@ -259,8 +263,8 @@ class WorkerSide:
         for spec, s, _ in self._active:
             if s is stream:
                 self._invalid |= spec.loaded_block_ids(self.block_size)
-        logger.error("layer %d of cloud prompt %s failed (%s: %s); its blocks are recomputed on "
-                     "the edge", layer, stream.prompt_id, type(error).__name__, error)
+        logger.error("layer %d of cloud prompt %s failed (%s: %s); %s", layer, stream.prompt_id,
+                     type(error).__name__, error, self._on_failure)
 
     def _layer_isa(self, layer_name: str, dtype: torch.dtype) -> str | None:
         if layer_name not in self._isa:

@@ -31,7 +31,9 @@ def connector(monkeypatch):
         block_size=16, weights="dummy"))
     vllm_config = SimpleNamespace(
         cache_config=SimpleNamespace(block_size=16), max_concurrent_batches=2,
-        kv_transfer_config=SimpleNamespace(kv_connector_extra_config={}, is_kv_consumer=True))
+        scheduler_config=SimpleNamespace(async_scheduling=True),
+        kv_transfer_config=SimpleNamespace(kv_connector_extra_config={}, is_kv_consumer=True,
+                                           kv_load_failure_policy="recompute"))
     return C.EdgePromptConnector(vllm_config, KVConnectorRole.SCHEDULER)
 
 

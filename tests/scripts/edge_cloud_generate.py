@@ -7,12 +7,13 @@ list of such lists (rounds, run one after another on one engine), "max_tokens",
 edge only: "ray_address"? (else a local cluster), "namespace", "actor_name",
 "cloud_prompts": {id: token_ids}, "prefill": bool, "corrupt": [[id, layer]],
 "cloud_resources"?, "cloud_env"? (env vars of the cloud actor: CUDA_VISIBLE_DEVICES picks its GPU),
-"extra_config"?}; both modes: "engine"? (engine arguments over ENGINE; the cloud takes its dtype,
-load_format and max_model_len), "lora"? (a LoRA adapter directory for the requests with
-"lora": true; the cloud runs the base model).
-Writes {"token_ids", "logprobs" (the chosen tokens'), "top_logprobs" (top 5 per position),
-"prompt_logprobs" (each prompt token's, where asked), "edgeprompt", "num_cached_tokens",
-"timeline", "cloud", "edge_node"}.
+"extra_config"?, "failure_policy"? (kv_load_failure_policy, default "recompute")}; both modes:
+"engine"? (engine arguments over ENGINE; the cloud takes its dtype, load_format and
+max_model_len), "lora"? (a LoRA adapter directory for the requests with "lora": true; the cloud
+runs the base model).
+Writes {"token_ids", "finish_reasons", "logprobs" (the chosen tokens'), "top_logprobs" (top 5
+per position), "prompt_logprobs" (each prompt token's, where asked), "edgeprompt",
+"num_cached_tokens", "timeline", "cloud", "edge_node"}.
 """
 
 import json
@@ -70,10 +71,11 @@ def main(spec, out):
         kw["kv_transfer_config"] = {
             "kv_connector": "EdgePromptConnector", "kv_role": "kv_consumer",
             "kv_connector_module_path": "edgeprompt_vllm.edge.connector",
-            "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
+            "kv_load_failure_policy": spec.get("failure_policy", "recompute"),
+            "kv_connector_extra_config": extra}
     llm = LLM(spec["model"], **kw)
-    res = {"token_ids": [], "logprobs": [], "top_logprobs": [], "edgeprompt": [],
-           "num_cached_tokens": []}
+    res = {"token_ids": [], "finish_reasons": [], "logprobs": [], "top_logprobs": [],
+           "edgeprompt": [], "num_cached_tokens": []}
     for reqs in rounds:
         prompts = [TokensPrompt(prompt_token_ids=r["token_ids"]) for r in reqs]
         params = [SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 16), logprobs=5,
@@ -85,8 +87,10 @@ def main(spec, out):
         for o in llm.generate(prompts, params, use_tqdm=False, lora_request=loras):
             c = o.outputs[0]
             res["token_ids"].append(list(c.token_ids))
-            res["logprobs"].append([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)])
-            res["top_logprobs"].append([{str(t): p.logprob for t, p in lp.items()} for lp in c.logprobs])
+            res["finish_reasons"].append(c.finish_reason)
+            lps = c.logprobs or []  # none for a request that failed
+            res["logprobs"].append([lp[t].logprob for t, lp in zip(c.token_ids, lps)])
+            res["top_logprobs"].append([{str(t): p.logprob for t, p in lp.items()} for lp in lps])
             res["edgeprompt"].append((o.kv_transfer_params or {}).get("edgeprompt"))
             res["num_cached_tokens"].append(o.num_cached_tokens)
             res.setdefault("prompt_logprobs", []).append(  # each prompt token's, if asked
