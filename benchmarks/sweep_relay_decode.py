@@ -200,6 +200,20 @@ VARIANTS = {
         "overlap, prefix unsplit, 2 stages (less shared memory beside a suffix program)",
         lambda s: dict(schedule="overlap", prefix_splits=1, prefix_config=dict(num_stages=2)),
     ),
+    # The prefix pass of a large GQA group: deeper pipelines or more warps per program may hide
+    # its load latency (session 11: at one prefix program per SM, overlap_z1, it got far slower)
+    "prefix_64x32s5": _big_group_prefix(
+        "prefix tiles 64x32, 4 warps, 5 stages where rows >= 512 (same shared memory as 64x64 s3)",
+        BLOCK_M=64, TILE_N=32, num_warps=4, num_stages=5,
+    ),
+    "prefix_64x32s4": _big_group_prefix(
+        "prefix tiles 64x32, 4 warps, 4 stages where rows >= 512",
+        BLOCK_M=64, TILE_N=32, num_warps=4, num_stages=4,
+    ),
+    "prefix_64x64w8": _big_group_prefix(
+        "prefix tiles 64x64, 8 warps, 3 stages where rows >= 512",
+        BLOCK_M=64, TILE_N=64, num_warps=8, num_stages=3,
+    ),
     "overlap_z1_128x64w8": (
         "overlap, prefix unsplit, 128x64 tiles, 8 warps, 2 stages (half the prefix programs)",
         lambda s: dict(schedule="overlap", prefix_splits=1,
