@@ -210,6 +210,18 @@ VARIANTS = {
         "prefix tiles 64x32, 4 warps, 4 stages where rows >= 512",
         BLOCK_M=64, TILE_N=32, num_warps=4, num_stages=4,
     ),
+    "prefix_64x32s6": _big_group_prefix(
+        "prefix tiles 64x32, 4 warps, 6 stages where rows >= 512",
+        BLOCK_M=64, TILE_N=32, num_warps=4, num_stages=6,
+    ),
+    "prefix_64x32s7": _big_group_prefix(
+        "prefix tiles 64x32, 4 warps, 7 stages where rows >= 512",
+        BLOCK_M=64, TILE_N=32, num_warps=4, num_stages=7,
+    ),
+    "prefix_64x16s8": _big_group_prefix(
+        "prefix tiles 64x16, 4 warps, 8 stages where rows >= 512",
+        BLOCK_M=64, TILE_N=16, num_warps=4, num_stages=8,
+    ),
     "prefix_64x64w8": _big_group_prefix(
         "prefix tiles 64x64, 8 warps, 3 stages where rows >= 512",
         BLOCK_M=64, TILE_N=64, num_warps=8, num_stages=3,
