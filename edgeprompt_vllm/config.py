@@ -22,6 +22,9 @@ class EdgePromptConfig:
     actor_name: str = DEFAULT_ACTOR_NAME  # the named, detached CloudPromptService
     connect_timeout_s: float = 60.0  # finding the actor + handshake
     fetch_timeout_s: float = 60.0  # one layer, cloud compute included; then recompute on the edge
+    # after a load of a cloud prompt failed (checksum, timeout), its requests compute it on the
+    # edge this long: a prompt corrupted in the cloud's store fails one load, not every one
+    failed_prompt_retry_s: float = 10.0
     min_prefix_blocks: int = 1  # shorter matches are computed on the edge
     emulated_layer_delay_s: float = 0.0  # tests/benchmarks: a serial link adds this per layer
     timeline_path: str | None = None  # append one JSON line per load (per-layer timeline)
@@ -53,6 +56,8 @@ class EdgePromptConfig:
         for name in ("connect_timeout_s", "fetch_timeout_s", "health_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"EdgePromptConfig.{name} must be > 0, not {getattr(self, name)!r}")
+        if self.failed_prompt_retry_s < 0:
+            raise ValueError("EdgePromptConfig.failed_prompt_retry_s must be >= 0")
         if self.emulated_layer_delay_s < 0:
             raise ValueError("EdgePromptConfig.emulated_layer_delay_s must be >= 0")
         if self.min_prefix_blocks < 1:

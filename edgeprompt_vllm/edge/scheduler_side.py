@@ -59,6 +59,7 @@ class SchedulerSide:
         self._to_load: dict[str, tuple[Match, int]] = {}
         self._loads: dict[str, LoadSpec] = {}  # req -> its load, until finished
         self._status: dict[str, dict] = {}  # req -> reported in the request's kv_transfer_params
+        self._failed_at: dict[str, float] = {}  # cloud prompt -> when a load of it last failed
         self._stats = EdgePromptStats()  # hits and misses, by final status (edge/stats.py)
 
     def refresh(self) -> None:
@@ -126,6 +127,9 @@ class SchedulerSide:
             return "lora_adapter"
         if self.client.down_reason is not None:  # a dead or stalled cloud: the edge computes it
             return "cloud_unavailable"
+        failed = self._failed_at.get(match.prompt.prompt_id)
+        if failed is not None and time.monotonic() - failed < self.config.failed_prompt_retry_s:
+            return "load_failed_recently"
         return None
 
     # ---------------- the planner (edge/planner.py) ----------------
@@ -206,17 +210,23 @@ class SchedulerSide:
         if not bad:
             return
         for req_id, spec in self._loads.items():
-            if spec.loaded_block_ids(self.block_size) & bad and req_id in self._status:
-                self._status[req_id]["status"] = self._failed_status
+            if spec.loaded_block_ids(self.block_size) & bad:
+                self._failed_at[spec.prompt_id] = time.monotonic()
+                if req_id in self._status:
+                    self._status[req_id]["status"] = self._failed_status
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
         self.planner.step_done()
         self.planner.forget(request.request_id)
         self._decisions.pop(request.request_id, None)
-        self._loads.pop(request.request_id, None)
+        load = self._loads.pop(request.request_id, None)
         self._matched.pop(request.request_id, None)
         self._lookups.pop(request.request_id, None)
         status = self._status.pop(request.request_id, None)
+        if load is not None and _failed(request):  # policy "fail": vLLM ends it before
+            self._failed_at[load.prompt_id] = time.monotonic()  # update_connector_output runs
+            if status:
+                status["status"] = self._failed_status
         if status and status["status"] == "loading":  # no load error came back for it
             status["status"] = "loaded"
         self._stats.request_finished(status)
@@ -227,6 +237,12 @@ class SchedulerSide:
             return None
         out, self._stats = self._stats, EdgePromptStats()
         return out
+
+
+def _failed(request) -> bool:
+    """Whether vLLM ended the request with an error (e.g. its load failed, policy "fail")."""
+    status = getattr(request, "status", None)
+    return getattr(status, "name", None) == "FINISHED_ERROR"
 
 
 def _step_work(scheduler_output) -> tuple[int, float] | None:

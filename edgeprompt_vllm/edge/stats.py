@@ -39,6 +39,7 @@ _LISTS = ("layer_waits", "load_seconds", "relay_groups_per_step")
 MISS_REASONS = {"unknown_cloud_prompt": "unknown_cloud_prompt",
                 "prefix_mismatch": "prefix_mismatch", "load_failed_recomputed": "load_failed",
                 "load_failed": "load_failed",  # the request failed (edge/failure_policy.py)
+                "load_failed_recently": "load_failed_recently",  # computed here for a while
                 "recompute": "planned_recompute",  # the planner chose to compute it on the edge
                 "cloud_unavailable": "cloud_unavailable",  # a dead or stalled cloud
                 "lora_adapter": "lora_adapter",  # the cloud's base-model KV does not fit an adapter
