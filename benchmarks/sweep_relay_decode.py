@@ -200,38 +200,22 @@ VARIANTS = {
         "overlap, prefix unsplit, 2 stages (less shared memory beside a suffix program)",
         lambda s: dict(schedule="overlap", prefix_splits=1, prefix_config=dict(num_stages=2)),
     ),
-    # The prefix pass of a large GQA group: deeper pipelines or more warps per program may hide
-    # its load latency (session 11: at one prefix program per SM, overlap_z1, it got far slower)
-    "prefix_64x32s5": _big_group_prefix(
-        "prefix tiles 64x32, 4 warps, 5 stages where rows >= 512 (same shared memory as 64x64 s3)",
-        BLOCK_M=64, TILE_N=32, num_warps=4, num_stages=5,
-    ),
-    "prefix_64x32s4": _big_group_prefix(
-        "prefix tiles 64x32, 4 warps, 4 stages where rows >= 512",
-        BLOCK_M=64, TILE_N=32, num_warps=4, num_stages=4,
-    ),
-    "prefix_64x32s6": _big_group_prefix(
-        "prefix tiles 64x32, 4 warps, 6 stages where rows >= 512",
-        BLOCK_M=64, TILE_N=32, num_warps=4, num_stages=6,
-    ),
-    "prefix_64x32s7": _big_group_prefix(
-        "prefix tiles 64x32, 4 warps, 7 stages where rows >= 512",
-        BLOCK_M=64, TILE_N=32, num_warps=4, num_stages=7,
-    ),
-    "prefix_64x16s8": _big_group_prefix(
-        "prefix tiles 64x16, 4 warps, 8 stages where rows >= 512",
-        BLOCK_M=64, TILE_N=16, num_warps=4, num_stages=8,
-    ),
-    "prefix_64x64w8": _big_group_prefix(
-        "prefix tiles 64x64, 8 warps, 3 stages where rows >= 512",
-        BLOCK_M=64, TILE_N=64, num_warps=8, num_stages=3,
-    ),
     "overlap_z1_128x64w8": (
         "overlap, prefix unsplit, 128x64 tiles, 8 warps, 2 stages (half the prefix programs)",
         lambda s: dict(schedule="overlap", prefix_splits=1,
                        prefix_config=dict(BLOCK_M=128, TILE_N=64, num_warps=8, num_stages=2)),
     ),
 }
+# The prefix pass of a large GQA group: deeper pipelines or more warps per program may hide its
+# load latency (session 11: at one prefix program per SM, overlap_z1, it got far slower). Extras
+# named prefix_MxN + wW (8 warps) or sS (4 warps, S stages).
+for _m, _n, _w, _s in [(64, 32, 4, 5), (64, 32, 4, 4), (64, 32, 4, 6), (64, 32, 4, 7),
+                       (64, 16, 4, 8), (64, 64, 8, 3)]:
+    VARIANTS[f"prefix_{_m}x{_n}" + (f"w{_w}" if _w != 4 else f"s{_s}")] = _big_group_prefix(
+        f"prefix tiles {_m}x{_n}, {_w} warps, {_s} stages where rows >= 512",
+        BLOCK_M=_m, TILE_N=_n, num_warps=_w, num_stages=_s,
+    )
+
 # In this order (a variant runs on every shape before the next starts, so a --budget cut drops
 # whole variants from the end). "auto_combo" (after them, unless --no-combo) merges the knobs of
 # those that beat base on the GQA shapes without losing on MHA; see auto_combo().
