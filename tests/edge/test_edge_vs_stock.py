@@ -1,10 +1,15 @@
 """Cloud actor + edge connector versus stock vLLM on the concatenated prompts (real Ray, real vLLM).
 
-One stock run and one EdgePrompt run, two rounds on the same engine:
+One stock run and one EdgePrompt run, three rounds on the same engine:
   round 1: 10 requests, two cloud prompts interleaved (by kv_transfer_params or by prefix),
            edge suffixes of 1 to 500 tokens, one request without a cloud prompt;
   round 2: bad input: an unknown cloud prompt, a corrupted cloud layer, a cloud_prompt whose
-           tokens are not the request's prefix, then a normal request (the engine keeps serving).
+           tokens are not the request's prefix, then a normal request (the engine keeps serving);
+  round 3: the corrupted cloud prompt again: not loaded again (cached after the recompute, or,
+           where the load failed its request, computed on the edge for a while).
+A second EdgePrompt run over the pair transport takes kv_load_failure_policy "fail" (what the
+connector picks under vLLM's GPU defaults, edge/failure_policy.py): the corrupted load fails its
+request with an error, never wrong tokens.
 """
 
 import json
@@ -32,7 +37,12 @@ def workload():
               {"token_ids": C + tokens(rng, 20, EDGE_TOKENS), "cloud_prompt": "C"},
               {"token_ids": A[:40] + tokens(rng, 60, EDGE_TOKENS), "cloud_prompt": "A"},
               {"token_ids": B + tokens(rng, 33, EDGE_TOKENS), "cloud_prompt": "B"}]
-    return {"cloud_prompts": {"A": A, "B": B, "C": C}, "rounds": [round1, round2]}
+    round3 = [{"token_ids": C + tokens(rng, 11, EDGE_TOKENS), "cloud_prompt": "C"}]
+    return {"cloud_prompts": {"A": A, "B": B, "C": C}, "rounds": [round1, round2, round3]}
+
+
+# a load of C failed in round 2: C is computed on the edge until round 3 is done, however slow
+RETRY = {"failed_prompt_retry_s": 600}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +51,8 @@ def runs(tiny_model, workload, tmp_path_factory):
     stock = run(tiny_model, "stock", workload["rounds"], tmp)
     edge = run(tiny_model, "edge", workload["rounds"], tmp, cloud_prompts=workload["cloud_prompts"],
                corrupt=[["C", 2]], extra_config={"audit_path": str(tmp / "audit.jsonl"),
-                                                 "timeline_path": str(tmp / "timeline.jsonl")})
+                                                 "timeline_path": str(tmp / "timeline.jsonl"),
+                                                 **RETRY})
     return stock, edge, tmp
 
 
@@ -51,21 +62,26 @@ def pair_run(tiny_model, workload, runs):
     the cloud actor and the edge's receiver actor on CPU; NCCL between two GPUs)."""
     _, _, tmp = runs
     return run(tiny_model, "edge", workload["rounds"], tmp, cloud_prompts=workload["cloud_prompts"],
-               corrupt=[["C", 2]], extra_config={"audit_path": str(tmp / "audit_pair.jsonl"),
-                                                 "timeline_path": str(tmp / "timeline_pair.jsonl"),
-                                                 "transport": "pair"})
+               corrupt=[["C", 2]], failure_policy="fail",
+               extra_config={"audit_path": str(tmp / "audit_pair.jsonl"),
+                             "timeline_path": str(tmp / "timeline_pair.jsonl"),
+                             "transport": "pair", **RETRY})
 
 
 def test_pair_transport_matches_stock_and_checks_every_layer(runs, pair_run, workload, tiny_model):
     stock, _, tmp = runs
-    assert pair_run["token_ids"] == stock["token_ids"]
+    # policy "fail": C's corrupted load fails its request (vLLM returns it without our status)
+    assert pair_run["finish_reasons"][11] == "error" and pair_run["token_ids"][11] == []
+    kept = [i for i in range(len(stock["token_ids"])) if i != 11]
+    assert [pair_run["token_ids"][i] for i in kept] == [stock["token_ids"][i] for i in kept]
     atol = logprob_atol(torch.float32)
-    for i, (a, b) in enumerate(zip(pair_run["logprobs"], stock["logprobs"])):
+    for i in kept:
+        a, b = pair_run["logprobs"][i], stock["logprobs"][i]
         assert max(abs(x - y) for x, y in zip(a, b)) <= atol, f"request {i}"
     st = pair_run["edgeprompt"]
     assert sorted(s["cloud_prompt"] for s in st[:10] if s and s["status"] == "loaded") == ["A", "B"]
-    assert [s["status"] for s in st[10:]] == ["unknown_cloud_prompt", "load_failed_recomputed",
-                                               "prefix_mismatch", "cached"]
+    assert [s and s["status"] for s in st[10:]] == ["unknown_cloud_prompt", None, "prefix_mismatch",
+                                                     "cached", "load_failed_recently"]
     records = [json.loads(x) for x in (tmp / "audit_pair.jsonl").read_text().splitlines()]
     calls = [r["method"] for r in records]
     # the layers came over the pair: one link, one send per layer of A, B and C (4 layers each)
@@ -81,7 +97,7 @@ def test_pair_transport_matches_stock_and_checks_every_layer(runs, pair_run, wor
 
 def test_greedy_tokens_identical_and_logprobs_within_tolerance(runs):
     stock, edge, _ = runs
-    assert len(edge["token_ids"]) == 14
+    assert len(edge["token_ids"]) == 15
     assert edge["token_ids"] == stock["token_ids"]
     atol = logprob_atol(torch.float32)
     for i, (a, b) in enumerate(zip(edge["logprobs"], stock["logprobs"])):
@@ -111,12 +127,13 @@ def test_cloud_kv_was_really_used(runs):
 
 def test_bad_input_falls_back_to_edge_compute(runs):
     _, edge, _ = runs
-    unknown, corrupt, mismatch, normal = edge["edgeprompt"][10:]
+    unknown, corrupt, mismatch, normal, again = edge["edgeprompt"][10:]
     assert unknown == {"cloud_prompt": "nope", "status": "unknown_cloud_prompt"}
     assert corrupt["status"] == "load_failed_recomputed"
     assert mismatch == {"cloud_prompt": "A", "status": "prefix_mismatch"}
     assert normal["status"] == "cached"
-    # (and test_greedy_tokens_identical... shows all four outputs equal stock vLLM's)
+    assert again["status"] == "cached"  # the blocks of C that the edge recomputed
+    # (and test_greedy_tokens_identical... shows all five outputs equal stock vLLM's)
 
 
 def audit_leaks(records, edge_token_ids: set[int], edge_texts: list[str]) -> list[str]:
