@@ -32,7 +32,6 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -705,16 +704,13 @@ def plot(result: dict, path: str) -> None:
 
 
 def git_commit() -> str | None:
-    """$EDGEPROMPT_COMMIT when set (a copied tree whose git metadata is another commit's, as on
-    the lent GPU; edgeprompt_vllm/bench/env.py reads it too), else git's HEAD."""
-    if os.environ.get("EDGEPROMPT_COMMIT"):
-        return os.environ["EDGEPROMPT_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except Exception:  # noqa: BLE001 - no git checkout on the device
-        return None
+    """The commit that runs (bench/env.source_commit: $EDGEPROMPT_COMMIT, else git's HEAD). That
+    module needs only the standard library: taken from the checkout when nothing is installed."""
+    if REPO not in sys.path:
+        sys.path.append(REPO)
+    from edgeprompt_vllm.bench.env import source_commit
+
+    return source_commit(short=False) or None
 
 
 def import_kernels():

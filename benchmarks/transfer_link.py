@@ -123,8 +123,9 @@ def run_link(args, env: dict) -> list[dict]:
     kv_bytes = max(256 << 20, 2 * max_len * per_token * fp.num_layers)
     actor = start_cloud_service(
         args.model, name=name, namespace=ray.get_runtime_context().namespace, detached=False,
-        num_cpus=0, env_vars={"CUDA_VISIBLE_DEVICES": visible_gpu(1)} if two_gpus else None, dtype=dtype,
-        block_size=bs, max_model_len=max_len, load_format=args.load_format, max_kv_bytes=32 << 30,
+        num_cpus=0, env_vars={"CUDA_VISIBLE_DEVICES": visible_gpu(1)} if two_gpus else None,
+        dtype=dtype, block_size=bs, max_model_len=max_len, load_format=args.load_format,
+        max_kv_bytes=32 << 30,
         engine_kwargs={"kv_cache_memory_bytes": kv_bytes,
                        **({"gpu_memory_utilization": 0.3} if two_gpus else {})})
     client = CloudClient(actor, fp, timeout_s=300)

@@ -33,7 +33,8 @@ def start_cloud_service(model: str, *, name: str = DEFAULT_ACTOR_NAME,
 def visible_gpu(index: int) -> str:
     """The CUDA_VISIBLE_DEVICES entry for this process's GPU `index`: an actor's env var names
     physical GPUs (or UUIDs), so with CUDA_VISIBLE_DEVICES=2,3 here, GPU 1 is "3", not "1"."""
-    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+               if d.strip()]
     if not visible:
         return str(index)
     if not 0 <= index < len(visible):
