@@ -57,7 +57,8 @@ def test_two_gpus_match_stock(tmp_path, transport, recompute):
     round1 = [{"token_ids": clouds["AB"[i % 2]] + tokens(rng, rng.randrange(16, 300), (10, 31000)),
                "cloud_prompt": "AB"[i % 2]} for i in range(12)]
     round2 = [{"token_ids": clouds["C"] + tokens(rng, 40, (10, 31000)), "cloud_prompt": "C"}]
-    rounds = [round1, round2]
+    round3 = [{"token_ids": clouds["C"] + tokens(rng, 11, (10, 31000)), "cloud_prompt": "C"}]
+    rounds = [round1, round2, round3]
     engine = {**ENGINE, **(EXACT_RECOMPUTE["engine_args"] if recompute else {})}
     env = EXACT_RECOMPUTE["env"] if recompute else None
     spec = dict(engine=engine, max_tokens=24, cloud_engine={"kv_cache_memory_bytes": 2 << 30,
@@ -66,19 +67,23 @@ def test_two_gpus_match_stock(tmp_path, transport, recompute):
     edge = run(model, "edge", rounds, tmp_path, timeout=900, env=env, cloud_prompts=clouds,
                corrupt=[["C", 5]], cloud_env={"CUDA_VISIBLE_DEVICES": visible_gpu(1)}, **spec,
                extra_config={"audit_path": str(tmp_path / "audit.jsonl"), "transport": transport,
-                             "timeline_path": str(tmp_path / "timeline.jsonl")})
+                             "timeline_path": str(tmp_path / "timeline.jsonl"),
+                             "failed_prompt_retry_s": 600})
     (tmp_path / "results.json").write_text(json.dumps({"stock": stock, "edge": edge}))
     print("loads", json.dumps(load_rates(edge["timeline"])))  # -rA shows the evidence
     st = edge["edgeprompt"]
     assert sorted(s["cloud_prompt"] for s in st[:12] if s["status"] == "loaded") == ["A", "B"]
-    # C's layer 5 fails its checksum: its request is recomputed, or fails (never wrong tokens)
+    # C's layer 5 fails its checksum: its request is recomputed, or fails (never wrong tokens).
+    # Round 3 asks for C again: cached after the recompute, computed on the edge after a failure.
     if recompute:
-        assert st[12]["status"] == "load_failed_recomputed"
+        assert [s["status"] for s in st[12:]] == ["load_failed_recomputed", "cached"]
         assert close_in_top_k(stock, edge, logprob_atol(torch.float16)) == []
     else:
         assert edge["finish_reasons"][12] == "error" and edge["token_ids"][12] == []
-        first12 = {k: edge[k][:12] for k in ("token_ids", "top_logprobs")}
-        assert close_in_top_k(stock, first12, logprob_atol(torch.float16)) == []
+        assert st[13]["status"] == "load_failed_recently"
+        served = {k: edge[k][:12] + edge[k][13:] for k in ("token_ids", "top_logprobs")}
+        expect = {k: stock[k][:12] + stock[k][13:] for k in ("token_ids", "top_logprobs")}
+        assert close_in_top_k(expect, served, logprob_atol(torch.float16)) == []
     calls = [json.loads(x)["method"] for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
     if transport == "pair":
         assert "fetch_layer" not in calls and calls.count("pair_open") == 1, calls
