@@ -26,18 +26,10 @@ def _title(report: dict, what: str) -> str:
 
 
 def plot_throughput(report: dict, path: Path) -> None:
-    """Output tok/s (steady-state pass) versus cloud prompt length, one line per scheme."""
+    """Output tok/s (steady-state pass) versus cloud prompt length; see draw_throughput."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    rows = [r for r in report["results"] if r.get("output_tok_per_s")]
-    for scheme in dict.fromkeys(r["scheme"] for r in rows):
-        pts = sorted((r["cloud_len"], r["output_tok_per_s"]) for r in rows if r["scheme"] == scheme)
-        ax.plot(*zip(*pts), marker="o", label=LABELS.get(scheme, scheme))
-    ax.set_xscale("log", base=2)
-    lens = sorted({r["cloud_len"] for r in rows})
-    ax.set_xticks(lens, [str(x) for x in lens])
-    ax.set_xlabel("cloud prompt length (tokens)")
-    ax.set_ylabel("output tokens / s")
+    draw_throughput(ax, [r for r in report["results"] if r.get("output_tok_per_s")])
     w = report["workload"]
     ax.set_title(
         _title(
@@ -46,10 +38,31 @@ def plot_throughput(report: dict, path: Path) -> None:
         fontsize=9,
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def draw_throughput(ax, rows: list[dict]) -> None:
+    """One line per scheme over the cloud prompt lengths; with a single length, one labelled bar
+    per scheme (a line of one point says little)."""
+    lens = sorted({r["cloud_len"] for r in rows})
+    if len(lens) == 1:
+        names = [LABELS.get(r["scheme"], r["scheme"]) for r in rows]
+        bars = ax.barh(names, [r["output_tok_per_s"] for r in rows], color="tab:blue")
+        ax.bar_label(bars, fmt="%.0f", fontsize=8, padding=3)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"output tokens / s (cloud prompt {lens[0]} tokens)")
+        ax.margins(x=0.12)
+        return
+    for scheme in dict.fromkeys(r["scheme"] for r in rows):
+        pts = sorted((r["cloud_len"], r["output_tok_per_s"]) for r in rows if r["scheme"] == scheme)
+        ax.plot(*zip(*pts), marker="o", label=LABELS.get(scheme, scheme))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lens, [str(x) for x in lens])
+    ax.set_xlabel("cloud prompt length (tokens)")
+    ax.set_ylabel("output tokens / s")
+    ax.legend(fontsize=8)
 
 
 def plot_serving(report: dict, path: Path) -> None:
