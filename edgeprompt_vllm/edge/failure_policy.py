@@ -14,10 +14,9 @@ Runner V2: stock's output shifted by one token).
 So where vLLM cannot recompute exactly, the connector switches "recompute" to "fail": such a
 request ends with an error, never with wrong tokens (DESIGN.md, invariant 4), and the engine
 serves the others. Exact recompute: `--no-async-scheduling` and VLLM_USE_V2_MODEL_RUNNER=0
-(vLLM's CPU platform always runs that way). vLLM's fast defaults stay the default: with the
-synchronous scheduler EdgePrompt made 3462 output tok/s at a 1024-token cloud prompt on an H100,
-against 4119 with async scheduling in an earlier session on another host
-(benchmarks/results/README.md, session 11).
+(vLLM's CPU platform always runs that way). vLLM's fast defaults stay the default: on one H200
+host at the same time, EdgePrompt made 4247 output tok/s at a 1024-token cloud prompt with those
+two settings, against 5104 with vLLM's defaults (benchmarks/results/README.md, session 12).
 """
 
 from edgeprompt_vllm.log import get_logger

@@ -211,9 +211,14 @@ class SchedulerSide:
             return
         for req_id, spec in self._loads.items():
             if spec.loaded_block_ids(self.block_size) & bad:
-                self._failed_at[spec.prompt_id] = time.monotonic()
-                if req_id in self._status:
-                    self._status[req_id]["status"] = self._failed_status
+                self._load_failed(spec, self._status.get(req_id))
+
+    def _load_failed(self, load: LoadSpec, status: dict | None) -> None:
+        """A load of `load.prompt_id` failed: the edge computes that prompt for a while
+        (config.failed_prompt_retry_s), and the request's status says how it ended."""
+        self._failed_at[load.prompt_id] = time.monotonic()
+        if status:
+            status["status"] = self._failed_status
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
         self.planner.step_done()
@@ -224,9 +229,7 @@ class SchedulerSide:
         self._lookups.pop(request.request_id, None)
         status = self._status.pop(request.request_id, None)
         if load is not None and _failed(request):  # policy "fail": vLLM ends it before
-            self._failed_at[load.prompt_id] = time.monotonic()  # update_connector_output runs
-            if status:
-                status["status"] = self._failed_status
+            self._load_failed(load, status)  # update_connector_output runs
         if status and status["status"] == "loading":  # no load error came back for it
             status["status"] = "loaded"
         self._stats.request_finished(status)

@@ -255,9 +255,9 @@ class WorkerSide:
 
     def _fail_layer(self, stream, layer: int, error: Exception) -> None:
         """A layer of `stream` failed (timeout, checksum, dead cloud): the blocks of every request
-        loading from it are invalid (recomputed, or the requests fail). After a timeout or an unavailable cloud no later layer of
-        it is waited for: a stalled cloud costs a step at most `fetch_timeout_s`, not one
-        timeout per layer."""
+        loading from it are invalid (recomputed, or the requests fail). After a timeout or an
+        unavailable cloud no later layer of it is waited for: a stalled cloud costs a step at
+        most `fetch_timeout_s`, not one timeout per layer."""
         if isinstance(error, (TimeoutError, CloudUnavailable)):
             self._failed_streams.add(id(stream))
         for spec, s, _ in self._active:
