@@ -29,7 +29,7 @@ takes a few seconds).
 --list prints the variants (the defaults and the extras --variants can name).
 The "launches" column shows what ran: P(refix) / S(uffix) / M(erge) kernels, rows x keys per tile,
 warps, stages, z = split count, and the switches on (+pdl / +trig: PDL, +hf: HEAD_FASTEST,
-+um: UNMASKED_FULL_TILES). Exit status 1 if any run fails its check or errors.
++um: UNMASKED_FULL_TILES) or off (+nopf: PREFETCH_BLOCK_IDS). Exit status 1 if any run fails its check or errors.
 Expected run time on an H100: about a minute (~45 Triton compiles of ~0.6 s, ~60 timed runs);
 --budget (default 100 s, counted from the start of the script) caps it.
 
@@ -148,7 +148,7 @@ VARIANTS = {
         BLOCK_M=64,
     ),
     "suffix_n32s4": _suffix_only(
-        "suffix 32-key tiles, 4 stages (single-buffered; less shared memory)",
+        "suffix 32-key tiles, 4 stages (3 K/V buffers, 54 KB)",
         TILE_N=32, num_stages=4,
     ),
     "prefix_128x64w8": _big_group_prefix(
@@ -204,6 +204,22 @@ VARIANTS = {
         "overlap, prefix unsplit, 128x64 tiles, 8 warps, 2 stages (half the prefix programs)",
         lambda s: dict(schedule="overlap", prefix_splits=1,
                        prefix_config=dict(BLOCK_M=128, TILE_N=64, num_warps=8, num_stages=2)),
+    ),
+    # Session 13: with block ids loaded in the same iteration as the K/V tile they address,
+    # Triton 3.6's pipeliner waited for every copy at the top of each iteration, so no K/V tile
+    # was ever in flight while a program computed (TTGIR: async_wait num = 0). The kernels now
+    # load the next tile's block ids one iteration ahead (PREFETCH_BLOCK_IDS, on by default).
+    "no_prefetch": (
+        "block ids loaded with their K/V tile (before session 13: no K/V load in flight while"
+        " computing)",
+        lambda s: dict(prefix_config=dict(PREFETCH_BLOCK_IDS=False),
+                       suffix_config=dict(PREFETCH_BLOCK_IDS=False)),
+    ),  # fmt: skip
+    "suffix_s2": _suffix_only("suffix 2 stages (one K/V buffer, 38 KB)", num_stages=2),
+    "suffix_n32s3": _suffix_only("suffix 32-key tiles, 3 stages (2 K/V buffers, 37 KB)", TILE_N=32),
+    "prefix_s2": _big_group_prefix(
+        "prefix 64x64, 2 stages (2 K/V buffers, 80 KB) where rows >= 512",
+        BLOCK_M=64, TILE_N=64, num_warps=4, num_stages=2,
     ),
 }
 # The prefix pass of a large GQA group: deeper pipelines or more warps per program may hide its
@@ -362,6 +378,7 @@ def launch_summary(launches: list) -> str:
             out.append(f"M{ln.get('NUM_A', '')}")
             continue
         on = "".join(f"+{v}" for k, v in flags.items() if ln.get(k))
+        on += "" if ln.get("PREFETCH_BLOCK_IDS", True) else "+nopf"
         out.append(
             f"{tag} {ln.get('BLOCK_M')}x{ln.get('TILE_N')}w{ln.get('num_warps')}"
             f"s{ln.get('num_stages')} z{ln['grid'][2]}{on}"

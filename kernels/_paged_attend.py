@@ -89,6 +89,7 @@ def paged_attend(
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UNMASKED_FULL_TILES: tl.constexpr,  # full tiles skip every mask (see the module docstring)
+    PREFETCH_BLOCK_IDS: tl.constexpr,  # load a tile's block ids one iteration ahead (module doc)
 ):
     """Tiles [tile_begin, tile_end) folded into (m_i, l_i, acc)."""
     masked_begin = tile_begin
@@ -99,13 +100,23 @@ def paged_attend(
             tile_begin, masked_begin, kv_lo, kv_hi, row_last_key, qk_scale,
             stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head,
             BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_PAD, UPCAST_DOT, DOT_PRECISION, False,
+            PREFETCH_BLOCK_IDS,
         )  # fmt: skip
     return _attend_loop(
         q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, block_row_ptr, kv_head,
         masked_begin, tile_end, kv_lo, kv_hi, row_last_key, qk_scale,
         stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head,
         BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_PAD, UPCAST_DOT, DOT_PRECISION, True,
+        PREFETCH_BLOCK_IDS,
     )  # fmt: skip
+
+
+@triton.jit
+def _tile_block_ids(block_row_ptr, key_pos, kv_hi, BLOCK_SIZE: tl.constexpr):
+    """[TILE_N] int64 block ids of the keys at `key_pos` (0 past kv_hi: never read)."""
+    return tl.load(block_row_ptr + key_pos // BLOCK_SIZE, mask=key_pos < kv_hi, other=0).to(
+        tl.int64
+    )
 
 
 @triton.jit
@@ -121,19 +132,25 @@ def _attend_loop(
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr,  # False: every tile visited is full (the caller guarantees it)
+    PREFETCH_BLOCK_IDS: tl.constexpr,
 ):  # fmt: skip
     offs_n = tl.arange(0, TILE_N)
     offs_d = tl.arange(0, HEAD_PAD)
     d_mask = offs_d < HEAD_SIZE
+    if PREFETCH_BLOCK_IDS:  # the first tile's block ids; each iteration then loads the next one's
+        next_blk = _tile_block_ids(block_row_ptr, kv_lo + tile_begin * TILE_N + offs_n, kv_hi,
+                                   BLOCK_SIZE)  # fmt: skip
     for t in range(tile_begin, tile_end):
         key_pos = kv_lo + t * TILE_N + offs_n  # [TILE_N]
         in_range = key_pos < kv_hi
-        page = key_pos // BLOCK_SIZE
-        if MASKED:
-            blk = tl.load(block_row_ptr + page, mask=in_range, other=0)
+        if PREFETCH_BLOCK_IDS:
+            blk = next_blk
+            next_blk = _tile_block_ids(block_row_ptr, key_pos + TILE_N, kv_hi, BLOCK_SIZE)
+        elif MASKED:
+            blk = tl.load(block_row_ptr + key_pos // BLOCK_SIZE, mask=in_range, other=0)
+            blk = blk.to(tl.int64)
         else:
-            blk = tl.load(block_row_ptr + page)
-        blk = blk.to(tl.int64)  # [TILE_N]
+            blk = tl.load(block_row_ptr + key_pos // BLOCK_SIZE).to(tl.int64)
         slot = key_pos % BLOCK_SIZE
         k_off = blk * stride_k_blk + slot * stride_k_slot + kv_head * stride_k_head
         v_off = blk * stride_v_blk + slot * stride_v_slot + kv_head * stride_v_head

@@ -245,6 +245,7 @@ def _suffix_config(
         num_stages=2 if big else 3,
         HEAD_FASTEST=False,
         UNMASKED_FULL_TILES=False,
+        PREFETCH_BLOCK_IDS=True,
         PDL=True,
     )
     cfg.update(override or {})
@@ -370,6 +371,7 @@ def _paged_suffix_kernel(
     ONE_TILE_PER_REQ: tl.constexpr,  # max_query_len <= BLOCK_Q: query tile index = request
     HEAD_FASTEST: tl.constexpr,  # grid (kv heads, query tiles, splits), else (query tiles, ...)
     UNMASKED_FULL_TILES: tl.constexpr,  # see _paged_attend.py
+    PREFETCH_BLOCK_IDS: tl.constexpr,  # see _paged_attend.py
     PDL: tl.constexpr,  # launched with PDL after the prefix kernel: wait before reading its states
     NUM_PREFIX_PARTS: tl.constexpr,  # prefix partial states to fold in (fused merge); 0: none
     SPLIT_KV: tl.constexpr,  # write partial states instead of the output
@@ -458,6 +460,7 @@ def _paged_suffix_kernel(
         UPCAST_DOT,
         DOT_PRECISION,
         UNMASKED_FULL_TILES,
+        PREFETCH_BLOCK_IDS,
     )
     # Fused merge: split 0 of a grouped request folds in the shared-prefix partial states. The
     # loop is unrolled (constexpr count) so the loads of all parts are in flight together; masked

@@ -290,6 +290,7 @@ def _prefix_config(
         num_warps=4,
         num_stages=2 if big else 3,
         UNMASKED_FULL_TILES=False,
+        PREFETCH_BLOCK_IDS=True,
         LAUNCH_DEPENDENTS=True,
     )
     cfg.update(override or {})
@@ -390,6 +391,7 @@ def _relay_prefix_kernel(
     BLOCK_SIZE: tl.constexpr,
     TILE_N: tl.constexpr,
     UNMASKED_FULL_TILES: tl.constexpr,  # see _paged_attend.py
+    PREFETCH_BLOCK_IDS: tl.constexpr,  # see _paged_attend.py
     LAUNCH_DEPENDENTS: tl.constexpr,  # let a PDL-launched suffix kernel start now (_prefix_config)
     GATHER_TOKENS: tl.constexpr,  # group g's tokens: token_index[start[g]:end[g]] (module doc)
     UPCAST_DOT: tl.constexpr,
@@ -467,6 +469,7 @@ def _relay_prefix_kernel(
         UPCAST_DOT,
         DOT_PRECISION,
         UNMASKED_FULL_TILES,
+        PREFETCH_BLOCK_IDS,
     )
     out, lse = finalize_state(m_i, l_i, acc)  # an empty split writes (0, -inf)
     tl.store(
