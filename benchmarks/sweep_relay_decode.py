@@ -217,6 +217,26 @@ VARIANTS = {
     ),  # fmt: skip
     "suffix_s2": _suffix_only("suffix 2 stages (one K/V buffer, 38 KB)", num_stages=2),
     "suffix_n32s3": _suffix_only("suffix 32-key tiles, 3 stages (2 K/V buffers, 37 KB)", TILE_N=32),
+    # With the K/V loads in flight, a prefix program needs 214 registers and 112 KB (3 stages):
+    # two fill an SM. Unsplit (128 programs, one per SM) on a side stream, the suffix's 2-stage
+    # programs (119 registers, 38 KB) can run two beside it on every SM.
+    "overlap_sfx2": (
+        "overlap schedule, suffix 2 stages",
+        lambda s: dict(schedule="overlap", suffix_config=dict(num_stages=2)),
+    ),
+    "overlap_z1_sfx2": (
+        "overlap, prefix unsplit, suffix 2 stages",
+        lambda s: dict(schedule="overlap", prefix_splits=1, suffix_config=dict(num_stages=2)),
+    ),
+    "overlap_z1_pfx2_sfx2": (
+        "overlap, prefix unsplit and 2 stages, suffix 2 stages",
+        lambda s: dict(schedule="overlap", prefix_splits=1, prefix_config=dict(num_stages=2),
+                       suffix_config=dict(num_stages=2)),
+    ),  # fmt: skip
+    "pdl_z1_sfx2": (
+        "fused schedule, prefix unsplit, suffix 2 stages",
+        lambda s: dict(prefix_splits=1, suffix_config=dict(num_stages=2)),
+    ),
     "prefix_s2": _big_group_prefix(
         "prefix 64x64, 2 stages (2 K/V buffers, 80 KB) where rows >= 512",
         BLOCK_M=64, TILE_N=64, num_warps=4, num_stages=2,
