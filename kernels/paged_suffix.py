@@ -51,6 +51,7 @@ from ._paged_attend import grid_dependency_wait, paged_attend
 from .merge import absorb_partial, finalize_state, merge_partial_states
 
 MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
+DEEP_PIPELINE_PROGRAMS_PER_SM = 24  # decode: 3 stages from here on, else 2 (see _suffix_config)
 
 # ---------------------------------------------------------------- launcher
 
@@ -103,12 +104,13 @@ def paged_suffix(
         max_query_len, lambda: (query_start_loc[1:] - query_start_loc[:-1]).max()
     )
     max_seq_len = host_int(max_seq_len, lambda: seq_lens.max())
-    cfg = _suffix_config(num_q_heads // num_kv_heads, head_size, block_size, max_query_len, config)
+    qpk, sms = num_q_heads // num_kv_heads, device_sms(query)
+    cfg = _suffix_config(qpk, head_size, block_size, max_query_len, config)
     n_q_tiles = num_reqs if cfg["ONE_TILE_PER_REQ"] else num_tokens // cfg["BLOCK_Q"] + num_reqs
     if num_splits is None:
-        num_splits = _pick_num_splits(
-            n_q_tiles * num_kv_heads, max_seq_len, cfg["TILE_N"], device_sms(query)
-        )
+        num_splits = _pick_num_splits(n_q_tiles * num_kv_heads, max_seq_len, cfg["TILE_N"], sms)
+    programs_per_sm = n_q_tiles * num_kv_heads * num_splits / sms
+    cfg = _suffix_config(qpk, head_size, block_size, max_query_len, config, programs_per_sm)
     split_kv = num_splits > 1
     if split_kv:
         part_out = torch.empty(
@@ -208,22 +210,23 @@ def _suffix_config(
     block_size: int,
     max_query_len: int,
     override: dict | None = None,
+    programs_per_sm: float | None = None,
 ) -> dict:
     """Tile sizes, chosen here (no autotune at serve time: the kernel runs under CUDA graphs).
 
     BLOCK_M rows = BLOCK_Q tokens x QPK_PAD heads. tl.dot needs M >= 16, so a decode row block
     (one token) is padded to 16 rows (GQA 4: 4 real rows of 16; the K/V tile is loaded once for the
-    4 heads). Decode: TILE_N = 64 keys (16 KB per K or V tile at head 128 fp16), 4 warps, 3 stages:
-    87-95% of the measured copy bandwidth on an H100 at batch 64-256 (MHA), ahead of FA3 on the same
-    blocks; TILE_N 32/128, 2/8 warps and 2/4 stages were within 2% or slower (measured,
-    benchmarks/benchmark_kernels.py --tune, prefix and suffix tiles changed together).
+    4 heads). Decode: TILE_N = 64 keys (16 KB per K or V tile at head 128 fp16), 4 warps; TILE_N
+    32/128 and 2/8 warps were within 2% or slower (measured, benchmark_kernels.py --tune).
+    Decode stages (Triton 3.6 for sm_90, compiled on a CPU, with PREFETCH_BLOCK_IDS: see
+    _paged_attend.py): at 3, two K/V buffers (70 KB, 96 registers: 3 programs per SM), so the next
+    tile is in flight while a program computes; at 2, one buffer (38 KB, 119 registers: 4 programs
+    per SM). On an H100 (benchmarks/results/kernels/prefetch_h100_session13.md) 2 stages were
+    1-10% faster where a launch has fewer than DEEP_PIPELINE_PROGRAMS_PER_SM programs per SM (GQA
+    batch 64-256, MHA batch 32-64: at most 16) and 1-2% slower from 31 on (MHA batch 128-256), so
+    `programs_per_sm` (the launch's grid over the SMs; None: 3 stages) picks between them.
     Prefill: 128 rows x 32 keys, 4 warps, 2 stages, the best of 24 configurations (measured; ~2.4x
     behind FA3, see relay_prefix).
-    Pipelining (Triton 3.6 for sm_90, compiled on a CPU): the block-id loads take a stage of their
-    own, so at 3 (and 4) stages the decode K/V tiles get ONE shared-memory buffer: a program has
-    one 64-key tile (32 KB) in flight and none while it computes; 121 registers allow 4 programs
-    per SM. 5 stages double-buffer them (72 KB of shared memory: 3 programs per SM).
-    5 stages measured 2-15% slower (benchmarks/results/kernels/gqa_sweep_h100.md).
     Switches, off by default (measured no faster there): HEAD_FASTEST launches the KV heads of one
     request next to each other (they read adjacent 256-byte pieces of the same pages) instead of
     the same KV head of consecutive requests; UNMASKED_FULL_TILES (see _paged_attend.py).
@@ -238,11 +241,12 @@ def _suffix_config(
     rows = next_pow2(max(max_query_len, 1) * qpk_pad)
     block_m = min(max(rows, 16, qpk_pad), max(128, qpk_pad))
     big = block_m >= 128
+    shallow = programs_per_sm is not None and programs_per_sm < DEEP_PIPELINE_PROGRAMS_PER_SM
     cfg = dict(
         BLOCK_M=block_m,
         TILE_N=32 if big or head_size > 128 else 64,
         num_warps=4,
-        num_stages=2 if big else 3,
+        num_stages=2 if big or shallow else 3,
         HEAD_FASTEST=False,
         UNMASKED_FULL_TILES=False,
         PREFETCH_BLOCK_IDS=True,

@@ -269,8 +269,10 @@ def _prefix_config(
     for MHA and GQA alike (measured). Prefill-sized groups (>= 4096 rows) take 128 rows x 32 keys,
     4 warps, 2 stages: the best of 24 configurations for 8 x 512 queries on an H100, 227 TFLOP/s,
     6% ahead of 128 x 64 x 8 warps (measured; FA3 does ~2.4x better, so route prefill to FA3).
-    Decode-sized: TILE_N = 64 keys (16 KB per K/V tile at head 128 fp16), 4 warps, 3 stages
-    (measured within noise of 2 stages).
+    Decode-sized: TILE_N = 64 keys (16 KB per K/V tile at head 128 fp16), 4 warps, 3 stages: with
+    PREFETCH_BLOCK_IDS three K/V buffers (112 KB, 214 registers: 2 programs per SM), two tiles in
+    flight; 2 stages were 10-20% slower on the GQA prefix passes of batch 128-256 on an H100
+    (benchmarks/results/kernels/prefetch_h100_session13.md).
     `big_rows` is where the prefill tiles start: 4096, so that a GQA-4 decode group of 256
     requests (1024 rows) keeps the decode tiles (1-2% faster at prefix 2048-4096 with PDL on an
     H100, benchmarks/results/kernels/gqa_sweep_h100.md; the backend sends prefill to FA3).

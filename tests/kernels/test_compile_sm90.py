@@ -1,7 +1,11 @@
 """The compiled path, which the interpreter never takes: the kernels compile for sm_90 (Hopper)
-on this CPU machine, with and without the measuring switches, and the PDL switches emit
-griddepcontrol. Runs in a child process: kernels decorated under TRITON_INTERPRET=1 (as the
-test session imports them) cannot be compiled."""
+on this CPU machine, with and without the measuring switches; the PDL switches emit
+griddepcontrol; and the K/V loads are software pipelined: with the block ids loaded one tile
+ahead (PREFETCH_BLOCK_IDS) the loop waits for all but the newest copies (TTGIR async_wait
+num > 0), without it for all of them (num = 0: no tile in flight while computing). Arguments are
+marked divisible by 16, as Triton specializes them at a real launch (without that no load is
+vectorized, so none is pipelined). Runs in a child process: kernels decorated under
+TRITON_INTERPRET=1 (as the test session imports them) cannot be compiled."""
 
 import json
 import os
@@ -12,8 +16,8 @@ import textwrap
 import pytest
 
 SCRIPT = textwrap.dedent(
-    """
-    import importlib, json, sys
+    r"""
+    import importlib, json, re, sys
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -36,20 +40,30 @@ SCRIPT = textwrap.dedent(
             else:
                 sig[name] = "fp32" if name == "qk_scale" else "i32"
         cx = {(kernel.arg_names.index(k),): v for k, v in consts.items()}
-        src = ASTSource(fn=kernel, signature=sig, constexprs=cx)
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
-        return "griddepcontrol.wait" in ptx, "griddepcontrol.launch_dependents" in ptx
+        nospec = set(kernel.do_not_specialize or ())
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+                 if sig[n] in ("i32", "*fp16", "*fp32", "*i32") and n not in nospec}
+        src = ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=attrs)
+        asm = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm
+        ptx, ttgir = asm["ptx"], asm["ttgir"]
+        most_pending = max(map(int, re.findall(r"ttg.async_wait[^{]*[{]num = (\d+)", ttgir)),
+                           default=-1)
+        return ("griddepcontrol.wait" in ptx, "griddepcontrol.launch_dependents" in ptx,
+                most_pending)
 
 
     common = dict(HEAD_SIZE=128, HEAD_PAD=128, BLOCK_SIZE=16, UPCAST_DOT=False, DOT_PRECISION=None)
     out = {}
     for name, over in [("default", {}), ("no_pdl", dict(PDL=False)),
-                       ("switches", dict(PDL=True, HEAD_FASTEST=True, UNMASKED_FULL_TILES=True))]:
+                       ("switches", dict(PDL=True, HEAD_FASTEST=True, UNMASKED_FULL_TILES=True)),
+                       ("no_prefetch", dict(PREFETCH_BLOCK_IDS=False)),
+                       ("2_stages", dict(num_stages=2))]:
         cfg = suffix._suffix_config(4, 128, 16, 1, over)
         out["suffix_" + name] = compile_sm90(suffix._paged_suffix_kernel, dict(
             cfg, QUERIES_PER_KV=4, NUM_PREFIX_PARTS=2, SPLIT_KV=False, STORE_LSE=False, **common))
     for name, over in [("default", {}), ("no_pdl", dict(LAUNCH_DEPENDENTS=False)),
-                       ("switches", dict(LAUNCH_DEPENDENTS=True, UNMASKED_FULL_TILES=True))]:
+                       ("switches", dict(LAUNCH_DEPENDENTS=True, UNMASKED_FULL_TILES=True)),
+                       ("no_prefetch", dict(PREFETCH_BLOCK_IDS=False))]:
         cfg = prefix._prefix_config(4, 128, 64, over)
         out["prefix_" + name] = compile_sm90(prefix._relay_prefix_kernel,
                                              dict(cfg, QUERIES_PER_KV=4, **common))
@@ -68,13 +82,17 @@ def test_kernels_compile_for_sm90():
         pytest.skip(f"no sm_90 toolchain here: {run.stderr.strip().splitlines()[-1]}")
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    # (griddepcontrol.wait in the PTX, griddepcontrol.launch_dependents in the PTX)
-    # PDL is on by default (the launchers still launch without it where it cannot act)
+    # (griddepcontrol.wait in the PTX, griddepcontrol.launch_dependents in the PTX, the most
+    # copies an async_wait leaves pending). PDL is on by default (the launchers still launch
+    # without it where it cannot act). 3 stages: the next K/V tile (2 copies) stays in flight.
     assert got == {
-        "suffix_default": [True, False],
-        "suffix_no_pdl": [False, False],
-        "suffix_switches": [True, False],
-        "prefix_default": [False, True],
-        "prefix_no_pdl": [False, False],
-        "prefix_switches": [False, True],
+        "suffix_default": [True, False, 2],
+        "suffix_no_pdl": [False, False, 2],
+        "suffix_switches": [True, False, 2],
+        "suffix_no_prefetch": [True, False, 0],
+        "suffix_2_stages": [True, False, 0],
+        "prefix_default": [False, True, 2],
+        "prefix_no_pdl": [False, False, 2],
+        "prefix_switches": [False, True, 2],
+        "prefix_no_prefetch": [False, True, 0],
     }

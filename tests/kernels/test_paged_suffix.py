@@ -227,3 +227,27 @@ def test_pdl_only_right_after_the_prefix_kernel(make_batch, poisoned, check_atte
     got, want = _run(batch, poisoned, prefix_state=parts, config=dict(PDL=True))
     check_attention(got, want, batch.query.dtype)
     assert not launches[0][1]["PDL"] and "launch_pdl" not in launches[0][1]
+
+
+@pytest.mark.parametrize("sms, stages", [(1, 3), (64, 2)])  # 24 programs: 24 / SM, or 0.4 / SM
+def test_decode_stages_follow_the_grid(make_batch, poisoned, check_attention, monkeypatch, sms,
+                                       stages):  # fmt: skip
+    """Decode launches with fewer than DEEP_PIPELINE_PROGRAMS_PER_SM programs per SM take 2
+    stages, the others 3 (_suffix_config); a config that names num_stages keeps it. Same
+    results either way."""
+    suffix_mod = importlib.import_module("edgeprompt_vllm.kernels.paged_suffix")
+    monkeypatch.setattr(suffix_mod, "device_sms", lambda t: sms)
+    launches = []
+    monkeypatch.setattr(_launch, "RECORDER", lambda kernel, grid, kw, compiled: launches.append(kw))
+    own_lens = [5 + 7 * i for i in range(12)]
+    batch = make_batch(queries_per_kv=4, query_lens=[1] * 12, own_lens=own_lens)
+    assert suffix_mod.DEEP_PIPELINE_PROGRAMS_PER_SM == 24  # 12 requests x 2 KV heads = 24 programs
+    got, want = _run(batch, poisoned)
+    check_attention(got, want, batch.query.dtype)
+    got, want = _run(batch, poisoned, config=dict(num_stages=4))
+    check_attention(got, want, batch.query.dtype)
+    assert [kw["num_stages"] for kw in launches] == [stages, 4]
+    cfg = suffix_mod._suffix_config
+    assert cfg(4, 128, 16, 1)["num_stages"] == 3  # no grid given
+    assert cfg(4, 128, 16, 1, programs_per_sm=1.0)["num_stages"] == 2
+    assert cfg(4, 128, 16, 512, programs_per_sm=1.0)["num_stages"] == 2  # prefill tiles: always 2
