@@ -245,8 +245,11 @@ VARIANTS = {
 # The prefix pass of a large GQA group: deeper pipelines or more warps per program may hide its
 # load latency (session 11: at one prefix program per SM, overlap_z1, it got far slower). Extras
 # named prefix_MxN + wW (8 warps) or sS (4 warps, S stages).
+# Session 13 (block ids prefetched): smaller prefix programs (64x32 s2-s4: 160-173 registers,
+# 48-80 KB; 64x16: 149 registers) leave room for a suffix program beside two of them.
 for _m, _n, _w, _s in [(64, 32, 4, 5), (64, 32, 4, 4), (64, 32, 4, 6), (64, 32, 4, 7),
-                       (64, 16, 4, 8), (64, 64, 8, 3)]:
+                       (64, 16, 4, 8), (64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 2),
+                       (64, 16, 4, 4), (64, 16, 4, 6)]:
     VARIANTS[f"prefix_{_m}x{_n}" + (f"w{_w}" if _w != 4 else f"s{_s}")] = _big_group_prefix(
         f"prefix tiles {_m}x{_n}, {_w} warps, {_s} stages where rows >= 512",
         BLOCK_M=_m, TILE_N=_n, num_warps=_w, num_stages=_s,
