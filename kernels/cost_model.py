@@ -139,7 +139,8 @@ def prefix_splits(group: GroupShape, shape: AttentionShape, device: DeviceModel)
     big = rows >= 4096  # relay_prefix.BIG_ROWS
     block_m = max(128 if big else min(max(rows, 16), 64), qpk_pad)
     m_tiles = max(-(-group.num_query_tokens // max(block_m // qpk_pad, 1)), 1)
-    tiles = max(-(-group.prefix_len // (32 if big else 64)), 1)
+    small_tiles = big or rows >= 512 or shape.head_size > 128  # relay_prefix.LARGE_DECODE_ROWS
+    tiles = max(-(-group.prefix_len // (32 if small_tiles else 64)), 1)
     programs = max(m_tiles * shape.num_kv_heads, 1)
     splits = max(1, min(-(-device.num_sms // programs), -(-tiles // 2), 16))
     return -(-tiles // -(-tiles // splits))

@@ -49,6 +49,7 @@ from .paged_suffix import attend_ref
 
 MAX_FUSED_SPLITS, MAX_SPLITS = 4, 16  # see _pick_num_splits
 BIG_ROWS = 4096  # rows (tokens x padded heads per KV head) from which prefill tiles are used
+LARGE_DECODE_ROWS = 512  # rows from which decode tiles take 32 keys (see _prefix_config)
 SPLIT_POLICIES = ("fill", "balanced")  # see _pick_num_splits
 # Launcher knobs a `config` may carry besides tile sizes, with their defaults (for measuring).
 LAUNCH_KNOBS = dict(big_rows=BIG_ROWS, split_policy="fill")
@@ -271,8 +272,11 @@ def _prefix_config(
     6% ahead of 128 x 64 x 8 warps (measured; FA3 does ~2.4x better, so route prefill to FA3).
     Decode-sized: TILE_N = 64 keys (16 KB per K/V tile at head 128 fp16), 4 warps, 3 stages: with
     PREFETCH_BLOCK_IDS three K/V buffers (112 KB, 214 registers: 2 programs per SM), two tiles in
-    flight; 2 stages were 10-20% slower on the GQA prefix passes of batch 128-256 on an H100
-    (benchmarks/results/kernels/prefetch_h100_session13.md).
+    flight; 2 stages were 10-20% slower on the GQA prefix passes of batch 128-256 on an H100.
+    From LARGE_DECODE_ROWS rows (a GQA-4 group of >= 128 requests) 32-key tiles (64 KB, 172
+    registers): the pass itself is 5-8% slower, but two of its programs leave room for a suffix
+    program on the SM, so the fused call was up to 4% faster at batch 256-512 (within 0.3% at
+    batch 128 and at (512, 4096); benchmarks/results/kernels/prefetch_h100_session13.md).
     `big_rows` is where the prefill tiles start: 4096, so that a GQA-4 decode group of 256
     requests (1024 rows) keeps the decode tiles (1-2% faster at prefix 2048-4096 with PDL on an
     H100, benchmarks/results/kernels/gqa_sweep_h100.md; the backend sends prefill to FA3).
@@ -288,7 +292,7 @@ def _prefix_config(
     block_m = max(128 if big else min(max(rows, 16), 64), qpk_pad)
     cfg = dict(
         BLOCK_M=block_m,
-        TILE_N=32 if big or head_size > 128 else 64,
+        TILE_N=32 if big or head_size > 128 or rows >= LARGE_DECODE_ROWS else 64,
         num_warps=4,
         num_stages=2 if big else 3,
         UNMASKED_FULL_TILES=False,

@@ -150,7 +150,9 @@ def test_launch_knobs_big_rows_and_balanced_splits(make_batch, poisoned, check_a
 
 def test_big_rows_moves_the_prefill_tiles():
     assert _prefix_config(4, 128, 256, big_rows=1024)["BLOCK_M"] == 128  # 1024 rows: prefill tiles
-    decode = _prefix_config(4, 128, 256)  # the default (4096) keeps decode tiles at 1024 rows
+    decode = _prefix_config(4, 128, 256)  # the default (4096) keeps decode tiles at 1024 rows,
+    assert (decode["BLOCK_M"], decode["TILE_N"], decode["num_stages"]) == (64, 32, 3)  # 32 keys
+    decode = _prefix_config(4, 128, 64)  # 256 rows: below LARGE_DECODE_ROWS, 64 keys
     assert (decode["BLOCK_M"], decode["TILE_N"], decode["num_stages"]) == (64, 64, 3)
     assert _prefix_config(4, 128, 1024)["BLOCK_M"] == 128  # 4096 rows
 
