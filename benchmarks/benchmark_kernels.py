@@ -13,9 +13,11 @@ request's row, as vLLM's prefix cache makes):
     cascade     vLLM's cascade: FA3 prefix pass + FA3 suffix pass + merge_attn_states
     unified     vLLM's Triton unified_attention over the full table
     fa3_suffix  FA3 over each request's own blocks only (the ceiling: the shared prefix for free)
-    relay       ours, as the backend calls it: relay_attention, default schedule (on CUDA: the
-                prefix pass on a side stream, concurrent with the suffix pass, then one merge)
-    relay_fused ours, one stream: prefix partials, then the suffix kernel folds them in (2 launches)
+    relay       ours, as the backend calls it: relay_attention's default ("fused") schedule, one
+                stream: prefix partials, then the suffix kernel folds them in (2 launches; 3 when
+                a small group's 8-16 prefix splits are reduced first)
+    relay_overlap ours, the prefix pass on a side stream, concurrent with the suffix pass, then one
+                merge (schedule="overlap")
     relay_3k    ours, one stream: prefix, suffix, merge_attn_states
     ours_plain  ours without relay: paged_suffix over the full table
 (make_schemes also builds fa3_prefix_overlap, FA3's prefix pass on a side stream beside our
@@ -43,7 +45,7 @@ SCHEMES = [
     "unified",
     "fa3_suffix",
     "relay",
-    "relay_fused",
+    "relay_overlap",
     "relay_3k",
     "ours_plain",
 ]
@@ -207,8 +209,8 @@ def make_schemes(kernels, s: Shape, query, kc, vc, meta, only_ours=False) -> dic
     no_prefix = torch.zeros_like(seq)
     schemes = {
         "relay": lambda: kernels.relay_attention(query, kc, vc, meta, scale, validate=False),
-        "relay_fused": lambda: kernels.relay_attention(
-            query, kc, vc, meta, scale, validate=False, schedule="fused"
+        "relay_overlap": lambda: kernels.relay_attention(
+            query, kc, vc, meta, scale, validate=False, schedule="overlap"
         ),
         "relay_3k": lambda: kernels.relay_attention(
             query, kc, vc, meta, scale, validate=False, schedule="serial"
@@ -505,7 +507,7 @@ def _check_runs(kernels, q, kc, vc, meta, scale) -> dict:
     relay = functools.partial(kernels.relay_attention, q, kc, vc, meta, scale)
     return {
         "relay": relay,
-        "relay_fused": functools.partial(relay, schedule="fused"),
+        "relay_overlap": functools.partial(relay, schedule="overlap"),
         "relay_3k": functools.partial(relay, schedule="serial"),
         "relay_split": functools.partial(relay, suffix_splits=3, prefix_splits=4),
         "ours_plain": lambda: kernels.paged_suffix(

@@ -11,8 +11,10 @@ FLOPs for QK^T and PV):
         physically shared blocks mostly from L2 (REREAD, an effective bandwidth: high while the
         prefix KV stays resident in L2, ~7 TB/s once it does not)
     relay = max(P*kv/HBM + T*q/HBM + 2*S*T*num_q_heads*head_size*4/HBM,  F / RELAY_FLOPS)
+            [+ LAUNCH where S >= 8]
         the prefix pass reads the shared KV once, re-reads the group's queries, and writes S fp32
-        partial states that a merge reads back (S = prefix splits)
+        partial states that the suffix kernel's epilogue reads back (S = prefix splits of the
+        backend's "fused" schedule; from 8 on a merge launch first reduces them to one)
 
 The suffix work is the same either way and cancels. A group relays when relay < plain; the batch
 runs the prefix pass only when the groups it would serve save more than one extra launch
@@ -27,6 +29,8 @@ benchmarks/benchmark_kernels.py, which prints this model's choice next to the me
 """
 
 from dataclasses import dataclass, field
+
+REDUCE_FROM_SPLITS = 8  # relay_prefix.REDUCE_FROM_SPLITS (a test keeps them equal)
 
 
 @dataclass(frozen=True)
@@ -131,9 +135,9 @@ class GroupDecision:
 
 
 def prefix_splits(group: GroupShape, shape: AttentionShape, device: DeviceModel) -> int:
-    """The prefix split count relay_prefix's launcher picks for this group alone, as the default
-    ("overlap") schedule runs it (mirrors relay_prefix._prefix_config and _pick_num_splits with
-    fused=False; a test keeps them in step)."""
+    """The prefix split count relay_prefix's launcher picks for this group alone, as the backend's
+    "fused" schedule runs it (mirrors relay_prefix._prefix_config and _pick_num_splits with
+    fused=True; a test keeps them in step)."""
     qpk_pad = _next_pow2(shape.num_q_heads // shape.num_kv_heads)
     rows = _next_pow2(max(group.num_query_tokens, 1) * qpk_pad)
     big = rows >= 4096  # relay_prefix.BIG_ROWS
@@ -142,8 +146,13 @@ def prefix_splits(group: GroupShape, shape: AttentionShape, device: DeviceModel)
     small_tiles = big or rows >= 512 or shape.head_size > 128  # relay_prefix.LARGE_DECODE_ROWS
     tiles = max(-(-group.prefix_len // (32 if small_tiles else 64)), 1)
     programs = max(m_tiles * shape.num_kv_heads, 1)
-    splits = max(1, min(-(-device.num_sms // programs), -(-tiles // 2), 16))
-    return -(-tiles // -(-tiles // splits))
+
+    def count(cap: int) -> int:  # relay_prefix.MAX_SPLITS / MAX_FUSED_SPLITS
+        splits = max(1, min(-(-device.num_sms // programs), -(-tiles // 2), cap))
+        return -(-tiles // -(-tiles // splits))
+
+    wide = count(16)
+    return 1 << (wide.bit_length() - 1) if wide >= REDUCE_FROM_SPLITS else count(4)
 
 
 def plain_time(group: GroupShape, shape: AttentionShape, device: DeviceModel) -> float:
@@ -160,9 +169,10 @@ def plain_time(group: GroupShape, shape: AttentionShape, device: DeviceModel) ->
 
 def relay_time(group: GroupShape, shape: AttentionShape, device: DeviceModel) -> float:
     """Seconds the prefix pass (and the fused merge's partial traffic) spends on this group."""
+    splits = prefix_splits(group, shape, device)
     partial = (
         2
-        * prefix_splits(group, shape, device)
+        * splits
         * group.num_query_tokens
         * shape.num_q_heads
         * shape.head_size
@@ -173,7 +183,8 @@ def relay_time(group: GroupShape, shape: AttentionShape, device: DeviceModel) ->
         + group.num_query_tokens * shape.q_bytes_per_token
         + partial
     ) / device.hbm_bytes_per_s
-    return max(memory, _flops(group, shape) / device.relay_flops_per_s)
+    reduce = device.launch_s if splits >= REDUCE_FROM_SPLITS else 0.0
+    return max(memory, _flops(group, shape) / device.relay_flops_per_s) + reduce
 
 
 def _next_pow2(n: int) -> int:

@@ -6,11 +6,12 @@ the shared KV once per batch instead of once per request (RelayAttention, Zhu et
 vLLM's cascade attention is the one-group case). Launches per call:
 
     relay_prefix_partials  all groups' tokens x shared KV     -> fp32 partial states (split prefix)
+    (merge_partial_states  a small group's 8-16 prefix splits  -> one partial state)
     paged_suffix           each request's own KV, causal       -> out (merge fused in its epilogue)
     merge_partial_states   only when the suffix is split       -> out
 
-or, on CUDA by default ("overlap"), the prefix pass on a side stream concurrent with the suffix pass
-and one merge_attn_states after the join (see `relay_attention`).
+or ("overlap") the prefix pass on a side stream concurrent with the suffix pass and one
+merge_attn_states after the join (see `relay_attention`).
 
 Convention: lse: float32, natural log, [num_heads, num_tokens].
 
@@ -255,11 +256,16 @@ def relay_attention(
       "fused"   prefix partials, then the suffix kernel folds them in (2 launches, one stream)
       "overlap" prefix pass on a side CUDA stream, concurrent with the suffix pass, then
                 merge_attn_states: the prefix pass's latency hides under the suffix's, and its
-                splits are not capped by the suffix epilogue. On an H100 (CUDA graphs) it beat
-                "fused" by 8-10 us at batch 32-64, by 27 us at 8 GQA requests / prefix 4096, and
-                was within 1.3% either way at batch 128-256 (measured)
+                splits are not capped by the suffix epilogue. On an H100 (CUDA graphs), before
+                the changes below (session 13), it beat "fused" by 8-10 us at batch 32-64, by
+                27 us at 8 GQA requests / prefix 4096, and was within 1.3% either way at batch
+                128-256 (measured)
       "serial"  prefix, suffix, merge_attn_states on one stream (vLLM's cascade shape)
-      "auto"    "overlap" on CUDA, "fused" elsewhere (the CPU interpreter has no streams)
+      "auto"    "fused", what the CUDA backend runs (kernels/replay.py records its launches once
+                per step): with the block ids prefetched (_paged_attend.py) and a small group's
+                8-16 prefix splits reduced before the suffix reads them (_pick_num_splits) it was
+                at most 1% behind "overlap" at batch 8-64 and 9-11% ahead for GQA on an H100
+                (benchmarks/results/kernels/h100.md)
     Fork/join on the side stream is CUDA-graph safe. `validate` (default: only when the tensors
     are on the CPU, where it is cheap) runs `meta.validate`. The *_splits / *_config arguments
     override the launchers' choices (for tests and tuning).
@@ -269,7 +275,7 @@ def relay_attention(
     if validate if validate is not None else query.device.type == "cpu":
         meta.validate(query.shape[0], key_cache.shape[1])
     if schedule == "auto":
-        schedule = "overlap" if query.is_cuda else "fused"
+        schedule = "fused"
     out = torch.empty_like(query) if out is None else out
     lse = (
         torch.empty(query.shape[1], query.shape[0], dtype=torch.float32, device=query.device)

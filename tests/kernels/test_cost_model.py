@@ -3,7 +3,11 @@
 import pytest
 from edgeprompt_vllm.kernels import cost_model as cm
 from edgeprompt_vllm.kernels._launch import cdiv
-from edgeprompt_vllm.kernels.relay_prefix import _pick_num_splits, _prefix_config
+from edgeprompt_vllm.kernels.relay_prefix import (
+    REDUCE_FROM_SPLITS,
+    _pick_num_splits,
+    _prefix_config,
+)
 
 LLAMA2_7B = cm.AttentionShape(num_q_heads=32, num_kv_heads=32, head_size=128)
 GQA = cm.AttentionShape(num_q_heads=32, num_kv_heads=8, head_size=128)
@@ -77,9 +81,10 @@ def test_prefix_splits_mirror_the_launcher(shape, tokens, prefix_len):
     cfg = _prefix_config(qpk, shape.head_size, tokens)
     m_tiles = cdiv(tokens, cfg["BLOCK_T"])
     want = _pick_num_splits(
-        m_tiles * shape.num_kv_heads, prefix_len, cfg["TILE_N"], cm.H100.num_sms, fused=False
+        m_tiles * shape.num_kv_heads, prefix_len, cfg["TILE_N"], cm.H100.num_sms, fused=True
     )
     assert cm.prefix_splits(cm.GroupShape(tokens, tokens, prefix_len), shape, cm.H100) == want
+    assert cm.REDUCE_FROM_SPLITS == REDUCE_FROM_SPLITS
 
 
 def test_every_constant_says_whether_it_was_measured():
