@@ -219,6 +219,10 @@ VARIANTS = {
         "prefix split count 4 (the fused schedule's cap before session 13: no reduce launch)",
         lambda s: dict(prefix_splits=4),
     ),
+    "prefix_z8": ("prefix split count 8 (fused: reduced by a merge launch first)",
+                  lambda s: dict(prefix_splits=8)),
+    "prefix_z16": ("prefix split count 16 (fused: reduced by a merge launch first)",
+                   lambda s: dict(prefix_splits=16)),
     "suffix_s2": _suffix_only("suffix 2 stages (one K/V buffer, 38 KB)", num_stages=2),
     "suffix_n32s3": _suffix_only("suffix 32-key tiles, 3 stages (2 K/V buffers, 37 KB)", TILE_N=32),
     # With the K/V loads in flight, a prefix program needs 214 registers and 112 KB (3 stages):

@@ -30,7 +30,7 @@ benchmarks/benchmark_kernels.py, which prints this model's choice next to the me
 
 from dataclasses import dataclass, field
 
-REDUCE_FROM_SPLITS = 8  # relay_prefix.REDUCE_FROM_SPLITS (a test keeps them equal)
+REDUCE_FROM_SPLITS, REDUCE_FROM_TILES = 8, 16  # as in relay_prefix (a test keeps them equal)
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,8 @@ def prefix_splits(group: GroupShape, shape: AttentionShape, device: DeviceModel)
         splits = max(1, min(-(-device.num_sms // programs), -(-tiles // 2), cap))
         return -(-tiles // -(-tiles // splits))
 
-    wide = count(16)
-    return 1 << (wide.bit_length() - 1) if wide >= REDUCE_FROM_SPLITS else count(4)
+    wide, long_splits = count(16), -(-tiles // 4) >= REDUCE_FROM_TILES
+    return 1 << (wide.bit_length() - 1) if wide >= REDUCE_FROM_SPLITS and long_splits else count(4)
 
 
 def plain_time(group: GroupShape, shape: AttentionShape, device: DeviceModel) -> float:

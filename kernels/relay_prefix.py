@@ -49,7 +49,8 @@ from .merge import finalize_state, merge_partial_states
 from .paged_suffix import attend_ref
 
 MAX_FUSED_SPLITS, MAX_SPLITS = 4, 16  # see _pick_num_splits
-REDUCE_FROM_SPLITS = 2 * MAX_FUSED_SPLITS  # fused schedule: reduce this many splits first
+REDUCE_FROM_SPLITS = 2 * MAX_FUSED_SPLITS  # fused schedule: reduce this many splits first...
+REDUCE_FROM_TILES = 16  # ...where the cap would leave a split this many tiles (_pick_num_splits)
 BIG_ROWS = 4096  # rows (tokens x padded heads per KV head) from which prefill tiles are used
 LARGE_DECODE_ROWS = 512  # rows from which decode tiles take 32 keys (see _prefix_config)
 SPLIT_POLICIES = ("fill", "balanced")  # see _pick_num_splits
@@ -329,12 +330,14 @@ def _pick_num_splits(
     prefix pass itself was fastest at 4-8, so 4 is the cap there (measured). Reduced by
     merge_partial_states instead, 16 is the cap, for long prefixes with few programs (8 GQA
     requests, prefix 4096: 8 programs without splits). `fused` takes that count too where it is
-    >= REDUCE_FROM_SPLITS (the cap of 4 would leave over half the SMs idle), rounded down to 8 or
-    16 (a merge variant each, compiled at start-up by attention/warmup.py): the launcher then
-    reduces the parts before the suffix folds in one. On an H100 the fused call at 8 GQA requests
-    / prefix 4096 was 8% slower than FA3 over the full block table with 4 splits, while relay_3k
-    (16 splits reduced, then merged after the suffix) was 1% slower (benchmark_kernels.py,
-    benchmarks/results/kernels/h100.md). The count is rebalanced so no split is empty.
+    >= REDUCE_FROM_SPLITS (the cap of 4 would leave over half the SMs idle) and the cap would
+    leave each split >= REDUCE_FROM_TILES tiles, rounded down to 8 or 16 (a merge variant each,
+    compiled at start-up by attention/warmup.py): the launcher then reduces the parts before the
+    suffix folds in one. On an H100 (benchmarks/results/kernels/prefetch_h100_session13.md) that
+    took 8 GQA requests at prefix 4096 from 0.0447 to 0.0383 ms (16 tiles per split at the cap),
+    but 32 at prefix 1024 (4 tiles per split) from 0.0496 to 0.0584: there the extra launch, and
+    the suffix no longer starting early (PDL), cost more than the shorter splits save.
+    The count is rebalanced so no split is empty (except, rounded down to 8 or 16, the last).
     policy "balanced" (a knob, for measuring): when splitting, take the count in [that one, the cap]
     whose programs fill their waves best (64 programs, 132 SMs: 3 splits leave the second wave 45%
     full, 4 splits fill 97% of two waves; the fewest splits of the best).
@@ -351,7 +354,8 @@ def _pick_num_splits(
     cap = MAX_SPLITS
     if fused:
         wide = rebalanced(min(cdiv(sms, num_programs), limit(cap)))
-        if wide >= REDUCE_FROM_SPLITS:  # 8 or 16 (the merge compiles per count); maybe one empty
+        long_splits = cdiv(max_tiles, MAX_FUSED_SPLITS) >= REDUCE_FROM_TILES
+        if wide >= REDUCE_FROM_SPLITS and long_splits:  # 8 or 16: the merge compiles per count
             return 1 << (wide.bit_length() - 1)
         cap = MAX_FUSED_SPLITS
     splits = max(1, min(cdiv(sms, num_programs), limit(cap)))

@@ -34,14 +34,13 @@ def _frozen_launches(fn):
 @pytest.mark.parametrize("queries_per_kv,num_reqs", [(1, 8), (4, 8), (1, 3)])
 def test_launches_over_an_empty_table_serve_the_groups_written_later(queries_per_kv, num_reqs,
                                                                      capture):
-    """Sized as a GPU with 132 SMs sizes them for a 2048-token bound: 16 prefix splits, reduced
-    by a merge launch before the suffix reads them (4 or 16 programs without splits; the 2-block
-    group's prefix has 1 tile: empty splits); with 3 requests the suffix is split too (forced
-    here: the interpreter's launcher sees 4 SMs), then merged."""
+    """Sized as a GPU with 132 SMs sizes them for a 2048-token bound: 4 prefix splits (the
+    2-block group's prefix has 1 tile: empty splits); with 3 requests the suffix is split too
+    (forced here: the interpreter's launcher sees 4 SMs), then merged."""
     batch = graph_relay.self_check_batch(4 * queries_per_kv, 4, 64, 16, torch.float32, "cpu",
                                          num_reqs)
     launch = graph_relay.launch_kwargs(num_reqs, 4 * queries_per_kv, 4, 64, 2048, 132, pdl=False)
-    assert launch["prefix_splits"] == 16
+    assert launch["prefix_splits"] == 4
     if num_reqs < 8:
         launch["suffix_splits"] = 2
     assert graph_relay.run_self_check(batch, launch, 16, capture, max_seq_len=2048)
@@ -133,3 +132,13 @@ def test_write_step_groups_nothing_without_host_block_ids(monkeypatch):
     monkeypatch.setattr(host_block_table, "is_noted", lambda *_: False)
     assert graph_relay.write_step(table, common, 16, shape, 16) == []
     assert not table.prefix_lens.any() and not table.group_end.any()
+
+
+@pytest.mark.parametrize("capture", [_no_capture, _frozen_launches], ids=["eager", "frozen"])
+def test_a_long_bound_reduces_its_prefix_splits_first(capture):
+    """Sized for a 4096-token bound, 8 tokens take 16 prefix splits (4 would leave 16 tiles each),
+    reduced by a merge launch before the suffix kernel reads them; still exact."""
+    batch = graph_relay.self_check_batch(16, 4, 64, 16, torch.float32, "cpu", 8)
+    launch = graph_relay.launch_kwargs(8, 16, 4, 64, 4096, 132, pdl=False)
+    assert launch["prefix_splits"] == 16
+    assert graph_relay.run_self_check(batch, launch, 16, capture, max_seq_len=4096)

@@ -5,6 +5,7 @@ from edgeprompt_vllm.kernels import cost_model as cm
 from edgeprompt_vllm.kernels._launch import cdiv
 from edgeprompt_vllm.kernels.relay_prefix import (
     REDUCE_FROM_SPLITS,
+    REDUCE_FROM_TILES,
     _pick_num_splits,
     _prefix_config,
 )
@@ -84,7 +85,7 @@ def test_prefix_splits_mirror_the_launcher(shape, tokens, prefix_len):
         m_tiles * shape.num_kv_heads, prefix_len, cfg["TILE_N"], cm.H100.num_sms, fused=True
     )
     assert cm.prefix_splits(cm.GroupShape(tokens, tokens, prefix_len), shape, cm.H100) == want
-    assert cm.REDUCE_FROM_SPLITS == REDUCE_FROM_SPLITS
+    assert (cm.REDUCE_FROM_SPLITS, cm.REDUCE_FROM_TILES) == (REDUCE_FROM_SPLITS, REDUCE_FROM_TILES)
 
 
 def test_every_constant_says_whether_it_was_measured():

@@ -190,6 +190,7 @@ def test_big_rows_moves_the_prefill_tiles():
         (8, 4096, 64, False, 16, 16),  # 8 GQA requests, long prefix, unfused cap
         (8, 4096, 64, True, 16, 16),  # the same fused: 4 would leave 100 SMs idle, so 16 (reduced)
         (24, 4096, 64, True, 4, 4),  # 6 unfused (< REDUCE_FROM_SPLITS): the fused cap
+        (16, 1024, 64, True, 4, 4),  # 8 unfused, but 4 tiles per split at the cap: no reduce
         (200, 2048, 64, True, 1, 1),  # enough programs: no split either way
         (64, 64, 64, True, 1, 1),  # one tile: nothing to split
     ],
