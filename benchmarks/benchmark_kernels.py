@@ -14,8 +14,7 @@ request's row, as vLLM's prefix cache makes):
     unified     vLLM's Triton unified_attention over the full table
     fa3_suffix  FA3 over each request's own blocks only (the ceiling: the shared prefix for free)
     relay       ours, as the backend calls it: relay_attention's default ("fused") schedule, one
-                stream: prefix partials, then the suffix kernel folds them in (2 launches; 3 when
-                a small group's 8-16 prefix splits are reduced first)
+                stream: prefix partials, then the suffix kernel folds them in (2 launches)
     relay_overlap ours, the prefix pass on a side stream, concurrent with the suffix pass, then one
                 merge (schedule="overlap")
     relay_3k    ours, one stream: prefix, suffix, merge_attn_states

@@ -10,11 +10,13 @@ FLOPs for QK^T and PV):
         every request reads the prefix itself; the first read comes from HBM, re-reads of the
         physically shared blocks mostly from L2 (REREAD, an effective bandwidth: high while the
         prefix KV stays resident in L2, ~7 TB/s once it does not)
-    relay = max(P*kv/HBM + T*q/HBM + 2*S*T*num_q_heads*head_size*4/HBM,  F / RELAY_FLOPS)
-            [+ LAUNCH where S >= 8]
+    relay = max(P*kv/HBM + T*q/HBM + 2*S*T*num_q_heads*head_size*4/HBM,  F / RELAY_FLOPS,
+                ceil(tiles / S) * PREFIX_TILE)
         the prefix pass reads the shared KV once, re-reads the group's queries, and writes S fp32
         partial states that the suffix kernel's epilogue reads back (S = prefix splits of the
-        backend's "fused" schedule; from 8 on a merge launch first reduces them to one)
+        backend's "fused" schedule, at most 4); and each of its programs walks its share of the
+        prefix's key tiles one after another (a small group over a long prefix: few programs,
+        long ones)
 
 The suffix work is the same either way and cancels. A group relays when relay < plain; the batch
 runs the prefix pass only when the groups it would serve save more than one extra launch
@@ -30,8 +32,6 @@ benchmarks/benchmark_kernels.py, which prints this model's choice next to the me
 
 from dataclasses import dataclass, field
 
-REDUCE_FROM_SPLITS, REDUCE_FROM_TILES = 8, 16  # as in relay_prefix (a test keeps them equal)
-
 
 @dataclass(frozen=True)
 class DeviceModel:
@@ -43,6 +43,7 @@ class DeviceModel:
     plain_flops_per_s: float  # dense attention FLOP rate of the plain kernel (FA3 on Hopper)
     relay_flops_per_s: float  # dense FLOP rate of our Triton prefix kernel
     launch_s: float  # one more kernel launch in a CUDA-graph replay, incl. its tail
+    prefix_tile_s: float  # one prefix program's time per key tile (the pass's critical path)
     piecewise_step_s: float  # a decode step run piecewise (attention eager), not as one FULL graph
     num_sms: int
     notes: dict = field(default_factory=dict, compare=False)
@@ -57,6 +58,7 @@ H100 = DeviceModel(
     plain_flops_per_s=6.1e14,
     relay_flops_per_s=2.3e14,
     launch_s=5e-6,
+    prefix_tile_s=2.3e-6,
     piecewise_step_s=2e-3,
     num_sms=132,
     notes={
@@ -87,6 +89,12 @@ H100 = DeviceModel(
         "launch_s": (
             "measured: relay on an H100 at batch 64 / prefix 64 costs 3.8 us over FA3 on the own "
             "blocks alone (the merge launch and the partial states); rounded up"
+        ),
+        "prefix_tile_s": (
+            "measured: sweep_relay_decode.py on an H100 (session 13), the prefix pass alone of 8 "
+            "GQA decode requests over a 4096-token prefix, 4 splits of 16 tiles of 64 keys: "
+            "0.0373 ms, 2.3 us a tile (batch 32-64 / prefix 1024, 4 tiles a split: 0.0145-0.0149 "
+            "ms, about 5 us of launch plus 2.4 us a tile)"
         ),
         "piecewise_step_s": (
             "guessed between two H100 measurements (benchmarks/results/README.md): at large "
@@ -134,6 +142,14 @@ class GroupDecision:
         return self.plain_s - self.relay_s
 
 
+def prefix_tiles(group: GroupShape, shape: AttentionShape) -> int:
+    """Key tiles of the group's prefix in the prefix pass (relay_prefix._prefix_config's TILE_N)."""
+    qpk_pad = _next_pow2(shape.num_q_heads // shape.num_kv_heads)
+    rows = _next_pow2(max(group.num_query_tokens, 1) * qpk_pad)
+    small_tiles = rows >= 512 or shape.head_size > 128  # relay_prefix.LARGE_DECODE_ROWS, BIG_ROWS
+    return max(-(-group.prefix_len // (32 if small_tiles else 64)), 1)
+
+
 def prefix_splits(group: GroupShape, shape: AttentionShape, device: DeviceModel) -> int:
     """The prefix split count relay_prefix's launcher picks for this group alone, as the backend's
     "fused" schedule runs it (mirrors relay_prefix._prefix_config and _pick_num_splits with
@@ -143,16 +159,10 @@ def prefix_splits(group: GroupShape, shape: AttentionShape, device: DeviceModel)
     big = rows >= 4096  # relay_prefix.BIG_ROWS
     block_m = max(128 if big else min(max(rows, 16), 64), qpk_pad)
     m_tiles = max(-(-group.num_query_tokens // max(block_m // qpk_pad, 1)), 1)
-    small_tiles = big or rows >= 512 or shape.head_size > 128  # relay_prefix.LARGE_DECODE_ROWS
-    tiles = max(-(-group.prefix_len // (32 if small_tiles else 64)), 1)
+    tiles = prefix_tiles(group, shape)
     programs = max(m_tiles * shape.num_kv_heads, 1)
-
-    def count(cap: int) -> int:  # relay_prefix.MAX_SPLITS / MAX_FUSED_SPLITS
-        splits = max(1, min(-(-device.num_sms // programs), -(-tiles // 2), cap))
-        return -(-tiles // -(-tiles // splits))
-
-    wide, long_splits = count(16), -(-tiles // 4) >= REDUCE_FROM_TILES
-    return 1 << (wide.bit_length() - 1) if wide >= REDUCE_FROM_SPLITS and long_splits else count(4)
+    splits = max(1, min(-(-device.num_sms // programs), -(-tiles // 2), 4))  # MAX_FUSED_SPLITS
+    return -(-tiles // -(-tiles // splits))
 
 
 def plain_time(group: GroupShape, shape: AttentionShape, device: DeviceModel) -> float:
@@ -183,8 +193,8 @@ def relay_time(group: GroupShape, shape: AttentionShape, device: DeviceModel) ->
         + group.num_query_tokens * shape.q_bytes_per_token
         + partial
     ) / device.hbm_bytes_per_s
-    reduce = device.launch_s if splits >= REDUCE_FROM_SPLITS else 0.0
-    return max(memory, _flops(group, shape) / device.relay_flops_per_s) + reduce
+    critical_path = -(-prefix_tiles(group, shape) // splits) * device.prefix_tile_s
+    return max(memory, _flops(group, shape) / device.relay_flops_per_s, critical_path)
 
 
 def _next_pow2(n: int) -> int:

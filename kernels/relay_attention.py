@@ -6,7 +6,6 @@ the shared KV once per batch instead of once per request (RelayAttention, Zhu et
 vLLM's cascade attention is the one-group case). Launches per call:
 
     relay_prefix_partials  all groups' tokens x shared KV     -> fp32 partial states (split prefix)
-    (merge_partial_states  a small group's 8-16 prefix splits  -> one partial state)
     paged_suffix           each request's own KV, causal       -> out (merge fused in its epilogue)
     merge_partial_states   only when the suffix is split       -> out
 
@@ -262,9 +261,10 @@ def relay_attention(
                 128-256 (measured)
       "serial"  prefix, suffix, merge_attn_states on one stream (vLLM's cascade shape)
       "auto"    "fused", what the CUDA backend runs (kernels/replay.py records its launches once
-                per step): with the block ids prefetched (_paged_attend.py) and a small group's
-                8-16 prefix splits reduced before the suffix reads them (_pick_num_splits) it was
-                at most 1% behind "overlap" at batch 8-64 and 9-11% ahead for GQA on an H100
+                per step). With the block ids prefetched (_paged_attend.py) it was 0.3-15% faster
+                than "overlap" on every decode shape of benchmark_kernels.py on an H100 but one:
+                8 GQA requests over a 4096-token prefix (14% slower; its 4 prefix splits walk 16
+                tiles each), where the cost model sends the group to FlashAttention instead
                 (benchmarks/results/kernels/h100.md)
     Fork/join on the side stream is CUDA-graph safe. `validate` (default: only when the tensors
     are on the CPU, where it is cheap) runs `meta.validate`. The *_splits / *_config arguments

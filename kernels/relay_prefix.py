@@ -19,8 +19,7 @@ query head that shares it). The prefix is split over NUM_SPLITS programs where t
 (flash-decoding style: one decode group of 64 tokens has only num_kv_heads M tiles); each split
 writes an fp32 partial state. `relay_prefix` reduces the splits itself (merge_partial_states; the
 "overlap" schedule of relay_attention runs it on a side stream); `relay_prefix_partials` leaves
-them to the suffix kernel's epilogue (the default "fused" schedule, see paged_suffix.py), reduced
-to one first where a small group takes 8-16 splits (_pick_num_splits).
+them to the suffix kernel's epilogue (the default "fused" schedule, see paged_suffix.py).
 
 Convention: lse: float32, natural log, [num_heads, num_tokens] (vLLM's merge_attn_states layout).
 """
@@ -49,8 +48,6 @@ from .merge import finalize_state, merge_partial_states
 from .paged_suffix import attend_ref
 
 MAX_FUSED_SPLITS, MAX_SPLITS = 4, 16  # see _pick_num_splits
-REDUCE_FROM_SPLITS = 2 * MAX_FUSED_SPLITS  # fused schedule: reduce this many splits first...
-REDUCE_FROM_TILES = 16  # ...where the cap would leave a split this many tiles (_pick_num_splits)
 BIG_ROWS = 4096  # rows (tokens x padded heads per KV head) from which prefill tiles are used
 LARGE_DECODE_ROWS = 512  # rows from which decode tiles take 32 keys (see _prefix_config)
 SPLIT_POLICIES = ("fill", "balanced")  # see _pick_num_splits
@@ -136,12 +133,10 @@ def relay_prefix_partials(
     fill_empty: bool = False,
     group_token_index: torch.Tensor | None = None,  # [num_positions] int32, see the module doc
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefix states: ([num_parts, num_tokens, num_q_heads, head_size] fp32,
-    [num_parts, num_q_heads, num_tokens] fp32), one part per split. Rows of tokens outside every
-    group are left unwritten unless `fill_empty` (then their lse is -inf). `fused`: the states go
-    to the suffix kernel's epilogue, which folds in at most MAX_FUSED_SPLITS parts; with more
-    splits (_pick_num_splits: a small group over a long prefix) merge_partial_states reduces them
-    to one part here first (one more launch)."""
+    """Unreduced prefix states: ([num_splits, num_tokens, num_q_heads, head_size] fp32,
+    [num_splits, num_q_heads, num_tokens] fp32). Rows of tokens outside every group are left
+    unwritten unless `fill_empty` (then their lse is -inf). `fused`: the states go to the suffix
+    kernel's epilogue (at most MAX_FUSED_SPLITS), not to a merge kernel."""
     _check_prefix_args(
         query, query_start_loc, group_req_start, group_req_end, group_block_table, group_prefix_len
     )
@@ -177,8 +172,6 @@ def relay_prefix_partials(
             fused,
             knobs["split_policy"],
         )
-    reduce = fused and num_splits > MAX_FUSED_SPLITS
-    fill_empty = fill_empty or reduce  # the merge reads every row
     alloc = torch.full if fill_empty else torch.empty
     extra = (float("-inf"),) if fill_empty else ()
     part_out = torch.empty(
@@ -188,7 +181,7 @@ def relay_prefix_partials(
         (num_splits, num_q_heads, num_tokens), *extra, dtype=torch.float32, device=query.device
     )
     if num_groups == 0 or num_tokens == 0 or max_group_query_len == 0:
-        return (part_out[:1], part_lse[:1]) if reduce else (part_out, part_lse)
+        return part_out, part_lse
     upcast, precision = dot_flags(query.dtype)
     cfg["LAUNCH_DEPENDENTS"] = bool(cfg["LAUNCH_DEPENDENTS"]) and supports_pdl(query)
     grid = (num_groups * m_tiles, num_kv_heads, num_splits)
@@ -232,10 +225,6 @@ def relay_prefix_partials(
         DOT_PRECISION=precision,
         **cfg,
     )
-    if reduce:  # one part for the suffix kernel's epilogue
-        red_out, red_lse = torch.empty_like(part_out[:1]), torch.empty_like(part_lse[:1])
-        merge_partial_states(red_out[0], part_out, part_lse, red_lse[0])
-        return red_out, red_lse
     return part_out, part_lse
 
 
@@ -329,40 +318,20 @@ def _pick_num_splits(
     prefix 1024) the fused suffix took +4 / +9 / +32 / +60 us for 2 / 4 / 8 / 16 splits while the
     prefix pass itself was fastest at 4-8, so 4 is the cap there (measured). Reduced by
     merge_partial_states instead, 16 is the cap, for long prefixes with few programs (8 GQA
-    requests, prefix 4096: 8 programs without splits). `fused` takes that count too where it is
-    >= REDUCE_FROM_SPLITS (the cap of 4 would leave over half the SMs idle) and the cap would
-    leave each split >= REDUCE_FROM_TILES tiles, rounded down to 8 or 16 (a merge variant each,
-    compiled at start-up by attention/warmup.py): the launcher then reduces the parts before the
-    suffix folds in one. On an H100 (benchmarks/results/kernels/prefetch_h100_session13.md) that
-    took 8 GQA requests at prefix 4096 from 0.0447 to 0.0383 ms (16 tiles per split at the cap),
-    but 32 at prefix 1024 (4 tiles per split) from 0.0496 to 0.0584: there the extra launch, and
-    the suffix no longer starting early (PDL), cost more than the shorter splits save.
-    The count is rebalanced so no split is empty (except, rounded down to 8 or 16, the last).
+    requests, prefix 4096: 8 programs without splits). The count is rebalanced so no split is empty.
     policy "balanced" (a knob, for measuring): when splitting, take the count in [that one, the cap]
     whose programs fill their waves best (64 programs, 132 SMs: 3 splits leave the second wave 45%
     full, 4 splits fill 97% of two waves; the fewest splits of the best).
     """
+    cap = MAX_FUSED_SPLITS if fused else MAX_SPLITS
     max_tiles = max(cdiv(max_prefix_len, tile_n), 1)
+    limit = max(1, min(cdiv(max_tiles, 2), cap))
     num_programs = max(num_programs, 1)
-
-    def limit(cap: int) -> int:
-        return max(1, min(cdiv(max_tiles, 2), cap))
-
-    def rebalanced(splits: int) -> int:
-        return cdiv(max_tiles, cdiv(max_tiles, splits))
-
-    cap = MAX_SPLITS
-    if fused:
-        wide = rebalanced(min(cdiv(sms, num_programs), limit(cap)))
-        long_splits = cdiv(max_tiles, MAX_FUSED_SPLITS) >= REDUCE_FROM_TILES
-        if wide >= REDUCE_FROM_SPLITS and long_splits:  # 8 or 16: the merge compiles per count
-            return 1 << (wide.bit_length() - 1)
-        cap = MAX_FUSED_SPLITS
-    splits = max(1, min(cdiv(sms, num_programs), limit(cap)))
+    splits = max(1, min(cdiv(sms, num_programs), limit))
     if policy == "balanced" and num_programs < sms:
-        fill = {s: round(wave_fill(num_programs * s, sms), 6) for s in range(splits, limit(cap) + 1)}
+        fill = {s: round(wave_fill(num_programs * s, sms), 6) for s in range(splits, limit + 1)}
         splits = max(fill, key=lambda s: (fill[s], -s))
-    return rebalanced(splits)
+    return cdiv(max_tiles, cdiv(max_tiles, splits))
 
 
 def wave_fill(programs: int, sms: int) -> float:

@@ -33,15 +33,13 @@ def warm_up_relay_kernels(num_q_heads: int, num_kv_heads: int, head_size: int, b
                           dtype: torch.dtype, device: torch.device, max_num_seqs: int,
                           max_model_len: int) -> tuple[int, float]:
     """Run decode batches over the ladder; returns (batches run, seconds). Every request of a dummy
-    batch reads the same blocks, so the caches stay small (at most ~6k tokens of KV)."""
+    batch reads the same blocks, so the caches stay small (at most ~4k tokens of KV)."""
     start = time.perf_counter()
     max_len = min(max_model_len, 4096)
-    # Prefix splits stop growing at 8 tiles of 64 keys, or at 32 for a group small enough to take
-    # 8 or 16 (reduced by a merge first, relay_prefix._pick_num_splits): the longest prefix
-    # reaches them where max_model_len allows; own lengths step the suffix split count (one split
-    # per 256 keys, rounded to a power of two).
-    longest = {max(1, (max_len // 2) // block_size), max(1, (max_len - 1) // block_size)}
-    prefix_blocks = sorted({b for b in (1, 2, 4, 8, 16, 32) if b * block_size < max_len} | longest)
+    # Prefix splits stop growing at 8 tiles of 64 keys; own lengths step the suffix split count
+    # (one split per 256 keys, rounded to a power of two).
+    prefix_blocks = sorted({b for b in (1, 2, 4, 8, 16, 32) if b * block_size < max_len}
+                           | {max(1, (max_len // 2) // block_size)})
     own_lens = sorted({n for n in (1, 256, 512, 1024, 2048, 4096) if n < max_len} | {max_len // 2})
     n_prefix = max(prefix_blocks)
     num_blocks = n_prefix + -(-max(own_lens) // block_size)

@@ -132,13 +132,3 @@ def test_write_step_groups_nothing_without_host_block_ids(monkeypatch):
     monkeypatch.setattr(host_block_table, "is_noted", lambda *_: False)
     assert graph_relay.write_step(table, common, 16, shape, 16) == []
     assert not table.prefix_lens.any() and not table.group_end.any()
-
-
-@pytest.mark.parametrize("capture", [_no_capture, _frozen_launches], ids=["eager", "frozen"])
-def test_a_long_bound_reduces_its_prefix_splits_first(capture):
-    """Sized for a 4096-token bound, 8 tokens take 16 prefix splits (4 would leave 16 tiles each),
-    reduced by a merge launch before the suffix kernel reads them; still exact."""
-    batch = graph_relay.self_check_batch(16, 4, 64, 16, torch.float32, "cpu", 8)
-    launch = graph_relay.launch_kwargs(8, 16, 4, 64, 4096, 132, pdl=False)
-    assert launch["prefix_splits"] == 16
-    assert graph_relay.run_self_check(batch, launch, 16, capture, max_seq_len=4096)

@@ -5,17 +5,12 @@ import functools
 import pytest
 import torch
 from edgeprompt_vllm.kernels import (
-    _launch,
     merge_partial_states,
     relay_prefix,
     relay_prefix_partials,
     relay_prefix_ref,
 )
-from edgeprompt_vllm.kernels.relay_prefix import (
-    MAX_FUSED_SPLITS,
-    _pick_num_splits,
-    _prefix_config,
-)
+from edgeprompt_vllm.kernels.relay_prefix import _pick_num_splits, _prefix_config
 
 # name: (make_batch kwargs, relay_prefix kwargs).
 # make_batch defaults: fp16, 2 KV heads, MHA, head 64, block 16.
@@ -108,25 +103,6 @@ def test_partials_reduce_to_relay_prefix(make_batch, check_attention):
     check_attention((out, lse), relay_prefix_ref(*_args(batch)), batch.query.dtype)
 
 
-def test_fused_partials_past_the_cap_come_reduced(make_batch, check_attention, monkeypatch):
-    """Fused with more than MAX_FUSED_SPLITS splits: the parts are reduced to one (a merge launch)
-    before the suffix kernel's epilogue reads them; tokens outside every group get an empty state."""
-    launches = []
-    record = lambda kernel, grid, kw, compiled: launches.append(kernel)  # noqa: E731
-    monkeypatch.setattr(_launch, "RECORDER", record)
-    batch = make_batch(
-        queries_per_kv=4, query_lens=[1, 1, 1, 1], own_lens=[2, 2, 2, 2], groups=[(0, 3, 160)],
-        seed=13,
-    )  # fmt: skip
-    parts = relay_prefix_partials(*_args(batch), num_splits=MAX_FUSED_SPLITS + 1, fused=True)
-    assert parts[0].shape[0] == parts[1].shape[0] == 1 and len(launches) == 2  # prefix, merge
-    check_attention((parts[0][0], parts[1][0]), relay_prefix_ref(*_args(batch)), batch.query.dtype)
-    assert torch.isneginf(parts[1][0][:, 3]).all() and torch.all(parts[0][0][3] == 0)
-    launches.clear()
-    parts = relay_prefix_partials(*_args(batch), num_splits=MAX_FUSED_SPLITS, fused=True)
-    assert parts[0].shape[0] == MAX_FUSED_SPLITS and len(launches) == 1  # left to the suffix
-
-
 def test_relay_prefix_rejects_bad_arguments(make_batch):
     batch = make_batch(query_lens=[1, 1], own_lens=[2, 2], groups=[(0, 2, 16)])
     args = list(_args(batch))
@@ -188,9 +164,6 @@ def test_big_rows_moves_the_prefill_tiles():
         (128, 2048, 64, True, 2, 2),  # MHA batch 256: already 97% of one wave
         (32, 1024, 64, True, 4, 4),  # batch 64: at the fused cap either way
         (8, 4096, 64, False, 16, 16),  # 8 GQA requests, long prefix, unfused cap
-        (8, 4096, 64, True, 16, 16),  # the same fused: 4 would leave 100 SMs idle, so 16 (reduced)
-        (24, 4096, 64, True, 4, 4),  # 6 unfused (< REDUCE_FROM_SPLITS): the fused cap
-        (16, 1024, 64, True, 4, 4),  # 8 unfused, but 4 tiles per split at the cap: no reduce
         (200, 2048, 64, True, 1, 1),  # enough programs: no split either way
         (64, 64, 64, True, 1, 1),  # one tile: nothing to split
     ],
