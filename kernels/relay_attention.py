@@ -256,9 +256,9 @@ def relay_attention(
       "overlap" prefix pass on a side CUDA stream, concurrent with the suffix pass, then
                 merge_attn_states: the prefix pass's latency hides under the suffix's, and its
                 splits are not capped by the suffix epilogue. On an H100 (CUDA graphs), before
-                the changes below (session 13), it beat "fused" by 8-10 us at batch 32-64, by
-                27 us at 8 GQA requests / prefix 4096, and was within 1.3% either way at batch
-                128-256 (measured)
+                session 13's kernel changes, it beat "fused" by 8-10 us at batch 32-64, by 27 us
+                at 8 GQA requests / prefix 4096, and was within 1.3% either way at batch 128-256
+                (measured)
       "serial"  prefix, suffix, merge_attn_states on one stream (vLLM's cascade shape)
       "auto"    "fused", what the CUDA backend runs (kernels/replay.py records its launches once
                 per step). With the block ids prefetched (_paged_attend.py) it was 0.3-15% faster

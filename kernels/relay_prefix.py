@@ -273,7 +273,7 @@ def _prefix_config(
     Decode-sized: TILE_N = 64 keys (16 KB per K/V tile at head 128 fp16), 4 warps, 3 stages: with
     PREFETCH_BLOCK_IDS three K/V buffers (112 KB, 214 registers: 2 programs per SM), two tiles in
     flight; 2 stages were 10-20% slower on the GQA prefix passes of batch 128-256 on an H100.
-    From LARGE_DECODE_ROWS rows (a GQA-4 group of >= 128 requests) 32-key tiles (64 KB, 172
+    From LARGE_DECODE_ROWS rows (a GQA-4 group of over 64 requests) 32-key tiles (64 KB, 172
     registers): the pass itself is 5-8% slower, but two of its programs leave room for a suffix
     program on the SM, so the fused call was up to 4% faster at batch 256-512 (within 0.3% at
     batch 128 and at (512, 4096); benchmarks/results/kernels/prefetch_h100_session13.md).
