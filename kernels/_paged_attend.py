@@ -157,8 +157,7 @@ def _attend_loop(
             blk = next_blk
             next_blk = _tile_block_ids(block_row_ptr, key_pos + TILE_N, kv_hi, BLOCK_SIZE)
         elif MASKED:
-            blk = tl.load(block_row_ptr + key_pos // BLOCK_SIZE, mask=in_range, other=0)
-            blk = blk.to(tl.int64)
+            blk = _tile_block_ids(block_row_ptr, key_pos, kv_hi, BLOCK_SIZE)
         else:
             blk = tl.load(block_row_ptr + key_pos // BLOCK_SIZE).to(tl.int64)
         slot = key_pos % BLOCK_SIZE

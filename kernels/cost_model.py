@@ -142,10 +142,15 @@ class GroupDecision:
         return self.plain_s - self.relay_s
 
 
+def _prefix_rows(group: GroupShape, shape: AttentionShape) -> tuple[int, int]:
+    """(padded query heads per KV head, rows per KV head) of the prefix pass's dot."""
+    qpk_pad = _next_pow2(shape.num_q_heads // shape.num_kv_heads)
+    return qpk_pad, _next_pow2(max(group.num_query_tokens, 1) * qpk_pad)
+
+
 def prefix_tiles(group: GroupShape, shape: AttentionShape) -> int:
     """Key tiles of the group's prefix in the prefix pass (relay_prefix._prefix_config's TILE_N)."""
-    qpk_pad = _next_pow2(shape.num_q_heads // shape.num_kv_heads)
-    rows = _next_pow2(max(group.num_query_tokens, 1) * qpk_pad)
+    _, rows = _prefix_rows(group, shape)
     small_tiles = rows >= 512 or shape.head_size > 128  # relay_prefix.LARGE_DECODE_ROWS, BIG_ROWS
     return max(-(-group.prefix_len // (32 if small_tiles else 64)), 1)
 
@@ -154,8 +159,7 @@ def prefix_splits(group: GroupShape, shape: AttentionShape, device: DeviceModel)
     """The prefix split count relay_prefix's launcher picks for this group alone, as the backend's
     "fused" schedule runs it (mirrors relay_prefix._prefix_config and _pick_num_splits with
     fused=True; a test keeps them in step)."""
-    qpk_pad = _next_pow2(shape.num_q_heads // shape.num_kv_heads)
-    rows = _next_pow2(max(group.num_query_tokens, 1) * qpk_pad)
+    qpk_pad, rows = _prefix_rows(group, shape)
     big = rows >= 4096  # relay_prefix.BIG_ROWS
     block_m = max(128 if big else min(max(rows, 16), 64), qpk_pad)
     m_tiles = max(-(-group.num_query_tokens // max(block_m // qpk_pad, 1)), 1)

@@ -228,8 +228,9 @@ class SchedulerSide:
         self._matched.pop(request.request_id, None)
         self._lookups.pop(request.request_id, None)
         status = self._status.pop(request.request_id, None)
-        if load is not None and _failed(request):  # policy "fail": vLLM ends it before
-            self._load_failed(load, status)  # update_connector_output runs
+        # policy "fail": vLLM ends the request before update_connector_output runs
+        if load is not None and _failed(request):
+            self._load_failed(load, status)
         if status and status["status"] == "loading":  # no load error came back for it
             status["status"] = "loaded"
         self._stats.request_finished(status)
