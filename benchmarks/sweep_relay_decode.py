@@ -95,9 +95,16 @@ def _suffix_only(doc: str, **knobs) -> tuple:
     return doc, lambda s: dict(suffix_config=dict(knobs))
 
 
-def _big_group_prefix(doc: str, **tiles) -> tuple:
-    """A variant that gives the prefix pass these tiles where a group has >= 512 rows."""
-    return doc, lambda s: dict(prefix_config=dict(tiles) if _rows(s) >= 512 else None)
+def _big_group_prefix(doc: str, splits: int | None = None, **tiles) -> tuple:
+    """A variant that gives the prefix pass these tiles (and `splits` prefix splits, if given)
+    where a group has >= 512 rows."""
+
+    def kwargs(s) -> dict:
+        big = _rows(s) >= 512
+        return dict(prefix_config=dict(tiles) if big else None,
+                    prefix_splits=splits if big else None)
+
+    return doc, kwargs
 
 
 VARIANTS = {
@@ -261,6 +268,26 @@ for _m, _n, _w, _s in [(64, 32, 4, 5), (64, 32, 4, 4), (64, 32, 4, 6), (64, 32, 
     VARIANTS[f"prefix_{_m}x{_n}" + (f"w{_w}" if _w != 4 else f"s{_s}")] = _big_group_prefix(
         f"prefix tiles {_m}x{_n}, {_w} warps, {_s} stages where rows >= 512",
         BLOCK_M=_m, TILE_N=_n, num_warps=_w, num_stages=_s,
+    )
+
+# Session 14: the prefix pass of a 256-request GQA group reads its shared K/V from L2 once per
+# 64-row program: 268 MB at prefix 4096, 3.8 TB/s in its 0.07 ms, competing with the suffix's own
+# stream. 128 or 256 rows per program read it half or a quarter as often; the split count is
+# forced so the programs fill the SMs once (64 x 2 or 32 x 4 = 128 programs on 132 SMs).
+for _m, _n, _w, _s, _z in [(128, 32, 8, 3, 2), (128, 32, 8, 4, 2), (128, 64, 8, 2, 2),
+                           (128, 32, 8, 3, None), (256, 32, 16, 2, 4), (256, 32, 16, 3, 4)]:
+    VARIANTS[f"prefix_{_m}x{_n}w{_w}s{_s}" + (f"_z{_z}" if _z else "")] = _big_group_prefix(
+        f"prefix tiles {_m}x{_n}, {_w} warps, {_s} stages"
+        + (f", {_z} splits" if _z else "") + " where rows >= 512",
+        splits=_z, BLOCK_M=_m, TILE_N=_n, num_warps=_w, num_stages=_s,
+    )
+# Without masks on full tiles (UNMASKED_FULL_TILES), 64x32 prefix programs need 163 registers,
+# not 172: three fit an SM, so 3 splits (384 programs) run at once.
+for _m, _n, _w, _s, _z in [(64, 32, 4, 3, None), (64, 32, 4, 3, 3), (128, 32, 8, 3, 2)]:
+    VARIANTS[f"prefix_{_m}x{_n}w{_w}s{_s}_um" + (f"_z{_z}" if _z else "")] = _big_group_prefix(
+        f"prefix tiles {_m}x{_n}, {_w} warps, {_s} stages, no masks on full tiles"
+        + (f", {_z} splits" if _z else "") + " where rows >= 512",
+        splits=_z, BLOCK_M=_m, TILE_N=_n, num_warps=_w, num_stages=_s, **UNMASKED,
     )
 
 # In this order (a variant runs on every shape before the next starts, so a --budget cut drops

@@ -82,6 +82,14 @@ VARIANTS = {
             suffix_config=dict(UNMASKED_FULL_TILES=True, TILE_N=16, HEAD_FASTEST=True),
         ),
     ),
+    "gqa4_128_row_prefix_tiles": (  # sweep_relay_decode.py's prefix_128x32w8s3_um_z2
+        dict(queries_per_kv=4),
+        dict(
+            schedule="fused",
+            prefix_splits=2,
+            prefix_config=dict(BLOCK_M=128, TILE_N=32, num_warps=8, UNMASKED_FULL_TILES=True),
+        ),
+    ),
 }
 
 
