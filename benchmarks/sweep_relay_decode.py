@@ -283,7 +283,8 @@ for _m, _n, _w, _s, _z in [(128, 32, 8, 3, 2), (128, 32, 8, 4, 2), (128, 64, 8, 
     )
 # Without masks on full tiles (UNMASKED_FULL_TILES), 64x32 prefix programs need 163 registers,
 # not 172: three fit an SM, so 3 splits (384 programs) run at once.
-for _m, _n, _w, _s, _z in [(64, 32, 4, 3, None), (64, 32, 4, 3, 3), (128, 32, 8, 3, 2)]:
+for _m, _n, _w, _s, _z in [(64, 32, 4, 3, None), (64, 32, 4, 3, 3), (128, 32, 8, 3, 2),
+                           (128, 32, 8, 3, 1), (128, 32, 8, 3, None)]:
     VARIANTS[f"prefix_{_m}x{_n}w{_w}s{_s}_um" + (f"_z{_z}" if _z else "")] = _big_group_prefix(
         f"prefix tiles {_m}x{_n}, {_w} warps, {_s} stages, no masks on full tiles"
         + (f", {_z} splits" if _z else "") + " where rows >= 512",
@@ -507,18 +508,54 @@ def run_variant(s, name, batch, ref, base_out, bw, components: bool) -> tuple[di
     return row, out
 
 
+def fa3_prefix_schemes(s, query, kc, vc, meta) -> dict:
+    """FA3's prefix pass over the shared blocks (all queries of the group as one sequence, its
+    query heads packed per KV head), alone at split counts 0 (FA3's choice), 2 and 4; and
+    followed by our suffix kernel folding FA3's (out, lse) in as its one prefix part."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    bt, scale, n_pre = meta.block_table, s.head_size**-0.5, s.prefix // s.block_size
+    T = query.shape[0]
+    cu = torch.tensor([0, T], dtype=torch.int32, device=query.device)
+    seq_pre = torch.tensor([s.prefix], dtype=torch.int32, device=query.device)
+    bt_pre = bt[:1, :n_pre].contiguous()
+
+    def prefix(splits=0):
+        return flash_attn_varlen_func(
+            query, kc, vc, max_seqlen_q=T, cu_seqlens_q=cu, max_seqlen_k=s.prefix,
+            seqused_k=seq_pre, softmax_scale=scale, causal=False, block_table=bt_pre,
+            return_softmax_lse=True, num_splits=splits, fa_version=3,
+        )  # fmt: skip
+
+    def then_suffix(splits):
+        po, pl = prefix(splits)
+        return kernels.paged_suffix(
+            query, kc, vc, meta.query_start_loc, meta.seq_lens, bt, meta.prefix_lens, scale,
+            return_lse=False, prefix_state=(po[None], pl[None]),
+            max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
+        )[0]  # fmt: skip
+
+    out = {f"fa3_prefix_z{z}": (lambda z=z: prefix(z)[0]) for z in (0, 2, 4)}
+    out.update({f"fa3_prefix_z{z}_then_suffix": (lambda z=z: then_suffix(z)) for z in (0, 2, 4)})
+    return out
+
+
 def fa3_rows(s, batch, ref, bw) -> list[dict]:
-    """FA3 over each request's own blocks only (the ceiling: the shared prefix for free), and
-    FA3's prefix pass on a side stream beside our suffix kernel (checked against the reference)."""
+    """FA3 over each request's own blocks only (the ceiling: the shared prefix for free), FA3's
+    prefix pass on a side stream beside our suffix kernel, and FA3's prefix pass alone and then
+    our suffix kernel (fa3_prefix_schemes) (the whole calls checked against the reference)."""
     schemes = bk.make_schemes(kernels, s, *batch)
+    schemes.update(fa3_prefix_schemes(s, *batch))
     rows = []
-    for name, suffix_only in (("fa3_suffix", True), ("fa3_prefix_overlap", False)):
-        if name not in schemes:
+    for name in schemes:
+        if not name.startswith("fa3_") or name == "fa3_full":
             continue
+        suffix_only = name == "fa3_suffix"
+        alone = name.startswith("fa3_prefix_z") and not name.endswith("then_suffix")
         nbytes = bk.problem_bytes(s, suffix_only=suffix_only)
         row = dict(model=s.model, batch=s.batch, prefix=s.prefix, suffix=s.suffix,
                    variant=f"ref:{name}", bytes=nbytes, floor_ms=nbytes / bw * 1e3)
-        if not suffix_only:
+        if not (suffix_only or alone):
             out = schemes[name]().float()
             row["max_err_ref"] = (out - ref).abs().max().item()
             row["pass"] = bool(torch.allclose(out, ref, atol=1e-3, rtol=1e-3))

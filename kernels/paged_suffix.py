@@ -292,7 +292,7 @@ def _check_prefix_state(prefix_state, query) -> None:
     if not (isinstance(prefix_state, tuple) and len(prefix_state) == 2):
         raise ValueError("prefix_state must be a tuple (partial_out, partial_lse)")
     part_out, part_lse = prefix_state
-    check_tensor("prefix_state[0]", part_out, 4, (torch.float32,), query.device)
+    check_tensor("prefix_state[0]", part_out, 4, (torch.float32, query.dtype), query.device)
     check_shape("prefix_state[0]", part_out, (None,) + tuple(query.shape))
     check_tensor("prefix_state[1]", part_lse, 3, (torch.float32,), query.device)
     check_shape("prefix_state[1]", part_lse, (part_out.shape[0], query.shape[1], query.shape[0]))

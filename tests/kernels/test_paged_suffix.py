@@ -126,6 +126,17 @@ def test_fused_prefix_merge_matches_ref(num_splits, make_batch, poisoned, check_
     check_attention(got, want, batch.query.dtype)
 
 
+def test_fused_merge_of_a_prefix_state_in_the_query_dtype(make_batch, poisoned, check_attention):
+    """One prefix part in fp16, as FlashAttention returns its output, folds in like the fp32 one."""
+    batch = make_batch(
+        queries_per_kv=4, query_lens=[1, 2, 1], own_lens=[20, 37, 3], groups=[(0, 2, 48)], seed=7
+    )
+    part_out, part_lse = _prefix_partials(batch, num_splits=1, fused=False)
+    got, _ = _run(batch, poisoned, prefix_state=(part_out.to(torch.float16), part_lse))
+    _, want = _run(batch, poisoned, prefix_state=(part_out, part_lse))
+    check_attention(got, want, batch.query.dtype)
+
+
 def test_paged_suffix_rejects_bad_arguments(make_batch):
     batch = make_batch(query_lens=[1], own_lens=[17])
     m = batch.meta
