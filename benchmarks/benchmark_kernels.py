@@ -14,7 +14,10 @@ request's row, as vLLM's prefix cache makes):
     unified     vLLM's Triton unified_attention over the full table
     fa3_suffix  FA3 over each request's own blocks only (the ceiling: the shared prefix for free)
     relay       ours, as the backend calls it: relay_attention's default ("fused") schedule, one
-                stream: prefix partials, then the suffix kernel folds them in (2 launches)
+                stream: the prefix pass, then the suffix kernel folds its state in (2 launches);
+                the prefix pass is ours or FA3's, as the cost model picks (prefix_pass_by_flash)
+    relay_triton  relay with our Triton prefix pass (partials folded in by the suffix kernel)
+    relay_flash   relay with FA3's prefix pass (kernels/external_prefix.py; needs vLLM)
     relay_overlap ours, the prefix pass on a side stream, concurrent with the suffix pass, then one
                 merge (schedule="overlap")
     relay_3k    ours, one stream: prefix, suffix, merge_attn_states
@@ -44,6 +47,8 @@ SCHEMES = [
     "unified",
     "fa3_suffix",
     "relay",
+    "relay_triton",
+    "relay_flash",
     "relay_overlap",
     "relay_3k",
     "ours_plain",
@@ -207,7 +212,7 @@ def make_schemes(kernels, s: Shape, query, kc, vc, meta, only_ours=False) -> dic
     n_pre = s.prefix // s.block_size
     no_prefix = torch.zeros_like(seq)
     schemes = {
-        "relay": lambda: kernels.relay_attention(query, kc, vc, meta, scale, validate=False),
+        "relay_triton": lambda: kernels.relay_attention(query, kc, vc, meta, scale, validate=False),
         "relay_overlap": lambda: kernels.relay_attention(
             query, kc, vc, meta, scale, validate=False, schedule="overlap"
         ),
@@ -228,6 +233,7 @@ def make_schemes(kernels, s: Shape, query, kc, vc, meta, only_ours=False) -> dic
             max_seq_len=meta.max_seq_len,
         )[0],
     }
+    schemes["relay"] = schemes["relay_triton"]
     if only_ours:
         return schemes
     try:
@@ -287,12 +293,34 @@ def make_schemes(kernels, s: Shape, query, kc, vc, meta, only_ours=False) -> dic
             merge_attn_states(out, po, pl, so, sl)
             return out
 
+        schemes["relay_flash"] = _relay_flash(kernels, query, kc, vc, meta, scale)
+        if _model_picks_flash(kernels.cost_model, s):
+            schemes["relay"] = schemes["relay_flash"]
         schemes["fa3_full"] = lambda: fa(bt, seq, s.prefix + s.suffix, True)
         schemes["cascade"] = cascade
         schemes["fa3_prefix_overlap"] = fa3_prefix_overlap  # not in SCHEMES: sweep_relay_decode --fa3
         schemes["fa3_suffix"] = lambda: fa(own_bt, own_seq, s.suffix, True)
     schemes["unified"] = lambda: _unified(query, kc, vc, qsl, seq, bt, s, scale)
     return schemes
+
+
+def _relay_flash(kernels, query, kc, vc, meta, scale):
+    """relay_attention with FA3's prefix pass, as the CUDA backend calls it (flash_prefix.py)."""
+    import vllm  # noqa: F401  (first: vLLM's attention modules alone import circularly)
+
+    from edgeprompt_vllm.attention.flash_prefix import flash_prefix_attention
+
+    prefix_attention = flash_prefix_attention(3)
+    return lambda: kernels.relay_attention(
+        query, kc, vc, meta, scale, validate=False, prefix_attention=prefix_attention
+    )
+
+
+def _model_picks_flash(cost_model, s: Shape) -> bool:
+    """The backend's choice for this shape's one group: FA3's prefix pass or ours."""
+    groups = [cost_model.GroupShape(s.batch, s.batch * s.query_len, s.prefix)]
+    shape = cost_model.AttentionShape(s.num_q_heads, s.num_kv_heads, s.head_size)
+    return cost_model.prefix_pass_by_flash(groups, cost_model.choose_relay(groups, shape), shape)
 
 
 def _unified(query, kc, vc, qsl, seq, bt, s: Shape, scale):
@@ -380,13 +408,17 @@ def run_benchmark(kernels, shapes, args) -> dict:
             [cost_model.GroupShape(s.batch, s.batch * s.query_len, s.prefix)],
             cost_model.AttentionShape(s.num_q_heads, s.num_kv_heads, s.head_size),
         )
+        choice = "plain"
+        if decision.relay:
+            choice = "relay+fa3" if _model_picks_flash(cost_model, s) else "relay"
+        # the measured winner among the paths the backend can take for the group
+        paths = {"plain": "fa3_full", "relay": "relay_triton", "relay+fa3": "relay_flash"}
+        measured = {k: times[v] for k, v in paths.items() if v in times}
         for row in shape_rows:
-            row["model_choice"] = "relay" if decision.relay else "plain"
+            row["model_choice"] = choice
             if "fa3_full" in times and "ms" in row:
                 row["speedup_vs_fa3"] = times["fa3_full"] / row["ms"]
-                row["measured_winner"] = (
-                    "relay" if times.get("relay", 1e9) < times["fa3_full"] else "plain"
-                )
+                row["measured_winner"] = min(measured, key=measured.get)
         rows += shape_rows
         print(markdown(shape_rows), flush=True)
         del query, kc, vc, meta, schemes, ref
@@ -504,7 +536,13 @@ def _check_runs(kernels, q, kc, vc, meta, scale) -> dict:
 
     no_prefix = torch.zeros_like(meta.seq_lens)
     relay = functools.partial(kernels.relay_attention, q, kc, vc, meta, scale)
-    return {
+    runs = {}
+    if meta.prefix_seq_start_loc is not None:
+        try:
+            runs["relay_flash"] = _relay_flash(kernels, q, kc, vc, meta, scale)
+        except ImportError as e:  # no vLLM: our kernels only
+            print(f"# relay_flash skipped: {e!r}", flush=True)
+    return runs | {
         "relay": relay,
         "relay_overlap": functools.partial(relay, schedule="overlap"),
         "relay_3k": functools.partial(relay, schedule="serial"),

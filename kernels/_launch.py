@@ -23,6 +23,16 @@ def launch(kernel, grid: tuple, **kwargs) -> None:
         RECORDER(kernel, grid, kwargs, compiled)
 
 
+def call(fn, **kwargs) -> None:
+    """`fn(**kwargs)`, another library's kernel (external_prefix.py), reported to the active
+    recorder like a launch (grid None) so that replay.py replays it with the layer's tensors."""
+    global LAST_KERNEL
+    fn(**kwargs)
+    LAST_KERNEL = fn
+    if RECORDER is not None:
+        RECORDER(fn, None, kwargs, None)
+
+
 def follows_launch_of(kernel) -> bool:
     """Whether the latest launch() was of `kernel`: a launch made now follows it on the stream,
     provided the caller enqueued no other kernel in between (used to chain launches with PDL)."""

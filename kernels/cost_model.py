@@ -18,6 +18,10 @@ FLOPs for QK^T and PV):
         prefix's key tiles one after another (a small group over a long prefix: few programs,
         long ones)
 
+A batch's relaying groups then take the prefix pass from FA3 instead of our Triton kernel when
+that is cheaper (prefix_pass_by_flash; CUDA backend): FA3 runs the pass at a higher FLOP rate
+but costs a fixed ~18 us (fa_prefix_time), so it wins on large groups over long prefixes.
+
 The suffix work is the same either way and cancels. A group relays when relay < plain; the batch
 runs the prefix pass only when the groups it would serve save more than one extra launch
 (LAUNCH). Decode is memory-bound, so a shared prefix read n times pays for itself quickly;
@@ -43,7 +47,9 @@ class DeviceModel:
     plain_flops_per_s: float  # dense attention FLOP rate of the plain kernel (FA3 on Hopper)
     relay_flops_per_s: float  # dense FLOP rate of our Triton prefix kernel
     launch_s: float  # one more kernel launch in a CUDA-graph replay, incl. its tail
-    prefix_tile_s: float  # one prefix program's time per key tile (the pass's critical path)
+    prefix_tile_s: float  # one prefix program's time per 64-key tile (the pass's critical path)
+    fa_prefix_fixed_s: float  # FA3's prefix pass (external_prefix.py): its cost at no FLOPs ...
+    fa_prefix_flops_per_s: float  # ... plus the FLOPs at this rate
     piecewise_step_s: float  # a decode step run piecewise (attention eager), not as one FULL graph
     num_sms: int
     notes: dict = field(default_factory=dict, compare=False)
@@ -59,6 +65,8 @@ H100 = DeviceModel(
     relay_flops_per_s=2.3e14,
     launch_s=5e-6,
     prefix_tile_s=2.3e-6,
+    fa_prefix_fixed_s=18e-6,
+    fa_prefix_flops_per_s=6.2e14,
     piecewise_step_s=2e-3,
     num_sms=132,
     notes={
@@ -95,6 +103,16 @@ H100 = DeviceModel(
             "GQA decode requests over a 4096-token prefix, 4 splits of 16 tiles of 64 keys: "
             "0.0373 ms, 2.3 us a tile (batch 32-64 / prefix 1024, 4 tiles a split: 0.0145-0.0149 "
             "ms, about 5 us of launch plus 2.4 us a tile)"
+        ),
+        "fa_prefix_fixed_s": (
+            "measured on an H200 (sweep_relay_decode.py --fa3, session 14): FA3's prefix pass "
+            "alone over 9 decode groups of 2-34 GFLOP fits 18 us + FLOPs / 700 TFLOP/s within "
+            "~20% (2.15 GFLOP: 0.023 ms; 17.2 GFLOP: 0.040-0.050 ms; 34.4 GFLOP: 0.066 ms); "
+            "the fixed part taken for the H100 too (guessed)"
+        ),
+        "fa_prefix_flops_per_s": (
+            "guessed for the H100: the H200's measured 700 TFLOP/s (above) scaled by the SM clocks "
+            "(1.755 / 1.98 GHz)"
         ),
         "piecewise_step_s": (
             "guessed between two H100 measurements (benchmarks/results/README.md): at large "
@@ -148,11 +166,16 @@ def _prefix_rows(group: GroupShape, shape: AttentionShape) -> tuple[int, int]:
     return qpk_pad, _next_pow2(max(group.num_query_tokens, 1) * qpk_pad)
 
 
-def prefix_tiles(group: GroupShape, shape: AttentionShape) -> int:
-    """Key tiles of the group's prefix in the prefix pass (relay_prefix._prefix_config's TILE_N)."""
+def prefix_tile_keys(group: GroupShape, shape: AttentionShape) -> int:
+    """Keys per tile of the prefix pass (relay_prefix._prefix_config's TILE_N)."""
     _, rows = _prefix_rows(group, shape)
     small_tiles = rows >= 512 or shape.head_size > 128  # relay_prefix.LARGE_DECODE_ROWS, BIG_ROWS
-    return max(-(-group.prefix_len // (32 if small_tiles else 64)), 1)
+    return 32 if small_tiles else 64
+
+
+def prefix_tiles(group: GroupShape, shape: AttentionShape) -> int:
+    """Key tiles of the group's prefix in the prefix pass."""
+    return max(-(-group.prefix_len // prefix_tile_keys(group, shape)), 1)
 
 
 def prefix_splits(group: GroupShape, shape: AttentionShape, device: DeviceModel) -> int:
@@ -197,8 +220,30 @@ def relay_time(group: GroupShape, shape: AttentionShape, device: DeviceModel) ->
         + group.num_query_tokens * shape.q_bytes_per_token
         + partial
     ) / device.hbm_bytes_per_s
-    critical_path = -(-prefix_tiles(group, shape) // splits) * device.prefix_tile_s
+    tile_s = device.prefix_tile_s * prefix_tile_keys(group, shape) / 64
+    critical_path = -(-prefix_tiles(group, shape) // splits) * tile_s
     return max(memory, _flops(group, shape) / device.relay_flops_per_s, critical_path)
+
+
+def fa_prefix_time(
+    groups: list[GroupShape], shape: AttentionShape, device: DeviceModel = H100
+) -> float:
+    """Seconds FA3's prefix pass takes for these groups, all in one varlen call."""
+    flops = sum(_flops(g, shape) for g in groups)
+    return device.fa_prefix_fixed_s + flops / device.fa_prefix_flops_per_s
+
+
+def prefix_pass_by_flash(
+    groups: list[GroupShape],
+    decisions: list[GroupDecision],
+    shape: AttentionShape,
+    device: DeviceModel = H100,
+) -> bool:
+    """Whether the relaying groups' prefix pass is cheaper by FA3 (one call for all of them,
+    external_prefix.py) than by our Triton pass (each group's relay_s)."""
+    relaying = [g for g, d in zip(groups, decisions) if d.relay]
+    ours = sum(d.relay_s for d in decisions if d.relay)
+    return bool(relaying) and fa_prefix_time(relaying, shape, device) < ours
 
 
 def _next_pow2(n: int) -> int:

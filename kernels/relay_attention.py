@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ._launch import cdiv, side_stream
+from .external_prefix import PrefixAttention, external_prefix_state
 from .merge import merge_attn_states, merge_attn_states_ref
 from .paged_suffix import paged_suffix, paged_suffix_ref
 from .relay_prefix import relay_prefix, relay_prefix_partials, relay_prefix_ref
@@ -87,6 +88,11 @@ class RelayMetadata:
     # group_token_index[group_req_start[g]:group_req_end[g]], in any order, and the two arrays
     # hold positions in it, not requests: the batch keeps its request order.
     group_token_index: torch.Tensor | None = None  # [num_positions] int32
+    # Varlen sequences for an external prefix kernel (external_prefix.py), set by `build` when the
+    # groups are request ranges in order: group g's sequence is tokens [loc[g], loc[g + 1]), its
+    # own and any ungrouped ones up to the next group's (loc[0] = 0, loc[-1] = all tokens).
+    prefix_seq_start_loc: torch.Tensor | None = None  # [num_groups + 1] int32
+    max_prefix_seq_len: int = 0  # longest such sequence (host)
 
     @property
     def num_groups(self) -> int:
@@ -112,9 +118,12 @@ class RelayMetadata:
         prefix = [0] * num_reqs
         for r0, r1, plen in groups:
             prefix[r0:r1] = [plen] * (r1 - r0)
-        # every small host array in one upload: [qsl | seq_lens | prefix | starts | ends | plens]
-        qsl_t, seq_t, prefix_t, start_t, end_t, plen_t = upload_segments(
-            [qsl, list(seq_lens), prefix, *([g[i] for g in groups] for i in range(3))], dev)
+        seq_loc = _prefix_seq_start_loc(qsl, groups)
+        # every small host array in one upload: [qsl | seq_lens | prefix | starts | ends | plens
+        # | prefix sequences]
+        qsl_t, seq_t, prefix_t, start_t, end_t, plen_t, seq_loc_t = upload_segments(
+            [qsl, list(seq_lens), prefix, *([g[i] for g in groups] for i in range(3)),
+             seq_loc or []], dev)  # fmt: skip
         width = max([cdiv(p, block_size) for _, _, p in groups] + [1])
         gbt = torch.zeros(num_groups, width, dtype=torch.int32, device=dev)
         for g, (r0, _, plen) in enumerate(groups):
@@ -132,7 +141,10 @@ class RelayMetadata:
             max_seq_len=max(seq_lens, default=0),
             max_group_query_len=max([qsl[r1] - qsl[r0] for r0, r1, _ in groups], default=0),
             max_prefix_len=max([g[2] for g in groups], default=0),
-        )
+            prefix_seq_start_loc=seq_loc_t if seq_loc else None,
+            max_prefix_seq_len=max([b - a for a, b in itertools.pairwise(seq_loc or [0])],
+                                   default=0),
+        )  # fmt: skip
 
     def validate(self, num_tokens: int, block_size: int) -> None:
         """Check every consistency rule (syncs with the device); raises ValueError."""
@@ -223,6 +235,28 @@ class RelayMetadata:
             _require(self.max_prefix_len >= plen, "max_prefix_len is below the real maximum")
         for r, c in enumerate(covered):
             _require(c or pl[r] == 0, f"request {r} has prefix_lens={pl[r]} but is in no group")
+        if self.prefix_seq_start_loc is not None:
+            loc = self.prefix_seq_start_loc.tolist()
+            groups = self._group_requests(qsl, len(pl))
+            _require(
+                len(loc) == len(groups) + 1 and loc[0] == 0 and loc[-1] == qsl[-1]
+                and all(loc[g] <= qsl[reqs[0]] and qsl[reqs[-1] + 1] <= loc[g + 1]
+                        for g, reqs in enumerate(groups)),
+                "prefix_seq_start_loc must be [0, ..., num_tokens] with group g's tokens in "
+                "sequence g",
+            )  # fmt: skip
+            _require(
+                self.max_prefix_seq_len >= max(b - a for a, b in itertools.pairwise(loc)),
+                "max_prefix_seq_len is below the real maximum",
+            )
+
+
+def _prefix_seq_start_loc(qsl: list[int], groups: list[tuple[int, int, int]]) -> list[int] | None:
+    """RelayMetadata.prefix_seq_start_loc on the host, or None unless the groups are disjoint
+    request ranges in order."""
+    if not groups or any(g[1] > h[0] for g, h in itertools.pairwise(groups)):
+        return None
+    return [0] + [qsl[r0] for r0, _, _ in groups[1:]] + [qsl[-1]]
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -248,6 +282,7 @@ def relay_attention(
     suffix_splits: int | None = None,
     prefix_config: dict | None = None,
     suffix_config: dict | None = None,
+    prefix_attention: PrefixAttention | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query over (its group's shared prefix || its own KV); `out` (and lse).
 
@@ -268,10 +303,14 @@ def relay_attention(
                 (benchmarks/results/kernels/h100.md)
     Fork/join on the side stream is CUDA-graph safe. `validate` (default: only when the tensors
     are on the CPU, where it is cheap) runs `meta.validate`. The *_splits / *_config arguments
-    override the launchers' choices (for tests and tuning).
+    override the launchers' choices (for tests and tuning). `prefix_attention` (the "fused"
+    schedule only): another kernel runs the prefix pass (FA3 on the CUDA backend where the cost
+    model prefers it, external_prefix.py); the suffix kernel folds its state in as ours.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if prefix_attention is not None and schedule not in ("auto", "fused"):
+        raise ValueError(f"prefix_attention runs with the fused schedule, not {schedule!r}")
     if validate if validate is not None else query.device.type == "cpu":
         meta.validate(query.shape[0], key_cache.shape[1])
     if schedule == "auto":
@@ -319,7 +358,12 @@ def relay_attention(
     if meta.num_groups == 0 or meta.max_prefix_len == 0:  # no sharing: plain paged attention
         paged_suffix(*suffix_args, out=out, lse=lse, return_lse=return_lse, **suffix_kw)
     elif schedule == "fused":
-        parts = relay_prefix_partials(*prefix_args, **prefix_kw)
+        if prefix_attention is not None:
+            parts = external_prefix_state(
+                prefix_attention, query, key_cache, value_cache, meta, softmax_scale
+            )
+        else:
+            parts = relay_prefix_partials(*prefix_args, **prefix_kw)
         paged_suffix(
             *suffix_args, out=out, lse=lse, return_lse=return_lse, prefix_state=parts, **suffix_kw
         )
@@ -368,6 +412,7 @@ def relay_attention_ref(
     suffix_splits: int | None = None,
     prefix_config: dict | None = None,
     suffix_config: dict | None = None,
+    prefix_attention: PrefixAttention | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """fp32 torch version of `relay_attention`: prefix, suffix and merge refs. Validates `meta`
     unless validate=False; the schedule and tuning arguments are accepted and ignored."""

@@ -7,7 +7,9 @@ costs ~350 us of host time (argument checks, split and tile choices, Triton's ar
 ~200, so eager attention made the decode step host-bound. `LayerReplay` runs the first layer
 through the launchers, records each kernel launch (grid and arguments), and replays the recorded
 launches for every later layer with only the layer's tensors swapped, through the compiled
-kernel's launcher when Triton exposes it (falling back to `kernel[grid](**kwargs)`).
+kernel's launcher when Triton exposes it (falling back to `kernel[grid](**kwargs)`). A call of
+another library's kernel made through `_launch.call` (FA3's prefix pass, external_prefix.py) is
+recorded and replayed the same way.
 
 Safe by construction: the launches are replayed only for inputs of the same shape, strides and
 dtype as the first layer's, in the same order, on the current stream; scratch buffers the
@@ -42,6 +44,9 @@ class _RecordedLaunch:
         kwargs = self.kwargs
         for arg, name in self.slots.items():
             kwargs[arg] = inputs[name]
+        if self.grid is None:  # another library's kernel (_launch.call)
+            self.kernel(**kwargs)
+            return
         if self.raw is not None:
             try:
                 self.raw(self.grid, kwargs)

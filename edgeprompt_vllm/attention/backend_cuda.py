@@ -6,7 +6,8 @@ group run vLLM's FlashAttention unchanged; in the others the grouped requests ru
 kernels (one prefix pass per group over the shared blocks, read once; each request's own
 blocks; LSE merge fused into the suffix kernel) and the rest (prefill chunks, unshared requests)
 run FlashAttention. The relay launches are planned at the first layer of a step and replayed at
-the others (kernels/replay.py), so eager attention costs little host time per layer.
+the others (kernels/replay.py), so eager attention costs little host time per layer. Where the
+cost model says so, the prefix pass of an eager step runs on FA3 instead (flash_prefix.py).
 
 CUDA graphs: under Model Runner V2 the builder reports UNIFORM_BATCH and vLLM captures FULL
 graphs of uniform decode steps beside piecewise ones. By default (MHA models) the FULL graphs
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
-from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func, get_flash_attn_version
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
     FlashAttentionImpl,
@@ -36,6 +37,11 @@ from vllm.v1.attention.backends.flash_attn import (
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from edgeprompt_vllm.attention import graph_mode, host_block_table
+from edgeprompt_vllm.attention.flash_prefix import (
+    flash_prefix_attention,
+    prefix_pass_setting,
+    use_flash_prefix,
+)
 from edgeprompt_vllm.attention.graph_relay import (
     GraphRelay,
     GraphRelayTable,
@@ -106,6 +112,9 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         self.relay_enabled = _relay_enabled(vllm_config, kv_cache_spec.dtype)
         self.num_layers = len(layer_names)  # the attention layers this builder's metadata serves
         self._relay_pays_for_piecewise = False
+        self._flash_prefix = False  # set by _worth_relaying: this batch's prefix pass on FA3
+        self.fa_version = get_flash_attn_version()
+        self.prefix_pass = prefix_pass_setting()
         if self.relay_enabled:
             host_block_table.install()
         # EDGEPROMPT_PIECEWISE_STEP_S=0: every step worth a prefix pass relays (exactness tests)
@@ -115,7 +124,8 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             _WARMED_UP.append(warm_up_relay_kernels(
                 self.num_heads_q, self.num_heads_kv, self.headdim, self.block_size,
                 self.model_config.dtype, device, vllm_config.scheduler_config.max_num_seqs,
-                self.model_config.max_model_len))
+                self.model_config.max_model_len,
+                external_prefix=self.fa_version == 3 and self.prefix_pass != "triton"))
         self.graph_table: GraphRelayTable | None = None  # relay inside FULL graphs (graph_relay.py)
         self.graph_pdl = True
         if self.relay_enabled and graph_mode.full_graphs_possible(vllm_config):
@@ -160,6 +170,8 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             self._relay_pays_for_piecewise = False  # set by _worth_relaying when there are groups
             relay = build_relay_batch(common_attn_metadata, self.block_size, keep=self._worth_relaying,
                                       split_rest=True, max_group_query_len=MAX_GROUP_QUERY_LEN)
+            if relay is not None:
+                relay.flash_prefix = self._flash_prefix
             RELAY_STATS.record(relay, time.perf_counter() - start)
             # the next decode steps leave their FULL graph if a request here is still
             # prefilling (it decodes next: that step decides, eagerly) or relaying pays for it
@@ -207,9 +219,12 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         return GraphRelay(meta=meta, launch_kwargs=kwargs, groups=spans)
 
     def _worth_relaying(self, groups, query_lens):
-        decisions = choose_relay(group_shapes(groups, query_lens), self.shape)
+        shapes = group_shapes(groups, query_lens)
+        decisions = choose_relay(shapes, self.shape)
         self._relay_pays_for_piecewise = worth_leaving_full_graph(decisions, self.num_layers,
                                                                   self.piecewise_step_s)
+        self._flash_prefix = use_flash_prefix(self.prefix_pass, self.fa_version, shapes,
+                                              decisions, self.shape)
         return [g for g, d in zip(groups, decisions) if d.relay]
 
 
@@ -243,11 +258,14 @@ class RelayFlashImpl(FlashAttentionImpl):
     def _layer_replay(self, relay: RelayBatch | GraphRelay) -> LayerReplay:
         """The batch's relay pipeline, planned at its first layer and replayed at the others
         (kernels/replay.py). One stream: the "fused" schedule (prefix partials folded into the
-        suffix kernel's epilogue), two launches per layer when the suffix is not split."""
+        suffix kernel's epilogue), two launches per layer when the suffix is not split; the
+        prefix pass by FA3 where the builder chose it."""
         replay = relay.replays.get(self.scale)
         if replay is None:
             meta, scale = relay.meta, self.scale
-            kwargs = getattr(relay, "launch_kwargs", {})
+            kwargs = dict(getattr(relay, "launch_kwargs", {}))
+            if getattr(relay, "flash_prefix", False):  # the prefix pass on FA3 (flash_prefix.py)
+                kwargs["prefix_attention"] = flash_prefix_attention(self.vllm_flash_attn_version)
             replay = relay.replays[scale] = LayerReplay(
                 lambda query, key_cache, value_cache, out: relay_attention(
                     query, key_cache, value_cache, meta, scale, out=out, validate=False,

@@ -36,6 +36,7 @@ class RelayBatch:
     used_blocks: torch.Tensor | None = None  # CPU only: [n] block ids meta.block_table indexes into
     rest: RestBatch | None = None  # CUDA only: requests left to FlashAttention
     replays: dict = field(default_factory=dict)  # CUDA only: softmax scale -> kernels' LayerReplay
+    flash_prefix: bool = False  # CUDA only: the prefix pass by FA3 (attention/flash_prefix.py)
 
 
 def host_batch(common, block_size: int, num_reqs: int | None = None

@@ -8,6 +8,7 @@ class RelayStats:
     batches: int = 0  # metadata builds (steps x KV-cache groups) with relay selected
     relay_batches: int = 0  # of which at least one group relayed
     full_graph_relay_batches: int = 0  # ... of which inside a FULL CUDA graph (graph_relay.py)
+    flash_prefix_batches: int = 0  # ... of which the prefix pass ran on FA3 (flash_prefix.py)
     groups: int = 0  # relayed groups, summed over batches
     grouped_requests: int = 0  # requests served by a prefix pass, summed over batches
     shared_tokens: int = 0  # prefix tokens read once per group instead of once per request
@@ -19,6 +20,7 @@ class RelayStats:
         if relay is None:
             return
         self.relay_batches += 1  # host-side numbers only: no device sync per step
+        self.flash_prefix_batches += bool(getattr(relay, "flash_prefix", False))
         self.groups += len(relay.groups)
         self.grouped_requests += sum(end - start for start, end, _ in relay.groups)
         self.shared_tokens += sum(prefix_len for _, _, prefix_len in relay.groups)

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from edgeprompt_vllm.attention.flash_prefix import empty_prefix_attention
 from edgeprompt_vllm.kernels import RelayMetadata, relay_attention
 from edgeprompt_vllm.log import get_logger
 
@@ -31,9 +32,11 @@ def _ladder(limit: int) -> list[int]:
 
 def warm_up_relay_kernels(num_q_heads: int, num_kv_heads: int, head_size: int, block_size: int,
                           dtype: torch.dtype, device: torch.device, max_num_seqs: int,
-                          max_model_len: int) -> tuple[int, float]:
+                          max_model_len: int, external_prefix: bool = False) -> tuple[int, float]:
     """Run decode batches over the ladder; returns (batches run, seconds). Every request of a dummy
-    batch reads the same blocks, so the caches stay small (at most ~4k tokens of KV)."""
+    batch reads the same blocks, so the caches stay small (at most ~4k tokens of KV).
+    `external_prefix`: also the suffix kernel's variants that fold in a prefix state another
+    kernel wrote in the query dtype (FA3's, flash_prefix.py), from an empty stand-in state."""
     start = time.perf_counter()
     max_len = min(max_model_len, 4096)
     # Prefix splits stop growing at 8 tiles of 64 keys; own lengths step the suffix split count
@@ -52,9 +55,10 @@ def warm_up_relay_kernels(num_q_heads: int, num_kv_heads: int, head_size: int, b
         for blocks in prefix_blocks:
             for own in own_lens:
                 meta = _decode_batch(num_reqs, blocks, own, n_prefix, block_size, device)
-                relay_attention(query, key_cache, value_cache, meta, 1.0, validate=False,
-                                schedule="fused")
-                calls += 1
+                for prefix_attention in (None, empty_prefix_attention)[: 1 + external_prefix]:
+                    relay_attention(query, key_cache, value_cache, meta, 1.0, validate=False,
+                                    schedule="fused", prefix_attention=prefix_attention)
+                    calls += 1
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

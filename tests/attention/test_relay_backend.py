@@ -36,11 +36,13 @@ def test_tiny_model_relay_equals_stock_vllm(tiny_model):
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("runner,cloud_lens", [("v2", (1024, 512)), ("v2-forecast", (1024, 512)),
-                                                ("v1", (1024, 512)), ("v2", (48, 16))],
-                         ids=["v2", "v2-forecast", "v1", "v2-short-clouds"])
+                                                ("v1", (1024, 512)), ("v2", (48, 16)),
+                                                ("v2-forecast-flash", (1024, 512))],
+                         ids=["v2", "v2-forecast", "v1", "v2-short-clouds", "v2-flash-prefix"])
 def test_llama2_7b_shape_relay_close_to_stock_on_gpu(tmp_path, runner, cloud_lens):
     """v2: relay inside vLLM's FULL decode graphs (graph_relay.py); v2-forecast: FULL graphs of
-    FlashAttention, relaying steps moved to piecewise graphs (graph_mode.py); v1: piecewise."""
+    FlashAttention, relaying steps moved to piecewise graphs (graph_mode.py); v1: piecewise;
+    v2-flash-prefix: as v2-forecast, every relaying step's prefix pass on FA3 (flash_prefix.py)."""
     from edgeprompt_vllm.models.make_model import make_model
 
     make_model("llama-2-7b", tmp_path / "m")
@@ -52,7 +54,8 @@ def test_llama2_7b_shape_relay_close_to_stock_on_gpu(tmp_path, runner, cloud_len
                                          "gpu_memory_utilization": 0.8, "max_model_len": 2048,
                                          "max_num_seqs": 64, "enforce_eager": False}),
            "EP_MAX_TOKENS": "32", "VLLM_USE_V2_MODEL_RUNNER": "0" if runner == "v1" else "1",
-           "EDGEPROMPT_RELAY_IN_FULL_GRAPHS": "0" if runner == "v2-forecast" else "auto",
+           "EDGEPROMPT_RELAY_IN_FULL_GRAPHS": "0" if runner.startswith("v2-forecast") else "auto",
+           "EDGEPROMPT_PREFIX_PASS": "flash" if runner == "v2-forecast-flash" else "auto",
            "EDGEPROMPT_CHECK_HOST_BLOCK_TABLE": "1",  # every host lookup checked against the device
            # decode steps relay whenever a prefix pass pays, not only when it pays for leaving the
            # FULL graph: 12 requests per cloud prompt would otherwise run FULL (stock) after one step
@@ -73,5 +76,9 @@ def test_llama2_7b_shape_relay_close_to_stock_on_gpu(tmp_path, runner, cloud_len
     assert stats["relay_batches"] > 16, stats  # most of the 32 decode steps relayed
     if runner == "v2":  # ... inside FULL graphs, none moved out of them
         assert stats["full_graph_relay_batches"] > 16 and stats["piecewise_for_relay"] == 0, stats
-    if runner == "v2-forecast":  # relaying decode steps ran piecewise (graph_mode.py)
+    if runner.startswith("v2-forecast"):  # relaying decode steps ran piecewise (graph_mode.py)
         assert stats["piecewise_for_relay"] > 16 and stats["full_graph_relay_batches"] == 0, stats
+    # 12 requests per 1024-token prefix: a small prefix pass, ours by the cost model (FA3's fixed
+    # cost does not pay), unless forced onto FA3
+    flash = stats["flash_prefix_batches"]
+    assert flash > 16 if runner == "v2-forecast-flash" else flash == 0, stats

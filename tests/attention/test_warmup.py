@@ -26,3 +26,13 @@ def test_warm_up_runs_every_ladder_shape():
         device=device, max_num_seqs=2, max_model_len=96)
     # requests {1, 2} x prefix blocks {1, 2, 4; 3 = half the length} x own lengths {1, 48}
     assert calls == 2 * 4 * 2 and seconds > 0
+
+
+def test_warm_up_with_an_external_prefix_runs_each_shape_twice():
+    """Once with our prefix pass, once folding in a prefix state in the query dtype (FA3's): the
+    suffix kernel's variants for the second are compiled too."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    calls, _ = warm_up_relay_kernels(
+        num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16, dtype=torch.float16,
+        device=device, max_num_seqs=2, max_model_len=96, external_prefix=True)
+    assert calls == 2 * (2 * 4 * 2)

@@ -103,3 +103,30 @@ def test_a_small_group_over_a_long_prefix_stays_plain():
     assert not cm.choose_relay([cm.GroupShape(8, 8, 4096)], GQA)[0].relay
     assert cm.choose_relay([cm.GroupShape(64, 64, 1024)], GQA)[0].relay
     assert cm.choose_relay([cm.GroupShape(8, 8, 4096)], LLAMA2_7B)[0].relay
+
+
+# Measured on an H200 (sweep_relay_decode.py --fa3, session 14): FA3's prefix pass and then our
+# suffix kernel against our fused relay call. FA3 won at these (2-16% faster) ...
+@pytest.mark.parametrize("shape,num_reqs,prefix_len", [
+    (GQA, 256, 4096), (GQA, 512, 4096), (GQA, 512, 2048), (GQA, 1024, 1024), (GQA, 128, 4096),
+    (LLAMA2_7B, 256, 4096),
+])  # fmt: skip
+def test_large_prefix_passes_go_to_flash(shape, num_reqs, prefix_len):
+    groups = [_decode(num_reqs, prefix_len)]
+    decisions = cm.choose_relay(groups, shape)
+    assert cm.prefix_pass_by_flash(groups, decisions, shape)
+
+
+# ... and lost by 6.5% at GQA 128 / 1024 (its fixed cost)
+@pytest.mark.parametrize("shape,num_reqs,prefix_len", [(GQA, 128, 1024), (LLAMA2_7B, 64, 1024)])
+def test_small_prefix_passes_stay_ours(shape, num_reqs, prefix_len):
+    groups = [_decode(num_reqs, prefix_len)]
+    decisions = cm.choose_relay(groups, shape)
+    assert decisions[0].relay and not cm.prefix_pass_by_flash(groups, decisions, shape)
+
+
+def test_flash_prefix_time_counts_its_fixed_cost_once_for_all_groups():
+    one = cm.fa_prefix_time([_decode(64, 1024)], GQA)
+    assert cm.fa_prefix_time([_decode(64, 1024)] * 2, GQA) == pytest.approx(
+        2 * one - cm.H100.fa_prefix_fixed_s)
+    assert not cm.prefix_pass_by_flash([_decode(1, 4096)], cm.choose_relay([_decode(1, 4096)], GQA), GQA)

@@ -10,6 +10,7 @@ from edgeprompt_vllm.kernels import (
     relay_attention,
     relay_attention_ref,
 )
+from edgeprompt_vllm.kernels.external_prefix import prefix_attention_ref
 
 # Named workloads: make_batch kwargs. Defaults: fp16, 2 KV heads, MHA, head 64, block 16.
 # Every prefix is block-aligned (only whole blocks are shared, as with vLLM's prefix cache).
@@ -295,3 +296,53 @@ def test_built_metadata_is_16_byte_aligned_whatever_the_counts(num_reqs, groups)
     assert meta.group_req_end.tolist() == [g[1] for g in groups]
     assert meta.group_prefix_len.tolist() == [g[2] for g in groups]
     meta.validate(num_reqs, 16)
+
+
+# ---- the prefix pass by another kernel (external_prefix.py; FA3 on the CUDA backend)
+
+EXTERNAL_PREFIX = {
+    # groups covering every request, as the CUDA backend relays them
+    "gqa4_two_groups": dict(queries_per_kv=4, query_lens=[1, 1, 1, 1, 1],
+                            own_lens=[37, 17, 70, 3, 9], groups=[(0, 3, 64), (3, 5, 32)]),
+    # ungrouped requests before, between and after the groups: their sequences' prefix states
+    # are computed for nothing and ignored
+    "ungrouped_around_bf16": dict(dtype=torch.bfloat16, query_lens=[1, 2, 1, 1, 3, 1],
+                                  own_lens=[5, 20, 33, 8, 40, 2],
+                                  groups=[(1, 3, 48), (4, 5, 16)]),
+    "fp32_block32_causal_chunks": dict(dtype=torch.float32, block_size=32,
+                                       query_lens=[3, 4, 1], own_lens=[40, 9, 70],
+                                       groups=[(0, 3, 64)]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(EXTERNAL_PREFIX))
+def test_an_external_prefix_kernel_equals_plain_attention(
+    name, make_batch, poisoned, check_attention
+):
+    batch = make_batch(seed=200 + list(EXTERNAL_PREFIX).index(name), **EXTERNAL_PREFIX[name])
+    calls = []
+
+    def prefix_kernel(**kw):  # validate (on, CPU) has checked the sequences it is given
+        calls.append((kw["cu_seqlens_q"].tolist(), kw["max_seqlen_q"]))
+        prefix_attention_ref(**kw)
+
+    got = relay_attention(
+        batch.query, batch.key_cache, batch.value_cache, batch.meta, batch.scale,
+        out=poisoned(batch.query), return_lse=True, prefix_attention=prefix_kernel,
+    )  # fmt: skip
+    check_attention(got, _plain(batch), batch.query.dtype)
+    assert len(calls) == 1 and calls[0][0][0] == 0 and calls[0][0][-1] == batch.query.shape[0]
+
+
+def test_an_external_prefix_kernel_needs_ordered_request_range_groups(make_batch):
+    kw = dict(query_lens=[1, 1, 1], own_lens=[5, 6, 7])
+    ordered = make_batch(seed=1, groups=[(0, 1, 16), (1, 3, 32)], **kw).meta
+    assert ordered.prefix_seq_start_loc.tolist() == [0, 1, 3] and ordered.max_prefix_seq_len == 2
+    shuffled = make_batch(seed=1, groups=[(1, 3, 32), (0, 1, 16)], **kw)
+    assert shuffled.meta.prefix_seq_start_loc is None
+    with pytest.raises(ValueError, match="contiguous request ranges in order"):
+        relay_attention(shuffled.query, shuffled.key_cache, shuffled.value_cache, shuffled.meta,
+                        shuffled.scale, prefix_attention=prefix_attention_ref)  # fmt: skip
+    with pytest.raises(ValueError, match="fused schedule"):
+        relay_attention(shuffled.query, shuffled.key_cache, shuffled.value_cache, shuffled.meta,
+                        shuffled.scale, schedule="serial", prefix_attention=prefix_attention_ref)  # fmt: skip

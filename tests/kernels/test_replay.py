@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 from edgeprompt_vllm.kernels import relay_attention
+from edgeprompt_vllm.kernels.external_prefix import prefix_attention_ref
 from edgeprompt_vllm.kernels.replay import LayerReplay
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,3 +97,31 @@ def test_an_input_with_other_strides_runs_the_pipeline(make_batch, poisoned, che
     want = relay_attention(layer.query, layer.key_cache, layer.value_cache, meta, scale)
     check_attention((out, None), (want, None), layer.query.dtype)
     assert replay.replaying  # the first layout's recording is kept for the layers that match it
+
+
+def test_an_external_prefix_kernel_is_replayed_with_each_layers_tensors(
+    make_batch, poisoned, check_attention
+):
+    """The prefix pass by another library's kernel (FA3 on the CUDA backend) is recorded with the
+    Triton launches and called again at every layer, on that layer's query and caches."""
+    layers = _layers(make_batch, 3, **DECODE, queries_per_kv=4)
+    meta, scale = layers[0].meta, layers[0].scale
+    seen = []
+
+    def prefix_kernel(**kw):
+        seen.append(kw["query"].data_ptr())
+        prefix_attention_ref(**kw)
+
+    replay = LayerReplay(
+        lambda query, key_cache, value_cache, out: relay_attention(
+            query, key_cache, value_cache, meta, scale, out=out, validate=False,
+            prefix_attention=prefix_kernel)
+    )
+    for i, layer in enumerate(layers):
+        out = poisoned(layer.query)
+        replay(query=layer.query, key_cache=layer.key_cache, value_cache=layer.value_cache, out=out)
+        assert replay.replaying, f"layer {i}: the recording was refused"
+        want = relay_attention(layer.query, layer.key_cache, layer.value_cache, meta, scale)
+        check_attention((out, None), (want, None), layer.query.dtype)
+    assert seen == [layer.query.data_ptr() for layer in layers]
+    assert [launch.grid is None for launch in replay.launches] == [True, False]  # FA3, suffix

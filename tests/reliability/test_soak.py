@@ -1,5 +1,5 @@
 """Load: concurrent streaming clients against the edge for EDGEPROMPT_SOAK_S seconds (default
-90; benchmarks/benchmark_soak.py runs the same code longer and keeps its numbers): no failed
+60; benchmarks/benchmark_soak.py runs the same code longer and keeps its numbers): no failed
 request, every answer stock vLLM's, the server's memory flat after warm-up, no KV held after."""
 
 import json
@@ -12,7 +12,7 @@ from reliability.calls import client, cloud_text
 from reliability.stack import wait_kv_idle
 
 pytestmark = pytest.mark.slow
-SOAK_S = float(os.environ.get("EDGEPROMPT_SOAK_S", "90"))
+SOAK_S = float(os.environ.get("EDGEPROMPT_SOAK_S", "60"))  # 90 until session 14 (CI time)
 CLIENTS = 12
 MAX_TOKENS = 24
 
@@ -42,7 +42,8 @@ def test_soak_of_streaming_clients_no_failures_bounded_memory(stack, tmp_path):
         assert a["texts"] == [stock_answer(stack, a["kind"], a["cloud_prompt"], a["question"])], a
     rss = res["rss_mb"]
     # vLLM's CPU worker still warms up for ~100 s (benchmarks/results/soak: flat after that,
-    # stock vLLM alike); this bound catches a leak of ~100 KB per request or more
+    # stock vLLM alike; ~110 MB from 12 s to 60 s, ~100 MB from 18 s to 90 s); this bound catches
+    # a leak of ~100 KB per request or more
     assert rss["growth_after_warmup"] <= 200.0, rss
     assert res["kv_cache_usage"]["max"] > 0  # the load held KV blocks ...
     wait_kv_idle(stack.edge.base_url)  # ... and nothing is held after it
