@@ -20,7 +20,8 @@ FLOPs for QK^T and PV):
 
 A batch's relaying groups then take the prefix pass from FA3 instead of our Triton kernel when
 that is cheaper (prefix_pass_by_flash; CUDA backend): FA3 runs the pass at a higher FLOP rate
-but costs a fixed ~18 us (fa_prefix_time), so it wins on large groups over long prefixes.
+but costs a fixed ~18 us (fa_prefix_time), so it wins where the pass has much tensor work
+(large groups over long prefixes).
 
 The suffix work is the same either way and cancels. A group relays when relay < plain; the batch
 runs the prefix pass only when the groups it would serve save more than one extra launch
@@ -240,9 +241,17 @@ def prefix_pass_by_flash(
     device: DeviceModel = H100,
 ) -> bool:
     """Whether the relaying groups' prefix pass is cheaper by FA3 (one call for all of them,
-    external_prefix.py) than by our Triton pass (each group's relay_s)."""
+    external_prefix.py, fa_prefix_time) than by our Triton pass, counted as its tensor work
+    alone (FLOPs / relay_flops_per_s): the rest of our pass (a small group's long chain of tiles,
+    relay_time's critical path) runs beside the suffix kernel in the fused schedule, while FA3's
+    pass runs before it. On an H200 (sweep_relay_decode.py --fa3, 21 decode shapes) this picks
+    the faster of the two on all but three: MHA 64 / 4096 and 256 / 1024 (FA3 4% and 1.3%
+    faster) and 8 GQA requests over 4096 (FA3 14% faster; choose_relay sends that group to plain
+    attention, which measured the same). With the critical path counted it sent 32 GQA requests
+    over a 4096-token prefix to FA3, 27% slower. With the H100 numbers the rule is: FA3 from
+    ~6.6 GFLOP of prefix work in the batch."""
     relaying = [g for g, d in zip(groups, decisions) if d.relay]
-    ours = sum(d.relay_s for d in decisions if d.relay)
+    ours = sum(_flops(g, shape) for g in relaying) / device.relay_flops_per_s
     return bool(relaying) and fa_prefix_time(relaying, shape, device) < ours
 
 
