@@ -27,7 +27,8 @@ shapes (and do not lose on MHA) and runs the merge on every shape (--no-combo: n
 suffix kernel (then merge_attn_states; checked against the reference) (needs vLLM; its import
 takes a few seconds).
 --list prints the variants (the defaults and the extras --variants can name).
-The "launches" column shows what ran: P(refix) / S(uffix) / M(erge) kernels, rows x keys per tile,
+The "launches" column shows what ran: P(refix) / S(uffix) / M(erge) kernels (FA3 prefix: FA3's
+prefix pass, variants flash_prefix / backend), rows x keys per tile,
 warps, stages, z = split count, and the switches on (+pdl / +trig: PDL, +hf: HEAD_FASTEST,
 +um: UNMASKED_FULL_TILES) or off (+nopf: PREFETCH_BLOCK_IDS). Exit status 1 if any run fails its
 check or errors.
@@ -291,6 +292,32 @@ for _m, _n, _w, _s, _z in [(64, 32, 4, 3, None), (64, 32, 4, 3, 3), (128, 32, 8,
         splits=_z, BLOCK_M=_m, TILE_N=_n, num_warps=_w, num_stages=_s, **UNMASKED,
     )
 
+
+
+def _flash_prefix():
+    """FA3's prefix pass as the CUDA backend calls it (attention/flash_prefix.py; needs vLLM)."""
+    import vllm  # noqa: F401  (first: vLLM's attention modules alone import circularly)
+
+    from edgeprompt_vllm.attention.flash_prefix import flash_prefix_attention
+
+    return flash_prefix_attention(3)
+
+
+def _backend_choice(s) -> dict:
+    """The prefix pass the CUDA backend picks for the shape's one group (cost model)."""
+    cm = kernels.cost_model
+    groups = [cm.GroupShape(s.batch, s.batch * s.query_len, s.prefix)]
+    shape = cm.AttentionShape(s.num_q_heads, s.num_kv_heads, s.head_size)
+    flash = cm.prefix_pass_by_flash(groups, cm.choose_relay(groups, shape), shape)
+    return dict(prefix_attention=_flash_prefix()) if flash else {}
+
+
+# Session 14: FA3's prefix pass, our suffix kernel folding its state in (kernels/external_prefix.py)
+VARIANTS["flash_prefix"] = ("the prefix pass by FA3 (needs vLLM)",
+                            lambda s: dict(prefix_attention=_flash_prefix()))
+VARIANTS["backend"] = ("the prefix pass the backend's cost model picks: ours or FA3's",
+                       _backend_choice)
+
 # In this order (a variant runs on every shape before the next starts, so a --budget cut drops
 # whole variants from the end). "auto_combo" (after them, unless --no-combo) merges the knobs of
 # those that beat base on the GQA shapes without losing on MHA; see auto_combo().
@@ -416,7 +443,7 @@ def recorded_call(fn):
     def record(kernel, grid, kwargs, compiled):
         name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
         shown = {k: kwargs[k] for k in SHOWN if k in kwargs}
-        seen.append(dict(kernel=name, grid=list(grid), **shown))
+        seen.append(dict(kernel=name, grid=None if grid is None else list(grid), **shown))
 
     previous, launch_mod.RECORDER = launch_mod.RECORDER, record
     try:
@@ -432,6 +459,9 @@ def launch_summary(launches: list) -> str:
              "UNMASKED_FULL_TILES": "um"}  # fmt: skip
     out = []
     for ln in launches:
+        if ln["grid"] is None:  # another library's kernel: FA3's prefix pass (_launch.call)
+            out.append("FA3 prefix")
+            continue
         tag = {"_relay_prefix_kernel": "P", "_paged_suffix_kernel": "S"}.get(ln["kernel"])
         if tag is None:
             out.append(f"M{ln.get('NUM_A', '')}")
@@ -501,7 +531,7 @@ def run_variant(s, name, batch, ref, base_out, bw, components: bool) -> tuple[di
     row["bytes"] = bk.problem_bytes(s)
     row["floor_ms"] = floor_ms
     row["pct_bw"] = 100 * floor_ms / row["ms"]
-    if components and kw.get("schedule", "fused") == "fused":
+    if components and kw.get("schedule", "fused") == "fused" and "prefix_attention" not in kw:
         prefix, suffix = component_calls(s, query, kc, vc, meta, kw)
         row["prefix_ms"] = graph_ms(prefix, rep_for(0.05))[0]
         row["suffix_ms"] = graph_ms(suffix, rep_for(floor_ms * 1.5))[0]
