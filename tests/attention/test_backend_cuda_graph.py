@@ -10,13 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from attention.cuda_backend_on_cpu import cuda_backend_with
 from attention.decode_batch import decode_batch
 from edgeprompt_vllm.kernels import plain_attention_ref
 from edgeprompt_vllm.kernels.cost_model import AttentionShape
 
 from edgeprompt_vllm.attention import graph_mode
 from edgeprompt_vllm.attention.graph_relay import GraphRelay, GraphRelayTable
-from edgeprompt_vllm.attention.stats import RelayStats
 
 HEADS, HEAD_SIZE, BLOCK = 2, 64, 16
 
@@ -27,18 +27,7 @@ def _flash_attention_must_not_run(*args, **kwargs):
 
 @pytest.fixture
 def backend_cuda(monkeypatch):
-    pytest.importorskip("vllm")
-    import vllm  # noqa: F401  (vllm first: its attention modules alone import circularly)
-    import vllm.v1.attention.backends.fa_utils as fa_utils
-
-    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", _flash_attention_must_not_run,
-                        raising=False)
-    from edgeprompt_vllm.attention import backend_cuda
-
-    monkeypatch.setattr(backend_cuda, "flash_attn_varlen_func", _flash_attention_must_not_run)
-    monkeypatch.setattr(backend_cuda, "RELAY_STATS", RelayStats())
-    monkeypatch.setattr(graph_mode, "STEP", graph_mode._Step(mode="FULL"))
-    return backend_cuda
+    return cuda_backend_with(monkeypatch, _flash_attention_must_not_run, "FULL")
 
 
 def _builder(backend_cuda):

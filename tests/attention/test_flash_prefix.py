@@ -7,15 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from attention.cuda_backend_on_cpu import cuda_backend_with
 from attention.decode_batch import SHARED, Common
 from edgeprompt_vllm.kernels import cost_model as cm
 from edgeprompt_vllm.kernels import plain_attention_ref
 from edgeprompt_vllm.kernels.paged_suffix import attend_ref
 
-from edgeprompt_vllm.attention import graph_mode
 from edgeprompt_vllm.attention.flash_prefix import prefix_pass_setting, use_flash_prefix
 from edgeprompt_vllm.attention.relay_batch import build_relay_batch
-from edgeprompt_vllm.attention.stats import RelayStats
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 4, 2, 64, 16
 GQA = cm.AttentionShape(num_q_heads=32, num_kv_heads=8, head_size=128)
@@ -71,19 +70,8 @@ def _fake_flash_attn_varlen_func(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen
 
 @pytest.fixture
 def backend_cuda(monkeypatch):
-    pytest.importorskip("vllm")
-    import vllm  # noqa: F401  (vllm first: its attention modules alone import circularly)
-    import vllm.v1.attention.backends.fa_utils as fa_utils
-
-    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", _fake_flash_attn_varlen_func,
-                        raising=False)
-    from edgeprompt_vllm.attention import backend_cuda
-
-    monkeypatch.setattr(backend_cuda, "flash_attn_varlen_func", _fake_flash_attn_varlen_func)
-    monkeypatch.setattr(backend_cuda, "RELAY_STATS", RelayStats())
-    monkeypatch.setattr(graph_mode, "STEP", graph_mode._Step(mode="PIECEWISE"))
     CALLS.clear()
-    return backend_cuda
+    return cuda_backend_with(monkeypatch, _fake_flash_attn_varlen_func, "PIECEWISE")
 
 
 def test_an_eager_step_with_the_prefix_pass_on_flash_equals_plain_attention(backend_cuda):

@@ -46,6 +46,16 @@ def _fused(meta, scale):
     )
 
 
+def _replay_layers(replay, layers, meta, scale, poisoned, check_attention):
+    """Each layer through `replay`, replaying (not refused), equal to a fresh relay_attention."""
+    for i, layer in enumerate(layers):
+        out = poisoned(layer.query)
+        replay(query=layer.query, key_cache=layer.key_cache, value_cache=layer.value_cache, out=out)
+        assert replay.replaying, f"layer {i}: the recording was refused"
+        want = relay_attention(layer.query, layer.key_cache, layer.value_cache, meta, scale)
+        check_attention((out, None), (want, None), layer.query.dtype)
+
+
 @pytest.mark.parametrize("split", [None, 3], ids=["unsplit", "split_suffix"])
 def test_replayed_layers_equal_fresh_calls(split, make_batch, poisoned, check_attention):
     layers = _layers(make_batch, 3, **DECODE)
@@ -55,12 +65,7 @@ def test_replayed_layers_equal_fresh_calls(split, make_batch, poisoned, check_at
             query, key_cache, value_cache, meta, scale, out=out, validate=False,
             schedule="fused", suffix_splits=split)
     )
-    for i, layer in enumerate(layers):
-        out = poisoned(layer.query)
-        replay(query=layer.query, key_cache=layer.key_cache, value_cache=layer.value_cache, out=out)
-        assert replay.replaying, f"layer {i}: the recording was refused"
-        want = relay_attention(layer.query, layer.key_cache, layer.value_cache, meta, scale)
-        check_attention((out, None), (want, None), layer.query.dtype)
+    _replay_layers(replay, layers, meta, scale, poisoned, check_attention)
     launches = len(replay.launches)
     assert launches == (2 if split is None else 3), launches  # prefix, suffix (, merge)
     if DEVICE == "cuda" and split is None:  # the decode case at scale: the compiled kernels'
@@ -117,11 +122,6 @@ def test_an_external_prefix_kernel_is_replayed_with_each_layers_tensors(
             query, key_cache, value_cache, meta, scale, out=out, validate=False,
             prefix_attention=prefix_kernel)
     )
-    for i, layer in enumerate(layers):
-        out = poisoned(layer.query)
-        replay(query=layer.query, key_cache=layer.key_cache, value_cache=layer.value_cache, out=out)
-        assert replay.replaying, f"layer {i}: the recording was refused"
-        want = relay_attention(layer.query, layer.key_cache, layer.value_cache, meta, scale)
-        check_attention((out, None), (want, None), layer.query.dtype)
+    _replay_layers(replay, layers, meta, scale, poisoned, check_attention)
     assert seen == [layer.query.data_ptr() for layer in layers]
     assert [launch.grid is None for launch in replay.launches] == [True, False]  # FA3, suffix
