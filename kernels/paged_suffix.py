@@ -70,8 +70,8 @@ def paged_suffix(
     *,
     return_lse: bool = True,
     prefix_state: tuple[torch.Tensor, torch.Tensor] | None = None,
-    # ^ ([num_parts, num_tokens, num_q_heads, head_size] fp32,
-    #    [num_parts, num_q_heads, num_tokens] fp32)
+    # ^ ([num_parts, num_tokens, num_q_heads, head_size] fp32 (or the query dtype: FA3's output,
+    #    external_prefix.py), [num_parts, num_q_heads, num_tokens] fp32)
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,

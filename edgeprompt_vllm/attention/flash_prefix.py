@@ -60,4 +60,3 @@ def empty_prefix_attention(query, key_cache, value_cache, cu_seqlens_q, max_seql
     external (query-dtype) prefix state in, without running FA3."""
     out.zero_()
     lse.fill_(float("-inf"))
-
