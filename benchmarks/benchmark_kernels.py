@@ -234,8 +234,8 @@ def make_schemes(kernels, s: Shape, query, kc, vc, meta, only_ours=False) -> dic
         )[0],
     }
     schemes["relay"] = schemes["relay_triton"]
-    if only_ours:
-        return schemes
+    if only_ours:  # our kernels alone: relay_triton is relay, not run twice
+        return {k: v for k, v in schemes.items() if k != "relay_triton"}
     try:
         from vllm.vllm_flash_attn import flash_attn_varlen_func
     except Exception as e:  # noqa: BLE001 - FA3 missing: report it, run the other schemes
@@ -294,7 +294,7 @@ def make_schemes(kernels, s: Shape, query, kc, vc, meta, only_ours=False) -> dic
             return out
 
         schemes["relay_flash"] = _relay_flash(kernels, query, kc, vc, meta, scale)
-        if _model_picks_flash(kernels.cost_model, s):
+        if backend_choice(kernels.cost_model, s) == "relay+fa3":
             schemes["relay"] = schemes["relay_flash"]
         schemes["fa3_full"] = lambda: fa(bt, seq, s.prefix + s.suffix, True)
         schemes["cascade"] = cascade
@@ -304,23 +304,32 @@ def make_schemes(kernels, s: Shape, query, kc, vc, meta, only_ours=False) -> dic
     return schemes
 
 
-def _relay_flash(kernels, query, kc, vc, meta, scale):
-    """relay_attention with FA3's prefix pass, as the CUDA backend calls it (flash_prefix.py)."""
+def flash_prefix_kernel():
+    """FA3's prefix pass as the CUDA backend calls it (attention/flash_prefix.py; needs vLLM)."""
     import vllm  # noqa: F401  (first: vLLM's attention modules alone import circularly)
 
     from edgeprompt_vllm.attention.flash_prefix import flash_prefix_attention
 
-    prefix_attention = flash_prefix_attention(3)
+    return flash_prefix_attention(3)
+
+
+def _relay_flash(kernels, query, kc, vc, meta, scale):
+    """relay_attention with FA3's prefix pass, as the CUDA backend calls it."""
+    prefix_attention = flash_prefix_kernel()
     return lambda: kernels.relay_attention(
         query, kc, vc, meta, scale, validate=False, prefix_attention=prefix_attention
     )
 
 
-def _model_picks_flash(cost_model, s: Shape) -> bool:
-    """The backend's choice for this shape's one group: FA3's prefix pass or ours."""
+def backend_choice(cost_model, s: Shape) -> str:
+    """The CUDA backend's path for this shape's one group: "plain" (FlashAttention over the full
+    table), "relay" (our prefix pass) or "relay+fa3" (FA3's prefix pass)."""
     groups = [cost_model.GroupShape(s.batch, s.batch * s.query_len, s.prefix)]
     shape = cost_model.AttentionShape(s.num_q_heads, s.num_kv_heads, s.head_size)
-    return cost_model.prefix_pass_by_flash(groups, cost_model.choose_relay(groups, shape), shape)
+    decisions = cost_model.choose_relay(groups, shape)
+    if not decisions[0].relay:
+        return "plain"
+    return "relay+fa3" if cost_model.prefix_pass_by_flash(groups, decisions, shape) else "relay"
 
 
 def _unified(query, kc, vc, qsl, seq, bt, s: Shape, scale):
@@ -404,13 +413,7 @@ def run_benchmark(kernels, shapes, args) -> dict:
             if name in schemes
         ]
         times = {r["scheme"]: r["ms"] for r in shape_rows if "ms" in r}
-        (decision,) = cost_model.choose_relay(
-            [cost_model.GroupShape(s.batch, s.batch * s.query_len, s.prefix)],
-            cost_model.AttentionShape(s.num_q_heads, s.num_kv_heads, s.head_size),
-        )
-        choice = "plain"
-        if decision.relay:
-            choice = "relay+fa3" if _model_picks_flash(cost_model, s) else "relay"
+        choice = backend_choice(cost_model, s)
         # the measured winner among the paths the backend can take for the group
         paths = {"plain": "fa3_full", "relay": "relay_triton", "relay+fa3": "relay_flash"}
         measured = {k: times[v] for k, v in paths.items() if v in times}

@@ -275,46 +275,35 @@ for _m, _n, _w, _s in [(64, 32, 4, 5), (64, 32, 4, 4), (64, 32, 4, 6), (64, 32, 
 # 64-row program: 268 MB at prefix 4096, 3.8 TB/s in its 0.07 ms, competing with the suffix's own
 # stream. 128 or 256 rows per program read it half or a quarter as often; the split count is
 # forced so the programs fill the SMs once (64 x 2 or 32 x 4 = 128 programs on 132 SMs).
-for _m, _n, _w, _s, _z in [(128, 32, 8, 3, 2), (128, 32, 8, 4, 2), (128, 64, 8, 2, 2),
-                           (128, 32, 8, 3, None), (256, 32, 16, 2, 4), (256, 32, 16, 3, 4)]:
-    VARIANTS[f"prefix_{_m}x{_n}w{_w}s{_s}" + (f"_z{_z}" if _z else "")] = _big_group_prefix(
-        f"prefix tiles {_m}x{_n}, {_w} warps, {_s} stages"
-        + (f", {_z} splits" if _z else "") + " where rows >= 512",
-        splits=_z, BLOCK_M=_m, TILE_N=_n, num_warps=_w, num_stages=_s,
+# Without masks on full tiles (UNMASKED_FULL_TILES, "_um"), 64x32 prefix programs need 163
+# registers, not 172: three fit an SM, so 3 splits (384 programs) run at once.
+for _m, _n, _w, _s, _z, _um in [
+    (128, 32, 8, 3, 2, False), (128, 32, 8, 4, 2, False), (128, 64, 8, 2, 2, False),
+    (128, 32, 8, 3, None, False), (256, 32, 16, 2, 4, False), (256, 32, 16, 3, 4, False),
+    (64, 32, 4, 3, None, True), (64, 32, 4, 3, 3, True), (128, 32, 8, 3, 2, True),
+    (128, 32, 8, 3, 1, True), (128, 32, 8, 3, None, True),
+]:  # fmt: skip
+    VARIANTS[f"prefix_{_m}x{_n}w{_w}s{_s}" + ("_um" if _um else "") + (f"_z{_z}" if _z else "")] = (
+        _big_group_prefix(
+            f"prefix tiles {_m}x{_n}, {_w} warps, {_s} stages"
+            + (", no masks on full tiles" if _um else "") + (f", {_z} splits" if _z else "")
+            + " where rows >= 512",
+            splits=_z, BLOCK_M=_m, TILE_N=_n, num_warps=_w, num_stages=_s,
+            **(UNMASKED if _um else {}),
+        )
     )
-# Without masks on full tiles (UNMASKED_FULL_TILES), 64x32 prefix programs need 163 registers,
-# not 172: three fit an SM, so 3 splits (384 programs) run at once.
-for _m, _n, _w, _s, _z in [(64, 32, 4, 3, None), (64, 32, 4, 3, 3), (128, 32, 8, 3, 2),
-                           (128, 32, 8, 3, 1), (128, 32, 8, 3, None)]:
-    VARIANTS[f"prefix_{_m}x{_n}w{_w}s{_s}_um" + (f"_z{_z}" if _z else "")] = _big_group_prefix(
-        f"prefix tiles {_m}x{_n}, {_w} warps, {_s} stages, no masks on full tiles"
-        + (f", {_z} splits" if _z else "") + " where rows >= 512",
-        splits=_z, BLOCK_M=_m, TILE_N=_n, num_warps=_w, num_stages=_s, **UNMASKED,
-    )
-
-
-
-def _flash_prefix():
-    """FA3's prefix pass as the CUDA backend calls it (attention/flash_prefix.py; needs vLLM)."""
-    import vllm  # noqa: F401  (first: vLLM's attention modules alone import circularly)
-
-    from edgeprompt_vllm.attention.flash_prefix import flash_prefix_attention
-
-    return flash_prefix_attention(3)
 
 
 def _backend_choice(s) -> dict:
     """The prefix pass the CUDA backend picks for the shape's one group (cost model)."""
-    cm = kernels.cost_model
-    groups = [cm.GroupShape(s.batch, s.batch * s.query_len, s.prefix)]
-    shape = cm.AttentionShape(s.num_q_heads, s.num_kv_heads, s.head_size)
-    flash = cm.prefix_pass_by_flash(groups, cm.choose_relay(groups, shape), shape)
-    return dict(prefix_attention=_flash_prefix()) if flash else {}
+    if bk.backend_choice(kernels.cost_model, s) == "relay+fa3":
+        return dict(prefix_attention=bk.flash_prefix_kernel())
+    return {}
 
 
 # Session 14: FA3's prefix pass, our suffix kernel folding its state in (kernels/external_prefix.py)
 VARIANTS["flash_prefix"] = ("the prefix pass by FA3 (needs vLLM)",
-                            lambda s: dict(prefix_attention=_flash_prefix()))
+                            lambda s: dict(prefix_attention=bk.flash_prefix_kernel()))
 VARIANTS["backend"] = ("the prefix pass the backend's cost model picks: ours or FA3's",
                        _backend_choice)
 

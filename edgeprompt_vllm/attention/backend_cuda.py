@@ -39,6 +39,7 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from edgeprompt_vllm.attention import graph_mode, host_block_table
 from edgeprompt_vllm.attention.flash_prefix import (
     flash_prefix_attention,
+    flash_prefix_possible,
     prefix_pass_setting,
     use_flash_prefix,
 )
@@ -125,7 +126,7 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
                 self.num_heads_q, self.num_heads_kv, self.headdim, self.block_size,
                 self.model_config.dtype, device, vllm_config.scheduler_config.max_num_seqs,
                 self.model_config.max_model_len,
-                external_prefix=self.fa_version == 3 and self.prefix_pass != "triton"))
+                external_prefix=flash_prefix_possible(self.prefix_pass, self.fa_version)))
         self.graph_table: GraphRelayTable | None = None  # relay inside FULL graphs (graph_relay.py)
         self.graph_pdl = True
         if self.relay_enabled and graph_mode.full_graphs_possible(vllm_config):

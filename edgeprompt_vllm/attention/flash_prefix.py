@@ -30,10 +30,15 @@ def prefix_pass_setting() -> str:
     return setting
 
 
+def flash_prefix_possible(setting: str, fa_version: int | None) -> bool:
+    """Whether any batch may take the prefix pass from FA3 (then warm-up covers it too)."""
+    return fa_version == 3 and setting != "triton"
+
+
 def use_flash_prefix(setting: str, fa_version: int | None, groups: list[GroupShape],
                      decisions: list[GroupDecision], shape: AttentionShape) -> bool:
     """Whether this batch's relaying groups take the prefix pass from FA3."""
-    if fa_version != 3 or setting == "triton" or not any(d.relay for d in decisions):
+    if not flash_prefix_possible(setting, fa_version) or not any(d.relay for d in decisions):
         return False
     return setting == "flash" or prefix_pass_by_flash(groups, decisions, shape)
 
