@@ -554,8 +554,46 @@ def fa3_prefix_schemes(s, query, kc, vc, meta) -> dict:
             max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
         )[0]  # fmt: skip
 
-    out = {f"fa3_prefix_z{z}": (lambda z=z: prefix(z)[0]) for z in (0, 2, 4)}
-    out.update({f"fa3_prefix_z{z}_then_suffix": (lambda z=z: then_suffix(z)) for z in (0, 2, 4)})
+    # The shared blocks as one consecutive run of the cache (how a cloud prompt's blocks lie when
+    # they were allocated at once): FA3 reads them without a block table (TMA tiles, no page
+    # gather). "_run" at the start of a K/V tensor; "_at" at a token offset of a larger one
+    # (cu_seqlens_k gives the offset, seqused_k the length), as the backend would pass the cache.
+    kvh, hd = kc.shape[2], kc.shape[3]
+    ids = bt_pre[0].long()
+    k_run, v_run = (c[ids].reshape(-1, kvh, hd) for c in (kc, vc))  # [prefix, kv_heads, head]
+    at = 7 * s.block_size
+    k_at, v_at = (torch.zeros(at + s.prefix + s.block_size, kvh, hd, dtype=kc.dtype,
+                              device=kc.device) for _ in range(2))  # fmt: skip
+    k_at[at : at + s.prefix], v_at[at : at + s.prefix] = k_run, v_run
+    cu_run = torch.tensor([0, s.prefix], dtype=torch.int32, device=query.device)
+    cu_at = torch.tensor([at, at + s.prefix], dtype=torch.int32, device=query.device)
+
+    def prefix_run(splits=0, offset=False):
+        k, v, cu_k = (k_at, v_at, cu_at) if offset else (k_run, v_run, cu_run)
+        return flash_attn_varlen_func(
+            query, k, v, max_seqlen_q=T, cu_seqlens_q=cu, max_seqlen_k=s.prefix,
+            cu_seqlens_k=cu_k, seqused_k=seq_pre if offset else None, softmax_scale=scale,
+            causal=False, return_softmax_lse=True, num_splits=splits, fa_version=3,
+        )  # fmt: skip
+
+    def then_suffix_from(po, pl):
+        return kernels.paged_suffix(
+            query, kc, vc, meta.query_start_loc, meta.seq_lens, bt, meta.prefix_lens, scale,
+            return_lse=False, prefix_state=(po[None], pl[None]),
+            max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
+        )[0]  # fmt: skip
+
+    def then_suffix(splits):
+        return then_suffix_from(*prefix(splits))
+
+    out = {f"fa3_prefix_z{z}": (lambda z=z: prefix(z)[0]) for z in (0, 1, 2, 4)}
+    out.update({f"fa3_prefix_z{z}_then_suffix": (lambda z=z: then_suffix(z)) for z in (0, 2)})
+    out.update({f"fa3_prefix_run_z{z}": (lambda z=z: prefix_run(z)[0]) for z in (0, 1, 2, 4)})
+    out["fa3_prefix_at_z0"] = lambda: prefix_run(0, offset=True)[0]
+    out["fa3_prefix_run_z0_then_suffix"] = lambda: then_suffix_from(*prefix_run(0))
+    out["fa3_prefix_at_z0_then_suffix"] = lambda: then_suffix_from(*prefix_run(0, offset=True))
+    for z in (2, 4):
+        out[f"fa3_prefix_run_z{z}_then_suffix"] = lambda z=z: then_suffix_from(*prefix_run(z))
     return out
 
 
@@ -570,11 +608,16 @@ def fa3_rows(s, batch, ref, bw) -> list[dict]:
         if not name.startswith("fa3_") or name == "fa3_full":
             continue
         suffix_only = name == "fa3_suffix"
-        alone = name.startswith("fa3_prefix_z") and not name.endswith("then_suffix")
+        alone = name.startswith("fa3_prefix_") and not name.endswith("then_suffix")
         nbytes = bk.problem_bytes(s, suffix_only=suffix_only)
         row = dict(model=s.model, batch=s.batch, prefix=s.prefix, suffix=s.suffix,
                    variant=f"ref:{name}", bytes=nbytes, floor_ms=nbytes / bw * 1e3)
-        if not (suffix_only or alone):
+        if alone:  # a prefix pass alone: against FA3's paged prefix pass (its own choice)
+            paged = schemes["fa3_prefix_z0"]().float()
+            out = schemes[name]().float()
+            row["max_err_ref"] = (out - paged).abs().max().item()
+            row["pass"] = bool(torch.allclose(out, paged, atol=1e-3, rtol=1e-3))
+        elif not suffix_only:
             out = schemes[name]().float()
             row["max_err_ref"] = (out - ref).abs().max().item()
             row["pass"] = bool(torch.allclose(out, ref, atol=1e-3, rtol=1e-3))
