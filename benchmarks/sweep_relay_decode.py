@@ -556,8 +556,8 @@ def fa3_prefix_schemes(s, query, kc, vc, meta) -> dict:
 
     # The shared blocks as one consecutive run of the cache (how a cloud prompt's blocks lie when
     # they were allocated at once): FA3 reads them without a block table (TMA tiles, no page
-    # gather). "_run" at the start of a K/V tensor; "_at" at a token offset of a larger one
-    # (cu_seqlens_k gives the offset, seqused_k the length), as the backend would pass the cache.
+    # gather). "_run" a tensor of its own; "_at" a view of a larger one from a token offset (how
+    # the backend would pass the cache; vLLM's wrapper takes cu_seqlens_k or seqused_k, not both).
     kvh, hd = kc.shape[2], kc.shape[3]
     ids = bt_pre[0].long()
     k_run, v_run = (c[ids].reshape(-1, kvh, hd) for c in (kc, vc))  # [prefix, kv_heads, head]
@@ -566,13 +566,12 @@ def fa3_prefix_schemes(s, query, kc, vc, meta) -> dict:
                               device=kc.device) for _ in range(2))  # fmt: skip
     k_at[at : at + s.prefix], v_at[at : at + s.prefix] = k_run, v_run
     cu_run = torch.tensor([0, s.prefix], dtype=torch.int32, device=query.device)
-    cu_at = torch.tensor([at, at + s.prefix], dtype=torch.int32, device=query.device)
 
     def prefix_run(splits=0, offset=False):
-        k, v, cu_k = (k_at, v_at, cu_at) if offset else (k_run, v_run, cu_run)
+        k, v = (k_at[at:], v_at[at:]) if offset else (k_run, v_run)
         return flash_attn_varlen_func(
             query, k, v, max_seqlen_q=T, cu_seqlens_q=cu, max_seqlen_k=s.prefix,
-            cu_seqlens_k=cu_k, seqused_k=seq_pre if offset else None, softmax_scale=scale,
+            cu_seqlens_k=cu_run, softmax_scale=scale,
             causal=False, return_softmax_lse=True, num_splits=splits, fa_version=3,
         )  # fmt: skip
 
