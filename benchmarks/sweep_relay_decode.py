@@ -546,14 +546,6 @@ def fa3_prefix_schemes(s, query, kc, vc, meta) -> dict:
             return_softmax_lse=True, num_splits=splits, fa_version=3,
         )  # fmt: skip
 
-    def then_suffix(splits):
-        po, pl = prefix(splits)
-        return kernels.paged_suffix(
-            query, kc, vc, meta.query_start_loc, meta.seq_lens, bt, meta.prefix_lens, scale,
-            return_lse=False, prefix_state=(po[None], pl[None]),
-            max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
-        )[0]  # fmt: skip
-
     # The shared blocks as one consecutive run of the cache (how a cloud prompt's blocks lie when
     # they were allocated at once): FA3 reads them without a block table (TMA tiles, no page
     # gather). "_run" a tensor of its own; "_at" a view of a larger one from a token offset (how
@@ -575,15 +567,53 @@ def fa3_prefix_schemes(s, query, kc, vc, meta) -> dict:
             causal=False, return_softmax_lse=True, num_splits=splits, fa_version=3,
         )  # fmt: skip
 
-    def then_suffix_from(po, pl):
+    def then_suffix_from(po, pl):  # FA3's state: one part, or [parts, ...] already
+        parts = (po, pl) if po.dim() == 4 else (po[None], pl[None])
         return kernels.paged_suffix(
             query, kc, vc, meta.query_start_loc, meta.seq_lens, bt, meta.prefix_lens, scale,
-            return_lse=False, prefix_state=(po[None], pl[None]),
+            return_lse=False, prefix_state=parts,
             max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
         )[0]  # fmt: skip
 
     def then_suffix(splits):
         return then_suffix_from(*prefix(splits))
+
+    # FA3's own key split (num_splits) reduces its splits in a combine kernel. Instead: chunk c of
+    # the shared keys as a sequence of its own, over a copy of the group's queries per chunk. FA3
+    # runs unsplit on S x the tiles and returns S normalised parts that our suffix kernel folds in
+    # (no combine launch; one query copy). "_run": the chunks of the consecutive run, no table.
+    H = query.shape[1]
+    cu_rep = {S: torch.arange(S + 1, dtype=torch.int32, device=query.device) * T for S in (2, 3, 4)}
+
+    def chunk_plan(S):
+        per = -(-n_pre // S)  # blocks per chunk
+        table = torch.zeros(S, per, dtype=torch.int32, device=query.device)
+        used, bounds = [], [0]
+        for c in range(S):
+            blocks = bt_pre[0, c * per : (c + 1) * per]
+            table[c, : blocks.numel()] = blocks
+            used.append(blocks.numel() * s.block_size)
+            bounds.append(bounds[-1] + used[-1])
+        as_i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=query.device)  # noqa: E731
+        return table, as_i32(used), as_i32(bounds), per * s.block_size
+
+    plans = {S: chunk_plan(S) for S in (2, 3, 4)}
+
+    def prefix_chunks(S, run=False):
+        table, used, bounds, max_k = plans[S]
+        paged = dict(seqused_k=used, block_table=table)
+        o, lse = flash_attn_varlen_func(
+            query.repeat(S, 1, 1), k_run if run else kc, v_run if run else vc, max_seqlen_q=T,
+            cu_seqlens_q=cu_rep[S], max_seqlen_k=max_k, softmax_scale=scale, causal=False,
+            return_softmax_lse=True, num_splits=1, fa_version=3,
+            **(dict(cu_seqlens_k=bounds) if run else paged),
+        )  # fmt: skip
+        return o.view(S, T, H, -1), lse.view(H, S, T).transpose(0, 1)  # parts of the state
+
+    def chunks_merged(S, run=False):  # the parts merged, to check a pass alone against FA3's
+        o, lse = prefix_chunks(S, run)
+        w = torch.softmax(lse, dim=0).permute(0, 2, 1).unsqueeze(-1)  # [S, T, H, 1]
+        return (o.float() * w).sum(0).to(query.dtype)
 
     out = {f"fa3_prefix_z{z}": (lambda z=z: prefix(z)[0]) for z in (0, 1, 2, 4)}
     out.update({f"fa3_prefix_z{z}_then_suffix": (lambda z=z: then_suffix(z)) for z in (0, 2)})
@@ -593,6 +623,11 @@ def fa3_prefix_schemes(s, query, kc, vc, meta) -> dict:
     out["fa3_prefix_at_z0_then_suffix"] = lambda: then_suffix_from(*prefix_run(0, offset=True))
     for z in (2, 4):
         out[f"fa3_prefix_run_z{z}_then_suffix"] = lambda z=z: then_suffix_from(*prefix_run(z))
+    for S in (2, 3, 4):
+        for run in (False, True):
+            tag = f"fa3_prefix{'_run' if run else ''}_chunks{S}"
+            out[tag] = lambda S=S, run=run: chunks_merged(S, run)
+            out[f"{tag}_then_suffix"] = lambda S=S, run=run: then_suffix_from(*prefix_chunks(S, run))
     return out
 
 
