@@ -304,13 +304,13 @@ def make_schemes(kernels, s: Shape, query, kc, vc, meta, only_ours=False) -> dic
     return schemes
 
 
-def flash_prefix_kernel():
+def flash_prefix_kernel(num_splits: int = 0):
     """FA3's prefix pass as the CUDA backend calls it (attention/flash_prefix.py; needs vLLM)."""
     import vllm  # noqa: F401  (first: vLLM's attention modules alone import circularly)
 
     from edgeprompt_vllm.attention.flash_prefix import flash_prefix_attention
 
-    return flash_prefix_attention(3)
+    return flash_prefix_attention(3, num_splits)
 
 
 def _relay_flash(kernels, query, kc, vc, meta, scale):

@@ -307,6 +307,21 @@ VARIANTS["flash_prefix"] = ("the prefix pass by FA3 (needs vLLM)",
 VARIANTS["backend"] = ("the prefix pass the backend's cost model picks: ours or FA3's",
                        _backend_choice)
 
+# Session 15: FA3's pass costs ~0.047 ms at (256, 4096) GQA however it is split or whether its
+# keys are paged (--fa3 rows), and runs before the suffix. Unsplit it is 64 programs: on a side
+# stream (high priority: placed first) it leaves half the SMs to our suffix kernel, streaming
+# beside it; then one merge.
+for _z in (0, 1):
+    for _prio in (0, -1):
+        VARIANTS[f"overlap_flash_z{_z}" + ("_hi" if _prio else "")] = (
+            f"FA3's prefix pass (num_splits {_z}) on a side stream of priority {_prio} beside our"
+            " suffix kernel, then merge",
+            lambda s, z=_z, p=_prio: dict(schedule="overlap", side_priority=p,
+                                          prefix_attention=bk.flash_prefix_kernel(z)),
+        )  # fmt: skip
+VARIANTS["overlap_hi"] = ("overlap schedule, side stream of priority -1",
+                          lambda s: dict(schedule="overlap", side_priority=-1))
+
 # In this order (a variant runs on every shape before the next starts, so a --budget cut drops
 # whole variants from the end). "auto_combo" (after them, unless --no-combo) merges the knobs of
 # those that beat base on the GQA shapes without losing on MHA; see auto_combo().

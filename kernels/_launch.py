@@ -78,13 +78,16 @@ def num_sms(device_index: int | None) -> int:
 
 
 @functools.cache
-def _side_stream(device_index: int) -> "torch.cuda.Stream":
-    return torch.cuda.Stream(device=device_index)
+def _side_stream(device_index: int, priority: int) -> "torch.cuda.Stream":
+    return torch.cuda.Stream(device=device_index, priority=priority)
 
 
-def side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """One cached side stream per CUDA device (for overlapping the prefix pass with the suffix)."""
-    return _side_stream(device.index if device.index is not None else torch.cuda.current_device())
+def side_stream(device: torch.device, priority: int = 0) -> "torch.cuda.Stream":
+    """One cached side stream per CUDA device and priority (for overlapping the prefix pass with
+    the suffix). Lower is higher, as in torch.cuda.Stream: -1 lets the GPU place its programs
+    before those of a normal-priority launch queued at the same time."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _side_stream(index, priority)
 
 
 def device_sms(t: torch.Tensor) -> int:

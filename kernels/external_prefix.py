@@ -46,6 +46,7 @@ def external_prefix_state(
     value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
     meta,  # RelayMetadata with prefix_seq_start_loc (not token lists)
     softmax_scale: float,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,  # the two below, preallocated
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The groups' prefix pass by `prefix_attention`, as paged_suffix's one-part prefix_state:
     ([1, num_tokens, num_q_heads, head_size] in the query dtype, [1, num_q_heads, num_tokens])."""
@@ -54,9 +55,7 @@ def external_prefix_state(
             "an external prefix kernel needs the groups as contiguous request ranges in order "
             "(RelayMetadata.build sets prefix_seq_start_loc then), not token lists"
         )
-    num_tokens, num_q_heads, _ = query.shape
-    out = torch.empty((1,) + tuple(query.shape), dtype=query.dtype, device=query.device)
-    lse = torch.empty(1, num_q_heads, num_tokens, dtype=torch.float32, device=query.device)
+    out, lse = state if state is not None else external_state_buffers(query)
     call(
         prefix_attention,
         query=query,
@@ -72,6 +71,16 @@ def external_prefix_state(
         lse=lse[0],
     )
     return out, lse
+
+
+def external_state_buffers(query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised ([1, num_tokens, num_q_heads, head_size] query dtype,
+    [1, num_q_heads, num_tokens] fp32) for external_prefix_state."""
+    num_tokens, num_q_heads, _ = query.shape
+    return (
+        torch.empty((1,) + tuple(query.shape), dtype=query.dtype, device=query.device),
+        torch.empty(1, num_q_heads, num_tokens, dtype=torch.float32, device=query.device),
+    )
 
 
 def prefix_attention_ref(

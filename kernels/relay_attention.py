@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ._launch import cdiv, side_stream
-from .external_prefix import PrefixAttention, external_prefix_state
+from .external_prefix import PrefixAttention, external_prefix_state, external_state_buffers
 from .merge import merge_attn_states, merge_attn_states_ref
 from .paged_suffix import paged_suffix, paged_suffix_ref
 from .relay_prefix import relay_prefix, relay_prefix_partials, relay_prefix_ref
@@ -283,6 +283,7 @@ def relay_attention(
     prefix_config: dict | None = None,
     suffix_config: dict | None = None,
     prefix_attention: PrefixAttention | None = None,
+    side_priority: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query over (its group's shared prefix || its own KV); `out` (and lse).
 
@@ -303,14 +304,13 @@ def relay_attention(
                 (benchmarks/results/kernels/h100.md)
     Fork/join on the side stream is CUDA-graph safe. `validate` (default: only when the tensors
     are on the CPU, where it is cheap) runs `meta.validate`. The *_splits / *_config arguments
-    override the launchers' choices (for tests and tuning). `prefix_attention` (the "fused"
-    schedule only): another kernel runs the prefix pass (FA3 on the CUDA backend where the cost
-    model prefers it, external_prefix.py); the suffix kernel folds its state in as ours.
+    override the launchers' choices (for tests and tuning). `prefix_attention`: another kernel
+    runs the prefix pass (FA3 on the CUDA backend where the cost model prefers it,
+    external_prefix.py); "fused": the suffix kernel folds its state in as ours; "overlap" /
+    "serial": it is merged like ours. `side_priority`: the overlap side stream's priority.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if prefix_attention is not None and schedule not in ("auto", "fused"):
-        raise ValueError(f"prefix_attention runs with the fused schedule, not {schedule!r}")
     if validate if validate is not None else query.device.type == "cpu":
         meta.validate(query.shape[0], key_cache.shape[1])
     if schedule == "auto":
@@ -369,13 +369,25 @@ def relay_attention(
         )
     else:
         f32 = dict(dtype=torch.float32, device=query.device)
-        pre_out, pre_lse = (
-            torch.empty(query.shape, **f32),
-            torch.empty(query.shape[1], query.shape[0], **f32),
-        )
-        side = side_stream(query.device) if schedule == "overlap" and query.is_cuda else None
+        side = None
+        if schedule == "overlap" and query.is_cuda:
+            side = side_stream(query.device, side_priority)
+        if prefix_attention is not None:  # [1, ...] in the query dtype (external_prefix.py)
+            pre_state = external_state_buffers(query)
+            pre_out, pre_lse = pre_state[0][0], pre_state[1][0]
+        else:
+            pre_out, pre_lse = (
+                torch.empty(query.shape, **f32),
+                torch.empty(query.shape[1], query.shape[0], **f32),
+            )
         with _forked(side):  # prefix pass, on the side stream when overlapping
-            relay_prefix(*prefix_args, out=pre_out, lse=pre_lse, **prefix_kw)
+            if prefix_attention is not None:
+                external_prefix_state(prefix_attention, query, key_cache, value_cache, meta,
+                                      softmax_scale, state=pre_state)  # fmt: skip
+                # an ungrouped token's sequence is its neighbour group's: no prefix for it
+                pre_lse.masked_fill_(~_grouped_tokens(meta, query.shape[0]), float("-inf"))
+            else:
+                relay_prefix(*prefix_args, out=pre_out, lse=pre_lse, **prefix_kw)
         suf_out, suf_lse = paged_suffix(
             *suffix_args, out=torch.empty(query.shape, **f32), **suffix_kw
         )
@@ -383,6 +395,13 @@ def relay_attention(
             torch.cuda.current_stream(query.device).wait_stream(side)
         merge_attn_states(out, pre_out, pre_lse, suf_out, suf_lse, lse)
     return (out, lse) if return_lse else out
+
+
+def _grouped_tokens(meta: RelayMetadata, num_tokens: int) -> torch.Tensor:
+    """[num_tokens] bool: the token's request is in a group (no device sync)."""
+    return torch.repeat_interleave(
+        meta.prefix_lens > 0, meta.query_start_loc.diff(), output_size=num_tokens
+    )
 
 
 @contextlib.contextmanager

@@ -43,8 +43,9 @@ def use_flash_prefix(setting: str, fa_version: int | None, groups: list[GroupSha
     return setting == "flash" or prefix_pass_by_flash(groups, decisions, shape)
 
 
-def flash_prefix_attention(fa_version: int):
-    """kernels.external_prefix.PrefixAttention over vLLM's flash_attn_varlen_func."""
+def flash_prefix_attention(fa_version: int, num_splits: int = 0):
+    """kernels.external_prefix.PrefixAttention over vLLM's flash_attn_varlen_func (`num_splits`:
+    FA3's key split; 0 lets FA3 choose, 1 keeps the pass to one program per query tile)."""
     from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
     def prefix_attention(query, key_cache, value_cache, cu_seqlens_q, max_seqlen_q, block_table,
@@ -53,7 +54,7 @@ def flash_prefix_attention(fa_version: int):
             q=query, k=key_cache, v=value_cache, out=out, cu_seqlens_q=cu_seqlens_q,
             max_seqlen_q=max_seqlen_q, seqused_k=seqused_k, max_seqlen_k=max_seqlen_k,
             softmax_scale=softmax_scale, causal=False, block_table=block_table,
-            return_softmax_lse=True, fa_version=fa_version)
+            return_softmax_lse=True, num_splits=num_splits, fa_version=fa_version)
         lse.copy_(softmax_lse)  # [num_q_heads, num_tokens]: FA3 allocates its own each call
 
     return prefix_attention

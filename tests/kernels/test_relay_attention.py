@@ -315,9 +315,10 @@ EXTERNAL_PREFIX = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("schedule", ["fused", "serial"])  # fused: folded; serial: merged
 @pytest.mark.parametrize("name", list(EXTERNAL_PREFIX))
 def test_an_external_prefix_kernel_equals_plain_attention(
-    name, make_batch, poisoned, check_attention
+    name, schedule, make_batch, poisoned, check_attention
 ):
     batch = make_batch(seed=200 + list(EXTERNAL_PREFIX).index(name), **EXTERNAL_PREFIX[name])
     calls = []
@@ -329,6 +330,7 @@ def test_an_external_prefix_kernel_equals_plain_attention(
     got = relay_attention(
         batch.query, batch.key_cache, batch.value_cache, batch.meta, batch.scale,
         out=poisoned(batch.query), return_lse=True, prefix_attention=prefix_kernel,
+        schedule=schedule,
     )  # fmt: skip
     check_attention(got, _plain(batch), batch.query.dtype)
     assert len(calls) == 1 and calls[0][0][0] == 0 and calls[0][0][-1] == batch.query.shape[0]
@@ -343,6 +345,6 @@ def test_an_external_prefix_kernel_needs_ordered_request_range_groups(make_batch
     with pytest.raises(ValueError, match="contiguous request ranges in order"):
         relay_attention(shuffled.query, shuffled.key_cache, shuffled.value_cache, shuffled.meta,
                         shuffled.scale, prefix_attention=prefix_attention_ref)  # fmt: skip
-    with pytest.raises(ValueError, match="fused schedule"):
+    with pytest.raises(ValueError, match="contiguous request ranges in order"):
         relay_attention(shuffled.query, shuffled.key_cache, shuffled.value_cache, shuffled.meta,
                         shuffled.scale, schedule="serial", prefix_attention=prefix_attention_ref)  # fmt: skip
