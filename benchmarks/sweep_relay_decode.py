@@ -321,6 +321,20 @@ for _z in (0, 1):
         )  # fmt: skip
 VARIANTS["overlap_hi"] = ("overlap schedule, side stream of priority -1",
                           lambda s: dict(schedule="overlap", side_priority=-1))
+# Our prefix pass unsplit (one program per SM at a 256-request GQA group), placed first on every
+# SM by the side stream's priority, with tiles small enough that suffix programs still fit
+# beside it (session 13's unsplit overlap variants ran at normal priority).
+for _m, _n, _w, _s, _z, _sfx in [(64, 32, 4, 3, 1, 2), (64, 32, 4, 3, 1, 3), (64, 16, 4, 4, 1, 2),
+                                 (64, 32, 4, 2, 1, 2), (64, 64, 4, 2, 1, 2), (64, 16, 4, 3, 2, 2),
+                                 (128, 32, 8, 2, 1, 2), (64, 32, 4, 2, 2, 2)]:
+    VARIANTS[f"overlap_hi_z{_z}_p{_m}x{_n}w{_w}s{_s}_sfx{_sfx}"] = (
+        f"overlap, side priority -1, prefix {_m}x{_n} {_w} warps {_s} stages, {_z} split(s),"
+        f" suffix {_sfx} stages",
+        lambda s, m=_m, n=_n, w=_w, st=_s, z=_z, sfx=_sfx: dict(
+            schedule="overlap", side_priority=-1, prefix_splits=z,
+            prefix_config=dict(BLOCK_M=m, TILE_N=n, num_warps=w, num_stages=st),
+            suffix_config=dict(num_stages=sfx)),
+    )  # fmt: skip
 
 # In this order (a variant runs on every shape before the next starts, so a --budget cut drops
 # whole variants from the end). "auto_combo" (after them, unless --no-combo) merges the knobs of
