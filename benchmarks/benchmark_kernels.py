@@ -22,8 +22,6 @@ request's row, as vLLM's prefix cache makes):
                 merge (schedule="overlap")
     relay_3k    ours, one stream: prefix, suffix, merge_attn_states
     ours_plain  ours without relay: paged_suffix over the full table
-(make_schemes also builds fa3_prefix_overlap, FA3's prefix pass on a side stream beside our
-suffix kernel, then one merge; sweep_relay_decode.py --fa3 times it.)
 
 Output: a markdown table, one row per shape and scheme: ms (median; CUDA-graph replays unless
 --eager, L2 flushed between replays by do_bench), bytes (what the problem must move: shared KV once,
@@ -274,31 +272,11 @@ def make_schemes(kernels, s: Shape, query, kc, vc, meta, only_ours=False) -> dic
             merge_attn_states(out, po, pl, so, sl)
             return out
 
-        side = torch.cuda.Stream(device=query.device)
-
-        def fa3_prefix_overlap():
-            """FA3's prefix pass (tensor-core bound at large GQA groups) on a side stream while
-            our suffix kernel streams each request's own KV (memory bound), then one merge."""
-            main = torch.cuda.current_stream(query.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                po, pl = fa(bt_pre, seq_pre, s.prefix, False, cu=cu_all, max_q=T, lse=True)
-            so, sl = kernels.paged_suffix(
-                query, kc, vc, qsl, seq, bt, meta.prefix_lens, scale, return_lse=True,
-                max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len)
-            main.wait_stream(side)
-            po.record_stream(main)
-            pl.record_stream(main)
-            out = torch.empty_like(query)
-            merge_attn_states(out, po, pl, so, sl)
-            return out
-
         schemes["relay_flash"] = _relay_flash(kernels, query, kc, vc, meta, scale)
         if backend_choice(kernels.cost_model, s) == "relay+fa3":
             schemes["relay"] = schemes["relay_flash"]
         schemes["fa3_full"] = lambda: fa(bt, seq, s.prefix + s.suffix, True)
         schemes["cascade"] = cascade
-        schemes["fa3_prefix_overlap"] = fa3_prefix_overlap  # not in SCHEMES: sweep_relay_decode --fa3
         schemes["fa3_suffix"] = lambda: fa(own_bt, own_seq, s.suffix, True)
     schemes["unified"] = lambda: _unified(query, kc, vc, qsl, seq, bt, s, scale)
     return schemes

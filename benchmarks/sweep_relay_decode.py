@@ -23,9 +23,11 @@ One table goes to stdout at the end (progress to stderr); JSON to OUT.json when 
 of it, the components are no longer timed. Variants run in the order given, each on every shape.
 After the listed variants, "auto_combo" merges the knobs of those that beat base on the GQA
 shapes (and do not lose on MHA) and runs the merge on every shape (--no-combo: not).
---fa3 adds FA3 over the own blocks only, and FA3's prefix pass on a side stream beside our
-suffix kernel (then merge_attn_states; checked against the reference) (needs vLLM; its import
-takes a few seconds).
+--fa3 adds FA3 over the own blocks only, and FA3's prefix pass alone and followed by our suffix
+kernel: split by FA3 (num_splits 0 / 1 / 2 / 4), over the shared blocks as one consecutive run
+(no block table), and over key chunks as sequences of their own (fa3_prefix_schemes) (needs
+vLLM; its import takes a few seconds). The variants overlap_flash_* run FA3's pass on a side
+stream beside our suffix kernel.
 --list prints the variants (the defaults and the extras --variants can name).
 The "launches" column shows what ran: P(refix) / S(uffix) / M(erge) kernels (FA3 prefix: FA3's
 prefix pass, variants flash_prefix / backend), rows x keys per tile,
@@ -310,7 +312,9 @@ VARIANTS["backend"] = ("the prefix pass the backend's cost model picks: ours or 
 # Session 15: FA3's pass costs ~0.047 ms at (256, 4096) GQA however it is split or whether its
 # keys are paged (--fa3 rows), and runs before the suffix. Unsplit it is 64 programs: on a side
 # stream (high priority: placed first) it leaves half the SMs to our suffix kernel, streaming
-# beside it; then one merge.
+# beside it; then one merge. Measured (H200, run 3 of prefix_overlap_h200_session15.md): z1_hi
+# beat the backend's path by 1.7% at (256, 4096) and 3.4% at (256, 2048), lost 4% at batch 512
+# and 21-30% at batch 64-128: half the SMs stream the suffix at about half its rate.
 for _z in (0, 1):
     for _prio in (0, -1):
         VARIANTS[f"overlap_flash_z{_z}" + ("_hi" if _prio else "")] = (
@@ -319,11 +323,13 @@ for _z in (0, 1):
             lambda s, z=_z, p=_prio: dict(schedule="overlap", side_priority=p,
                                           prefix_attention=bk.flash_prefix_kernel(z)),
         )  # fmt: skip
-VARIANTS["overlap_hi"] = ("overlap schedule, side stream of priority -1",
-                          lambda s: dict(schedule="overlap", side_priority=-1))
+VARIANTS["overlap_lo"] = ("overlap schedule, side stream of priority 0 (before session 15)",
+                          lambda s: dict(schedule="overlap", side_priority=0))
 # Our prefix pass unsplit (one program per SM at a 256-request GQA group), placed first on every
 # SM by the side stream's priority, with tiles small enough that suffix programs still fit
-# beside it (session 13's unsplit overlap variants ran at normal priority).
+# beside it (session 13's unsplit overlap variants ran at normal priority). Measured (run 4):
+# 3-62% slower than base at (256, 4096) GQA, unsplit 7-62%: one program per SM runs the pass
+# far too slowly.
 for _m, _n, _w, _s, _z, _sfx in [(64, 32, 4, 3, 1, 2), (64, 32, 4, 3, 1, 3), (64, 16, 4, 4, 1, 2),
                                  (64, 32, 4, 2, 1, 2), (64, 64, 4, 2, 1, 2), (64, 16, 4, 3, 2, 2),
                                  (128, 32, 8, 2, 1, 2), (64, 32, 4, 2, 2, 2)]:
@@ -661,9 +667,9 @@ def fa3_prefix_schemes(s, query, kc, vc, meta) -> dict:
 
 
 def fa3_rows(s, batch, ref, bw) -> list[dict]:
-    """FA3 over each request's own blocks only (the ceiling: the shared prefix for free), FA3's
-    prefix pass on a side stream beside our suffix kernel, and FA3's prefix pass alone and then
-    our suffix kernel (fa3_prefix_schemes) (the whole calls checked against the reference)."""
+    """FA3 over each request's own blocks only (the ceiling: the shared prefix for free), and
+    FA3's prefix pass alone (checked against FA3's paged pass) and then our suffix kernel
+    (fa3_prefix_schemes; checked against the reference)."""
     schemes = bk.make_schemes(kernels, s, *batch)
     schemes.update(fa3_prefix_schemes(s, *batch))
     rows = []

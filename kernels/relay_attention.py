@@ -283,7 +283,7 @@ def relay_attention(
     prefix_config: dict | None = None,
     suffix_config: dict | None = None,
     prefix_attention: PrefixAttention | None = None,
-    side_priority: int = 0,
+    side_priority: int = -1,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query over (its group's shared prefix || its own KV); `out` (and lse).
 
@@ -294,7 +294,11 @@ def relay_attention(
                 splits are not capped by the suffix epilogue. On an H100 (CUDA graphs), before
                 session 13's kernel changes, it beat "fused" by 8-10 us at batch 32-64, by 27 us
                 at 8 GQA requests / prefix 4096, and was within 1.3% either way at batch 128-256
-                (measured)
+                (measured). The side stream has high priority (`side_priority`, -1): the GPU
+                places the prefix programs first and the suffix's beside them; at priority 0 an
+                H200 ran GQA 256 / 4096 in 0.2596 ms instead of 0.2229, and was 2-18% slower on 6
+                of 9 decode shapes and at most 3% faster on the rest (sweep_relay_decode.py
+                variant overlap_lo, session 15)
       "serial"  prefix, suffix, merge_attn_states on one stream (vLLM's cascade shape)
       "auto"    "fused", what the CUDA backend runs (kernels/replay.py records its launches once
                 per step). With the block ids prefetched (_paged_attend.py) it was 0.3-15% faster
@@ -307,7 +311,7 @@ def relay_attention(
     override the launchers' choices (for tests and tuning). `prefix_attention`: another kernel
     runs the prefix pass (FA3 on the CUDA backend where the cost model prefers it,
     external_prefix.py); "fused": the suffix kernel folds its state in as ours; "overlap" /
-    "serial": it is merged like ours. `side_priority`: the overlap side stream's priority.
+    "serial": it is merged like ours.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
