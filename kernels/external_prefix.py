@@ -46,7 +46,7 @@ def external_prefix_state(
     value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
     meta,  # RelayMetadata with prefix_seq_start_loc (not token lists)
     softmax_scale: float,
-    state: tuple[torch.Tensor, torch.Tensor] | None = None,  # the two below, preallocated
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,  # from external_state_buffers
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The groups' prefix pass by `prefix_attention`, as paged_suffix's one-part prefix_state:
     ([1, num_tokens, num_q_heads, head_size] in the query dtype, [1, num_q_heads, num_tokens])."""

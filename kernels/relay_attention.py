@@ -436,6 +436,7 @@ def relay_attention_ref(
     prefix_config: dict | None = None,
     suffix_config: dict | None = None,
     prefix_attention: PrefixAttention | None = None,
+    side_priority: int = -1,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """fp32 torch version of `relay_attention`: prefix, suffix and merge refs. Validates `meta`
     unless validate=False; the schedule and tuning arguments are accepted and ignored."""

@@ -1,5 +1,7 @@
 """The composition (prefix per group + suffix + merge) against plain attention over the whole KV."""
 
+import importlib
+import inspect
 import random
 
 import pytest
@@ -348,3 +350,19 @@ def test_an_external_prefix_kernel_needs_ordered_request_range_groups(make_batch
     with pytest.raises(ValueError, match="contiguous request ranges in order"):
         relay_attention(shuffled.query, shuffled.key_cache, shuffled.value_cache, shuffled.meta,
                         shuffled.scale, schedule="serial", prefix_attention=prefix_attention_ref)  # fmt: skip
+
+
+# ---- every launcher has a torch reference with the same signature (issue 3)
+
+LAUNCHERS = [("relay_attention", "relay_attention"), ("paged_suffix", "paged_suffix"),
+             ("relay_prefix", "relay_prefix"), ("merge", "merge_attn_states"),
+             ("merge", "merge_partial_states")]  # fmt: skip
+
+
+@pytest.mark.parametrize("module,name", LAUNCHERS)
+def test_each_launcher_and_its_reference_take_the_same_arguments(module, name):
+    mod = importlib.import_module(f"edgeprompt_vllm.kernels.{module}")
+    launcher, reference = getattr(mod, name), getattr(mod, f"{name}_ref")
+    assert inspect.signature(launcher).parameters.keys() == inspect.signature(
+        reference
+    ).parameters.keys()
