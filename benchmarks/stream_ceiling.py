@@ -8,8 +8,9 @@ write). The suffix pass only reads, and reads each request's pages through its b
 576 own tokens per request, head 128, block 16, fp16) this times, CUDA-graph replays with the L2
 flushed as the kernel tables do:
 
+  read_flat        the own KV's bytes as one flat buffer, summed (HBM read bandwidth)
   gather_nN_sS     every (request, KV head) program walks its pages as the suffix kernel does, N
-                   keys per tile, S stages, 4 warps, and sums K and V (no attention): the access
+                   keys per tile, S stages, and sums K and V (no attention): the access
                    pattern's own ceiling
   suffix           our suffix kernel over the same pages, without a prefix state (paged_suffix)
 
@@ -35,6 +36,16 @@ kernels = sw.kernels
 
 
 @triton.jit
+def _read_flat_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid, tl.sum(acc))
+
+
+@triton.jit
 def _gather_kernel(
     out_ptr,  # [num_reqs, num_kv_heads] float32
     key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_size]
@@ -57,7 +68,7 @@ def _gather_kernel(
     end = tl.load(seq_lens_ptr + req)
     offs_n = tl.arange(0, TILE_N)
     offs_d = tl.arange(0, HEAD)
-    acc = tl.zeros([HEAD], tl.float32)
+    acc = tl.zeros([TILE_N, HEAD], tl.float32)
     for pos in tl.range(start, end, TILE_N, num_stages=NUM_STAGES):
         keys = pos + offs_n
         valid = keys < end
@@ -66,7 +77,7 @@ def _gather_kernel(
         ptr = row[:, None] + kv_head * stride_head + offs_d[None, :]
         k = tl.load(key_cache_ptr + ptr, mask=valid[:, None], other=0.0)
         v = tl.load(value_cache_ptr + ptr, mask=valid[:, None], other=0.0)
-        acc += tl.sum(k.to(tl.float32) + v.to(tl.float32), axis=0)
+        acc += k.to(tl.float32) + v.to(tl.float32)
     tl.store(out_ptr + req * tl.num_programs(1) + kv_head, tl.sum(acc))
 
 
@@ -76,8 +87,15 @@ def own_kv_bytes(s) -> int:
 
 def schemes(s, query, kc, vc, meta) -> dict:
     """name -> zero-argument callable reading this batch's own KV."""
+    flat = torch.empty(own_kv_bytes(s) // 2, dtype=torch.float16, device=query.device).normal_()
+    flat_out = torch.empty(4 * 132, dtype=torch.float32, device=query.device)
     gather_out = torch.empty(s.batch, s.num_kv_heads, dtype=torch.float32, device=query.device)
     scale = s.head_size**-0.5
+
+    def read_flat():
+        _read_flat_kernel[(flat_out.numel(),)](flat, flat_out, flat.numel(), BLOCK=4096,
+                                               num_warps=8)  # fmt: skip
+        return flat_out
 
     def gather(tile_n, stages):
         def run():
@@ -91,7 +109,7 @@ def schemes(s, query, kc, vc, meta) -> dict:
 
         return run
 
-    out = {}
+    out = {"read_flat": read_flat}
     for tile_n, stages in [(64, 2), (64, 3), (64, 4), (128, 2), (128, 3), (32, 4)]:
         out[f"gather_n{tile_n}_s{stages}"] = gather(tile_n, stages)
     out["suffix"] = lambda: kernels.paged_suffix(

@@ -308,11 +308,6 @@ VARIANTS["flash_prefix"] = ("the prefix pass by FA3 (needs vLLM)",
                             lambda s: dict(prefix_attention=bk.flash_prefix_kernel()))
 VARIANTS["backend"] = ("the prefix pass the backend's cost model picks: ours or FA3's",
                        _backend_choice)
-# Session 15: the suffix launch right after FA3's pass uses PDL (it may start while the call's
-# last kernel finishes); this variant launches it without, as in session 14.
-VARIANTS["flash_prefix_nopdl"] = (
-    "the prefix pass by FA3, the suffix launched without PDL (before session 15)",
-    lambda s: dict(prefix_attention=bk.flash_prefix_kernel(), suffix_config=dict(PDL=False)))
 
 # Session 15: FA3's pass costs ~0.047 ms at (256, 4096) GQA however it is split or whether its
 # keys are paged (--fa3 rows), and runs before the suffix. Unsplit it is 64 programs: on a side

@@ -11,15 +11,14 @@ import torch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 RECORDER = None  # set by replay.LayerReplay while it records a layer's launches
-LAST_KERNEL = None  # the kernel of the latest launch() or call() in this process
-LAST_WAS_CALL = False  # whether that was a call() (another library's kernels)
+LAST_KERNEL = None  # the kernel of the latest launch() in this process (see follows_launch_of)
 
 
 def launch(kernel, grid: tuple, **kwargs) -> None:
     """`kernel[grid](**kwargs)`, reported to the active recorder (replay.py) if there is one."""
-    global LAST_KERNEL, LAST_WAS_CALL
+    global LAST_KERNEL
     compiled = kernel[grid](**kwargs)
-    LAST_KERNEL, LAST_WAS_CALL = kernel, False
+    LAST_KERNEL = kernel
     if RECORDER is not None:
         RECORDER(kernel, grid, kwargs, compiled)
 
@@ -27,9 +26,9 @@ def launch(kernel, grid: tuple, **kwargs) -> None:
 def call(fn, **kwargs) -> None:
     """`fn(**kwargs)`, another library's kernel (external_prefix.py), reported to the active
     recorder like a launch (grid None) so that replay.py replays it with the layer's tensors."""
-    global LAST_KERNEL, LAST_WAS_CALL
+    global LAST_KERNEL
     fn(**kwargs)
-    LAST_KERNEL, LAST_WAS_CALL = fn, True
+    LAST_KERNEL = fn
     if RECORDER is not None:
         RECORDER(fn, None, kwargs, None)
 
@@ -38,13 +37,6 @@ def follows_launch_of(kernel) -> bool:
     """Whether the latest launch() was of `kernel`: a launch made now follows it on the stream,
     provided the caller enqueued no other kernel in between (used to chain launches with PDL)."""
     return LAST_KERNEL is kernel
-
-
-def follows_call() -> bool:
-    """Whether the latest launch was another library's kernel through call(): a launch made now
-    follows that call's last kernel, which started only after every kernel before it had
-    finished (its launches are ordinary ones)."""
-    return LAST_WAS_CALL
 
 
 def supports_pdl(t: torch.Tensor) -> bool:

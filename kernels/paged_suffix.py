@@ -41,7 +41,6 @@ from ._launch import (
     check_tensor,
     device_sms,
     dot_flags,
-    follows_call,
     follows_launch_of,
     host_int,
     launch,
@@ -198,13 +197,11 @@ def paged_suffix(
 
 
 def _follows_prefix_pass(query: torch.Tensor) -> bool:
-    """Whether a launch now may use PDL: sm_90+ and the latest launch was the prefix pass, our
-    kernel or an external one (relay_attention's fused schedule launches the two back to back).
-    After an external pass (FA3's: its kernels, then a copy of its lse) PDL only lets this
-    kernel start while the last of them finishes; the epilogue waits for it before reading."""
+    """Whether a launch now may use PDL: sm_90+ and the latest launch was the prefix kernel
+    (relay_attention's fused schedule launches the two back to back)."""
     from .relay_prefix import _relay_prefix_kernel  # (relay_prefix imports this module)
 
-    return supports_pdl(query) and (follows_launch_of(_relay_prefix_kernel) or follows_call())
+    return supports_pdl(query) and follows_launch_of(_relay_prefix_kernel)
 
 
 def _suffix_config(
@@ -239,8 +236,6 @@ def _suffix_config(
     LAUNCH_DEPENDENTS) this kernel streams its own KV while the prefix pass runs and waits for it
     only before its epilogue reads the prefix states. The caller must enqueue no other kernel
     between the two launches (the launcher checks only that no other launcher ran in between).
-    Also right after an external prefix pass (FA3's, through _launch.call): there it only lets
-    this kernel start while the call's last kernel (a copy of FA3's lse) finishes.
     """
     qpk_pad = next_pow2(queries_per_kv)
     rows = next_pow2(max(max_query_len, 1) * qpk_pad)

@@ -10,7 +10,6 @@ from edgeprompt_vllm.kernels import (
     paged_suffix_ref,
     relay_prefix_partials,
 )
-from edgeprompt_vllm.kernels.external_prefix import external_prefix_state, prefix_attention_ref
 
 # name: (make_batch kwargs, paged_suffix kwargs).
 # make_batch defaults: fp16, 2 KV heads, MHA, head 64, block 16.
@@ -237,32 +236,6 @@ def test_pdl_only_right_after_the_prefix_kernel(make_batch, poisoned, check_atte
     assert pre_kw["LAUNCH_DEPENDENTS"] and suf_kw["PDL"] and suf_kw["launch_pdl"]
     launches.clear()  # again, the latest launch now being the suffix's, not the prefix's
     got, want = _run(batch, poisoned, prefix_state=parts, config=dict(PDL=True))
-    check_attention(got, want, batch.query.dtype)
-    assert not launches[0][1]["PDL"] and "launch_pdl" not in launches[0][1]
-
-
-def test_pdl_right_after_an_external_prefix_call(make_batch, poisoned, check_attention,
-                                                 monkeypatch):  # fmt: skip
-    """After an external prefix pass (external_prefix.py, through _launch.call) the suffix launch
-    uses PDL too: it may start while the call's last kernel finishes, and waits for it before
-    its epilogue reads the state. After a launch of ours other than the prefix's, it does not."""
-    suffix_mod = importlib.import_module("edgeprompt_vllm.kernels.paged_suffix")
-    monkeypatch.setattr(suffix_mod, "supports_pdl", lambda t: True)
-    launches = []
-    monkeypatch.setattr(
-        _launch, "RECORDER", lambda kernel, grid, kw, compiled: launches.append((grid, kw))
-    )
-    batch = make_batch(
-        queries_per_kv=4, query_lens=[1, 1, 2], own_lens=[37, 17, 70], groups=[(0, 3, 64)], seed=9
-    )
-    parts = external_prefix_state(prefix_attention_ref, batch.query, batch.key_cache,
-                                  batch.value_cache, batch.meta, batch.scale)  # fmt: skip
-    got, want = _run(batch, poisoned, prefix_state=parts)
-    check_attention(got, want, batch.query.dtype)
-    (call_grid, _), (_, suf_kw) = launches
-    assert call_grid is None and suf_kw["PDL"] and suf_kw["launch_pdl"]
-    launches.clear()
-    got, want = _run(batch, poisoned, prefix_state=parts)  # follows our suffix launch now
     check_attention(got, want, batch.query.dtype)
     assert not launches[0][1]["PDL"] and "launch_pdl" not in launches[0][1]
 
