@@ -8,11 +8,14 @@ write). The suffix pass only reads, and reads each request's pages through its b
 576 own tokens per request, head 128, block 16, fp16) this times, CUDA-graph replays with the L2
 flushed as the kernel tables do:
 
-  read_flat        the own KV's bytes as one flat buffer, summed (HBM read bandwidth)
   gather_nN_sS     every (request, KV head) program walks its pages as the suffix kernel does, N
-                   keys per tile, S stages, and sums K and V (no attention): the access
-                   pattern's own ceiling
+                   keys per tile, S stages, 4 warps, and adds K and V into a [N, head] fp32
+                   tile (no attention): how fast this access pattern reads at least
   suffix           our suffix kernel over the same pages, without a prefix state (paged_suffix)
+
+(The first run, commit e1da2a0, also timed a flat grid-stride read and 128-key tiles: an untuned
+read kernel and a spilling accumulator, so both were dropped. Summing each tile's columns
+instead of keeping the [N, head] tile made every row slower.)
 
 and reports each as GB/s of own-KV bytes and as a share of the copy bandwidth. Table to stdout,
 JSON to OUT.json when given.
@@ -33,16 +36,6 @@ import benchmark_kernels as bk  # noqa: E402
 import sweep_relay_decode as sw  # noqa: E402
 
 kernels = sw.kernels
-
-
-@triton.jit
-def _read_flat_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pid, tl.sum(acc))
 
 
 @triton.jit
@@ -87,15 +80,8 @@ def own_kv_bytes(s) -> int:
 
 def schemes(s, query, kc, vc, meta) -> dict:
     """name -> zero-argument callable reading this batch's own KV."""
-    flat = torch.empty(own_kv_bytes(s) // 2, dtype=torch.float16, device=query.device).normal_()
-    flat_out = torch.empty(4 * 132, dtype=torch.float32, device=query.device)
     gather_out = torch.empty(s.batch, s.num_kv_heads, dtype=torch.float32, device=query.device)
     scale = s.head_size**-0.5
-
-    def read_flat():
-        _read_flat_kernel[(flat_out.numel(),)](flat, flat_out, flat.numel(), BLOCK=4096,
-                                               num_warps=8)  # fmt: skip
-        return flat_out
 
     def gather(tile_n, stages):
         def run():
@@ -109,8 +95,8 @@ def schemes(s, query, kc, vc, meta) -> dict:
 
         return run
 
-    out = {"read_flat": read_flat}
-    for tile_n, stages in [(64, 2), (64, 3), (64, 4), (128, 2), (128, 3), (32, 4)]:
+    out = {}
+    for tile_n, stages in [(64, 2), (64, 3), (64, 4), (32, 4)]:
         out[f"gather_n{tile_n}_s{stages}"] = gather(tile_n, stages)
     out["suffix"] = lambda: kernels.paged_suffix(
         query, kc, vc, meta.query_start_loc, meta.seq_lens, meta.block_table, meta.prefix_lens,
