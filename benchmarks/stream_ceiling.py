@@ -1,4 +1,4 @@
-"""How fast can a decode batch's own KV be read at all? The ceiling under the suffix kernel (issue 3).
+"""How fast can a decode batch's own KV be read at all? The ceiling under the suffix (issue 3).
 
     python benchmarks/stream_ceiling.py [OUT.json] [--shapes gqa:256:4096,...]   # CUDA
 

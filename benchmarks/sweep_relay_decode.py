@@ -645,7 +645,7 @@ def fa3_prefix_schemes(s, query, kc, vc, meta) -> dict:
         )  # fmt: skip
         return o.view(S, T, H, -1), lse.view(H, S, T).transpose(0, 1)  # parts of the state
 
-    def chunks_merged(S, run=False):  # the parts merged, to check a pass alone against FA3's
+    def chunks_merged(S, run=False):  # parts merged in torch (timed too), for the check
         o, lse = prefix_chunks(S, run)
         w = torch.softmax(lse, dim=0).permute(0, 2, 1).unsqueeze(-1)  # [S, T, H, 1]
         return (o.float() * w).sum(0).to(query.dtype)
@@ -662,7 +662,8 @@ def fa3_prefix_schemes(s, query, kc, vc, meta) -> dict:
         for run in (False, True):
             tag = f"fa3_prefix{'_run' if run else ''}_chunks{S}"
             out[tag] = lambda S=S, run=run: chunks_merged(S, run)
-            out[f"{tag}_then_suffix"] = lambda S=S, run=run: then_suffix_from(*prefix_chunks(S, run))
+            out[f"{tag}_then_suffix"] = lambda S=S, run=run: then_suffix_from(
+                *prefix_chunks(S, run))
     return out
 
 
