@@ -342,6 +342,19 @@ for _m, _n, _w, _s, _z, _sfx in [(64, 32, 4, 3, 1, 2), (64, 32, 4, 3, 1, 3), (64
             suffix_config=dict(num_stages=sfx)),
     )  # fmt: skip
 
+# After FA3's pass the suffix kernel runs alone, with no prefix kernel to stream beside: its
+# tiles were tuned for the fused schedule. A read-only probe walking the same pages reads GQA
+# (256, 4096) fastest with 32-key tiles and 4 stages (stream_ceiling.py).
+for _n, _s, _hf in [(32, 4, False), (32, 3, False), (64, 3, False), (64, 4, False),
+                    (64, 2, True)]:
+    VARIANTS[f"flash_prefix_sfx_n{_n}s{_s}" + ("_hf" if _hf else "")] = (
+        f"the prefix pass by FA3, suffix {_n}-key tiles, {_s} stages" + (", HEAD_FASTEST" if _hf
+                                                                          else ""),
+        lambda s, n=_n, st=_s, hf=_hf: dict(
+            prefix_attention=bk.flash_prefix_kernel(),
+            suffix_config=dict(TILE_N=n, num_stages=st, HEAD_FASTEST=hf)),
+    )  # fmt: skip
+
 # In this order (a variant runs on every shape before the next starts, so a --budget cut drops
 # whole variants from the end). "auto_combo" (after them, unless --no-combo) merges the knobs of
 # those that beat base on the GQA shapes without losing on MHA; see auto_combo().
