@@ -355,6 +355,11 @@ for _n, _s, _hf in [(32, 4, False), (32, 3, False), (64, 3, False), (64, 4, Fals
             suffix_config=dict(TILE_N=n, num_stages=st, HEAD_FASTEST=hf)),
     )  # fmt: skip
 
+VARIANTS["flash_prefix_no_hf"] = (
+    "the prefix pass by FA3, the suffix without HEAD_FASTEST (before session 15)",
+    lambda s: dict(prefix_attention=bk.flash_prefix_kernel(),
+                   suffix_config=dict(HEAD_FASTEST=False)))
+
 # In this order (a variant runs on every shape before the next starts, so a --budget cut drops
 # whole variants from the end). "auto_combo" (after them, unless --no-combo) merges the knobs of
 # those that beat base on the GQA shapes without losing on MHA; see auto_combo().

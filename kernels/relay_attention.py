@@ -366,6 +366,9 @@ def relay_attention(
             parts = external_prefix_state(
                 prefix_attention, query, key_cache, value_cache, meta, softmax_scale
             )
+            # the suffix kernel runs alone after it: a request's KV-head programs side by side
+            # read its pages together (EXTERNAL_PREFIX_SUFFIX_CONFIG)
+            suffix_kw["config"] = {**EXTERNAL_PREFIX_SUFFIX_CONFIG, **(suffix_config or {})}
         else:
             parts = relay_prefix_partials(*prefix_args, **prefix_kw)
         paged_suffix(
@@ -399,6 +402,13 @@ def relay_attention(
             torch.cuda.current_stream(query.device).wait_stream(side)
         merge_attn_states(out, pre_out, pre_lse, suf_out, suf_lse, lse)
     return (out, lse) if return_lse else out
+
+
+# The suffix launch after an external prefix pass. HEAD_FASTEST (paged_suffix._suffix_config):
+# on an H200 behind FA3's pass 0.6-1.7% faster on 6 GQA decode shapes and level on MHA
+# (benchmarks/results/kernels/prefix_overlap_h200_session15.md, run 7); beside our own prefix
+# kernel (PDL) it measured no faster on an H100.
+EXTERNAL_PREFIX_SUFFIX_CONFIG = {"HEAD_FASTEST": True}
 
 
 def _grouped_tokens(meta: RelayMetadata, num_tokens: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from edgeprompt_vllm.kernels import (
     RelayMetadata,
+    _launch,
     plain_attention_ref,
     relay_attention,
     relay_attention_ref,
@@ -320,10 +321,12 @@ EXTERNAL_PREFIX = {
 @pytest.mark.parametrize("schedule", ["fused", "serial"])  # fused: folded; serial: merged
 @pytest.mark.parametrize("name", list(EXTERNAL_PREFIX))
 def test_an_external_prefix_kernel_equals_plain_attention(
-    name, schedule, make_batch, poisoned, check_attention
+    name, schedule, make_batch, poisoned, check_attention, monkeypatch
 ):
     batch = make_batch(seed=200 + list(EXTERNAL_PREFIX).index(name), **EXTERNAL_PREFIX[name])
-    calls = []
+    calls, suffix_launches = [], []
+    monkeypatch.setattr(_launch, "RECORDER", lambda kernel, grid, kw, compiled: (
+        suffix_launches.append(kw) if "prefix_lens_ptr" in kw else None))  # fmt: skip
 
     def prefix_kernel(**kw):  # validate (on, CPU) has checked the sequences it is given
         calls.append((kw["cu_seqlens_q"].tolist(), kw["max_seqlen_q"]))
@@ -336,6 +339,9 @@ def test_an_external_prefix_kernel_equals_plain_attention(
     )  # fmt: skip
     check_attention(got, _plain(batch), batch.query.dtype)
     assert len(calls) == 1 and calls[0][0][0] == 0 and calls[0][0][-1] == batch.query.shape[0]
+    # fused: the suffix kernel, alone after the external pass, launches a request's KV heads
+    # side by side (EXTERNAL_PREFIX_SUFFIX_CONFIG)
+    assert [kw["HEAD_FASTEST"] for kw in suffix_launches] == [schedule == "fused"]
 
 
 def test_an_external_prefix_kernel_needs_ordered_request_range_groups(make_batch):
