@@ -405,9 +405,9 @@ def relay_attention(
 
 
 # The suffix launch after an external prefix pass. HEAD_FASTEST (paged_suffix._suffix_config):
-# on an H200 behind FA3's pass 0.6-1.7% faster on 6 GQA decode shapes and level on MHA
-# (benchmarks/results/kernels/prefix_overlap_h200_session15.md, run 7); beside our own prefix
-# kernel (PDL) it measured no faster on an H100.
+# on two H200s behind FA3's pass 0.3-1.7% faster on 5 GQA decode shapes and 0-1.9% on 2 MHA
+# ones (benchmarks/results/kernels/prefix_overlap_h200_session15.md, runs 7-8); beside our own
+# prefix kernel (PDL) it measured no faster on an H100.
 EXTERNAL_PREFIX_SUFFIX_CONFIG = {"HEAD_FASTEST": True}
 
 
