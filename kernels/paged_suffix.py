@@ -229,7 +229,9 @@ def _suffix_config(
     behind FA3, see relay_prefix).
     Switches, off by default (measured no faster there): HEAD_FASTEST launches the KV heads of one
     request next to each other (they read adjacent 256-byte pieces of the same pages) instead of
-    the same KV head of consecutive requests; UNMASKED_FULL_TILES (see _paged_attend.py).
+    the same KV head of consecutive requests (relay_attention turns it on behind an external
+    prefix pass, where it measured faster: EXTERNAL_PREFIX_SUFFIX_CONFIG); UNMASKED_FULL_TILES
+    (see _paged_attend.py).
     PDL, on by default (5-14% faster relay decode on an H100, GQA and MHA, same results), with
     prefix_state: when this launch directly follows the prefix
     kernel's (CUDA sm_90+), launch with programmatic dependent launch, so that (with the prefix's
