@@ -110,6 +110,8 @@ def main():
     p.add_argument("out", nargs="?", help="write JSON here")
     p.add_argument("--shapes", default="gqa:256:4096,gqa:512:4096,llama2-7b:256:4096,gqa:64:1024")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("stream_ceiling.py times reads of GPU memory: it needs a CUDA GPU")
     bw = bk.copy_bandwidth()
     rows = []
     for spec in args.shapes.split(","):
