@@ -62,6 +62,7 @@ import benchmark_kernels as bk  # noqa: E402  (batch builder, byte count, copy b
 
 kernels = bk.import_kernels()
 launch_mod = importlib.import_module(kernels.__name__ + "._launch")  # the launch recorder hook
+BLOCK_DECODE = importlib.import_module(kernels.__name__ + ".block_decode")
 
 SHAPES = [
     ("gqa", 64, 1024),
@@ -360,6 +361,21 @@ VARIANTS["flash_prefix_no_hf"] = (
     lambda s: dict(prefix_attention=bk.flash_prefix_kernel(),
                    suffix_config=dict(HEAD_FASTEST=False)))
 
+# Session 16: kernels/block_decode.py, one program per block of BLOCK_R decode requests x KV head
+# walking prefix tiles and block-diagonal own tiles in one state (one launch, no merge), so
+# every SM streams own pages while it computes prefix tiles.
+for _r, _sl, _w, _s, _il in [(16, 8, 4, 2, True), (16, 8, 4, 3, True), (16, 4, 4, 3, True),
+                             (16, 4, 4, 4, True), (16, 8, 8, 2, True), (16, 4, 8, 3, True),
+                             (8, 8, 4, 3, True), (8, 16, 4, 2, True), (8, 8, 4, 4, True),
+                             (32, 4, 8, 2, True), (32, 4, 8, 3, True), (16, 8, 4, 3, False),
+                             (16, 4, 4, 3, False)]:
+    VARIANTS[f"block_r{_r}_sl{_sl}_w{_w}s{_s}" + ("" if _il else "_seq")] = (
+        f"block_decode: {_r} requests x KV head per program, {_sl} own keys per request per tile,"
+        f" {_w} warps, {_s} stages, prefix tiles " + ("interleaved" if _il else "first"),
+        lambda s, r=_r, sl=_sl, w=_w, st=_s, il=_il: dict(block_config=dict(
+            BLOCK_R=r, SLAB=sl, num_warps=w, num_stages=st, INTERLEAVE=il)),
+    )  # fmt: skip
+
 # In this order (a variant runs on every shape before the next starts, so a --budget cut drops
 # whole variants from the end). "auto_combo" (after them, unless --no-combo) merges the knobs of
 # those that beat base on the GQA shapes without losing on MHA; see auto_combo().
@@ -446,6 +462,17 @@ def relay_call(s, query, kc, vc, meta, kw: dict):
     schedule = kw.pop("schedule", "fused")
     scale = s.head_size**-0.5
     out = torch.empty_like(query)
+    if "block_config" in kw:  # kernels/block_decode.py, its row blocks built here, untimed
+        cfg = kw["block_config"]
+        groups = list(zip(meta.group_req_start.tolist(), meta.group_req_end.tolist(),
+                          meta.group_prefix_len.tolist()))  # fmt: skip
+        blocks = BLOCK_DECODE.row_blocks_tensor(
+            BLOCK_DECODE.row_blocks_for(groups, meta.seq_lens.shape[0], cfg["BLOCK_R"]),
+            query.device)  # fmt: skip
+        return lambda: BLOCK_DECODE.block_decode(
+            query, kc, vc, meta.query_start_loc, meta.seq_lens, meta.block_table,
+            meta.prefix_lens, blocks, meta.group_block_table, meta.group_prefix_len, scale,
+            out=out, config=cfg)  # fmt: skip
     return lambda: kernels.relay_attention(
         query, kc, vc, meta, scale, out=out, validate=False, schedule=schedule, **kw
     )
@@ -473,7 +500,8 @@ def component_calls(s, query, kc, vc, meta, kw: dict):
     return prefix, suffix
 
 
-SHOWN = ("BLOCK_M", "TILE_N", "num_warps", "num_stages", "NUM_PREFIX_PARTS", "NUM_A",
+SHOWN = ("BLOCK_M", "TILE_N", "BLOCK_R", "SLAB", "INTERLEAVE", "num_warps", "num_stages",
+         "NUM_PREFIX_PARTS", "NUM_A",
          "HEAD_FASTEST", "UNMASKED_FULL_TILES", "PDL", "LAUNCH_DEPENDENTS",
          "launch_pdl")  # fmt: skip
 
@@ -503,6 +531,10 @@ def launch_summary(launches: list) -> str:
     for ln in launches:
         if ln["grid"] is None:  # another library's kernel: FA3's prefix pass (_launch.call)
             out.append("FA3 prefix")
+            continue
+        if ln["kernel"] == "_block_decode_kernel":
+            out.append(f"B r{ln['BLOCK_R']}x{ln['SLAB']} w{ln['num_warps']}s{ln['num_stages']}"
+                       + ("" if ln["INTERLEAVE"] else " seq"))  # fmt: skip
             continue
         tag = {"_relay_prefix_kernel": "P", "_paged_suffix_kernel": "S"}.get(ln["kernel"])
         if tag is None:
@@ -573,7 +605,8 @@ def run_variant(s, name, batch, ref, base_out, bw, components: bool) -> tuple[di
     row["bytes"] = bk.problem_bytes(s)
     row["floor_ms"] = floor_ms
     row["pct_bw"] = 100 * floor_ms / row["ms"]
-    if components and kw.get("schedule", "fused") == "fused" and "prefix_attention" not in kw:
+    fused = kw.get("schedule", "fused") == "fused" and "block_config" not in kw
+    if components and fused and "prefix_attention" not in kw:
         prefix, suffix = component_calls(s, query, kc, vc, meta, kw)
         row["prefix_ms"] = graph_ms(prefix, rep_for(0.05))[0]
         row["suffix_ms"] = graph_ms(suffix, rep_for(floor_ms * 1.5))[0]
