@@ -361,6 +361,20 @@ VARIANTS["flash_prefix_no_hf"] = (
     lambda s: dict(prefix_attention=bk.flash_prefix_kernel(),
                    suffix_config=dict(HEAD_FASTEST=False)))
 
+# Session 16: beside FA3's unsplit pass (64 programs that fill their SMs) the suffix kernel has
+# the other SMs only; at its fused-schedule tiles it streamed there at about half its rate. Tiles
+# with more bytes in flight per SM, for the overlap schedule's suffix launch.
+for _n, _s, _w, _hf in [(64, 3, 4, False), (64, 4, 4, False), (32, 4, 4, False),
+                        (32, 6, 4, False), (64, 2, 4, True), (64, 3, 4, True),
+                        (128, 2, 4, False), (128, 3, 8, False)]:
+    VARIANTS[f"overlap_flash_z1_hi_sfx_n{_n}s{_s}w{_w}" + ("_hf" if _hf else "")] = (
+        f"overlap_flash_z1_hi, suffix {_n}-key tiles, {_s} stages, {_w} warps"
+        + (", HEAD_FASTEST" if _hf else ""),
+        lambda s, n=_n, st=_s, w=_w, hf=_hf: dict(
+            schedule="overlap", side_priority=-1, prefix_attention=bk.flash_prefix_kernel(1),
+            suffix_config=dict(TILE_N=n, num_stages=st, num_warps=w, HEAD_FASTEST=hf)),
+    )  # fmt: skip
+
 # Session 16: kernels/block_decode.py, one program per block of BLOCK_R decode requests x KV head
 # walking prefix tiles and block-diagonal own tiles in one state (one launch, no merge), so
 # every SM streams own pages while it computes prefix tiles.
@@ -368,7 +382,8 @@ for _r, _sl, _w, _s, _il in [(16, 8, 4, 2, True), (16, 8, 4, 3, True), (16, 4, 4
                              (16, 4, 4, 4, True), (16, 8, 8, 2, True), (16, 4, 8, 3, True),
                              (8, 8, 4, 3, True), (8, 16, 4, 2, True), (8, 8, 4, 4, True),
                              (32, 4, 8, 2, True), (32, 4, 8, 3, True), (16, 8, 4, 3, False),
-                             (16, 4, 4, 3, False)]:
+                             (16, 4, 4, 3, False), (8, 16, 4, 2, False), (8, 16, 4, 3, False),
+                             (4, 16, 4, 3, True), (4, 16, 4, 3, False)]:
     VARIANTS[f"block_r{_r}_sl{_sl}_w{_w}s{_s}" + ("" if _il else "_seq")] = (
         f"block_decode: {_r} requests x KV head per program, {_sl} own keys per request per tile,"
         f" {_w} warps, {_s} stages, prefix tiles " + ("interleaved" if _il else "first"),

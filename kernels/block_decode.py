@@ -218,7 +218,9 @@ def _tile_columns(
     pos = tl.where(is_pre, pre_pos, own_pos)
     # past the last tile (t = n_tiles, the prefetch) every column is out of range either way
     ok = tl.where(is_pre, pre_pos < prefix_len, own_pos < col_seq_len)
-    id_ptr = tl.where(is_pre, gbt_row_ptr + pre_pos // BLOCK_SIZE, bt_col_ptr + own_pos // BLOCK_SIZE)
+    id_ptr = tl.where(
+        is_pre, gbt_row_ptr + pre_pos // BLOCK_SIZE, bt_col_ptr + own_pos // BLOCK_SIZE
+    )
     blk = tl.load(id_ptr, mask=ok, other=0).to(tl.int64)
     return is_pre, pos, ok, blk
 
