@@ -375,6 +375,26 @@ for _n, _s, _w, _hf in [(64, 3, 4, False), (64, 4, 4, False), (32, 4, 4, False),
             suffix_config=dict(TILE_N=n, num_stages=st, num_warps=w, HEAD_FASTEST=hf)),
     )  # fmt: skip
 
+# Session 16: L2 policies. The own KV is read once and streams ~600 MB through L2 at GQA
+# (256, 4096), while the shared KV (17 MB) is reread by every prefix program (8-16 row tiles per
+# KV head): evict_first on the suffix's K/V copies, evict_last on the prefix pass's.
+EVICT_OWN, KEEP_SHARED = dict(KV_EVICTION="evict_first"), dict(KV_EVICTION="evict_last")
+VARIANTS["evict"] = ("suffix K/V evict_first, prefix K/V evict_last",
+                     lambda s: dict(prefix_config=dict(KEEP_SHARED), suffix_config=dict(EVICT_OWN)))
+VARIANTS["evict_sfx"] = ("suffix K/V evict_first", lambda s: dict(suffix_config=dict(EVICT_OWN)))
+VARIANTS["evict_pre"] = ("prefix K/V evict_last", lambda s: dict(prefix_config=dict(KEEP_SHARED)))
+VARIANTS["flash_prefix_evict"] = (
+    "the prefix pass by FA3, suffix K/V evict_first",
+    lambda s: dict(prefix_attention=bk.flash_prefix_kernel(), suffix_config=dict(EVICT_OWN)))
+VARIANTS["overlap_flash_z1_hi_evict"] = (
+    "overlap_flash_z1_hi_sfx_n64s3w4_hf, suffix K/V evict_first",
+    lambda s: dict(schedule="overlap", side_priority=-1, prefix_attention=bk.flash_prefix_kernel(1),
+                   suffix_config=dict(TILE_N=64, num_stages=3, HEAD_FASTEST=True, **EVICT_OWN)))
+VARIANTS["overlap_evict"] = (
+    "overlap schedule (side priority -1), suffix K/V evict_first, prefix K/V evict_last",
+    lambda s: dict(schedule="overlap", prefix_config=dict(KEEP_SHARED),
+                   suffix_config=dict(EVICT_OWN)))
+
 # Session 16: kernels/block_decode.py, one program per block of BLOCK_R decode requests x KV head
 # walking prefix tiles and block-diagonal own tiles in one state (one launch, no merge), so
 # every SM streams own pages while it computes prefix tiles.
