@@ -11,14 +11,22 @@ flushed as the kernel tables do:
   gather_nN_sS     every (request, KV head) program walks its pages as the suffix kernel does, N
                    keys per tile, S stages, 4 warps, and adds K and V into a [N, head] fp32
                    tile (no attention): how fast this access pattern reads at least
+  tma_sS           the same walk, one page per step, each page's K and V (16 slots x one KV head)
+                   by a TMA copy through a tensor descriptor over the cache, S stages
   suffix           our suffix kernel over the same pages, without a prefix state (paged_suffix)
+
+--beside-fa3 (needs vLLM) also times each of them with FA3's unsplit prefix pass running beside it
+on a high-priority side stream (the overlap_flash_z1_hi schedule of sweep_relay_decode.py), and
+FA3's pass alone: that pass fills about half the SMs of an H200 at GQA batch 256, so these rows
+show whether the other SMs can stream the own KV at the full rate, or each SM only at its share.
 
 (The first run, commit e1da2a0, also timed a flat grid-stride read and 128-key tiles: an untuned
 read kernel and a spilling accumulator, so both were dropped. Summing each tile's columns
 instead of keeping the [N, head] tile made every row slower.)
 
-and reports each as GB/s of own-KV bytes and as a share of the copy bandwidth. Table to stdout,
-JSON to OUT.json when given.
+and reports each as GB/s of own-KV bytes and as a share of the copy bandwidth, and whether each
+probe's sums match gather_n64_s2's (the same bytes were read). Table to stdout, JSON to OUT.json
+when given.
 """
 
 import argparse
@@ -29,6 +37,7 @@ import sys
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -74,6 +83,42 @@ def _gather_kernel(
     tl.store(out_ptr + req * tl.num_programs(1) + kv_head, tl.sum(acc))
 
 
+@triton.jit
+def _tma_kernel(
+    out_ptr,  # [num_reqs, num_kv_heads] float32
+    k_desc,  # the key cache as [num_blocks * block_size, num_kv_heads, head_size], box [bs, 1, hd]
+    v_desc,
+    block_table_ptr,  # [num_reqs, max_blocks] int32
+    prefix_lens_ptr,  # [num_reqs] int32: own keys start here (block-aligned here)
+    seq_lens_ptr,  # [num_reqs] int32
+    stride_bt,
+    HEAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    first = tl.load(prefix_lens_ptr + req) // BLOCK_SIZE
+    seq_len = tl.load(seq_lens_ptr + req)
+    end = tl.cdiv(seq_len, BLOCK_SIZE)
+    slots = tl.arange(0, BLOCK_SIZE)
+    acc = tl.zeros([BLOCK_SIZE, HEAD], tl.float32)
+    for page in tl.range(first, end, num_stages=NUM_STAGES):
+        row = tl.load(block_table_ptr + req * stride_bt + page) * BLOCK_SIZE
+        k = k_desc.load([row, kv_head, 0]).reshape(BLOCK_SIZE, HEAD)
+        v = v_desc.load([row, kv_head, 0]).reshape(BLOCK_SIZE, HEAD)
+        in_seq = page * BLOCK_SIZE + slots < seq_len  # the last page's tail is not the sequence's
+        acc += tl.where(in_seq[:, None], k.to(tl.float32) + v.to(tl.float32), 0.0)
+    tl.store(out_ptr + req * tl.num_programs(1) + kv_head, tl.sum(acc))
+
+
+def page_descriptor(cache: torch.Tensor) -> TensorDescriptor:
+    """A TMA descriptor over a [num_blocks, block_size, num_kv_heads, head_size] cache whose box is
+    one page of one KV head: block_size rows of head_size, num_kv_heads * head_size apart."""
+    nb, bs, h, d = cache.shape
+    return TensorDescriptor(cache.view(nb * bs, h, d), [nb * bs, h, d], [h * d, d, 1], [bs, 1, d])
+
+
 def own_kv_bytes(s) -> int:
     return s.batch * s.suffix * 2 * s.num_kv_heads * s.head_size * 2
 
@@ -95,9 +140,24 @@ def schemes(s, query, kc, vc, meta) -> dict:
 
         return run
 
+    def tma(stages):
+        k_desc, v_desc = page_descriptor(kc), page_descriptor(vc)
+
+        def run():
+            _tma_kernel[(s.batch, s.num_kv_heads)](
+                gather_out, k_desc, v_desc, meta.block_table, meta.prefix_lens, meta.seq_lens,
+                meta.block_table.stride(0), HEAD=s.head_size, BLOCK_SIZE=s.block_size,
+                NUM_STAGES=stages, num_warps=4,
+            )  # fmt: skip
+            return gather_out
+
+        return run
+
     out = {}
     for tile_n, stages in [(64, 2), (64, 3), (64, 4), (32, 4)]:
         out[f"gather_n{tile_n}_s{stages}"] = gather(tile_n, stages)
+    for stages in (2, 3, 4, 6):
+        out[f"tma_s{stages}"] = tma(stages)
     out["suffix"] = lambda: kernels.paged_suffix(
         query, kc, vc, meta.query_start_loc, meta.seq_lens, meta.block_table, meta.prefix_lens,
         scale, return_lse=False, max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
@@ -105,10 +165,45 @@ def schemes(s, query, kc, vc, meta) -> dict:
     return out
 
 
+def beside_fa3(s, query, kc, vc, meta, runs: dict) -> dict:
+    """FA3's unsplit prefix pass alone, and each run with that pass on a high-priority side
+    stream beside it (forked before, joined after: graph-safe, as relay_attention's overlap)."""
+    from edgeprompt_vllm.kernels._launch import side_stream
+    from edgeprompt_vllm.kernels.external_prefix import (
+        external_prefix_state,
+        external_state_buffers,
+    )
+
+    fa3 = bk.flash_prefix_kernel(1)
+    state = external_state_buffers(query)
+    scale = s.head_size**-0.5
+
+    def prefix():
+        external_prefix_state(fa3, query, kc, vc, meta, scale, state=state)
+
+    def both(run):
+        def call():
+            side = side_stream(query.device, -1)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                prefix()
+            out = run()
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+
+        return call
+
+    out = {"fa3_prefix_z1": prefix}
+    out.update({f"{name}+fa3": both(run) for name, run in runs.items()})
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", nargs="?", help="write JSON here")
     p.add_argument("--shapes", default="gqa:256:4096,gqa:512:4096,llama2-7b:256:4096,gqa:64:1024")
+    p.add_argument("--beside-fa3", action="store_true",
+                   help="also beside FA3's unsplit prefix pass on a side stream (needs vLLM)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("stream_ceiling.py times reads of GPU memory: it needs a CUDA GPU")
@@ -119,21 +214,31 @@ def main():
         s = bk._shape(model, "decode", int(batch), int(prefix), 576, "fp16")
         batch_args = bk.shape_batch(kernels, s, "cuda")
         nbytes = own_kv_bytes(s)
-        for name, fn in schemes(s, *batch_args).items():
+        runs = schemes(s, *batch_args)
+        if args.beside_fa3:
+            runs.update(beside_fa3(s, *batch_args, runs))
+        first = runs["gather_n64_s2"]().clone()  # every probe must read the same own KV
+        for name, fn in runs.items():
+            same = None
+            if name.startswith(("gather", "tma")):
+                same = bool(torch.allclose(fn(), first, rtol=1e-3, atol=1e-2))
             ms = sw.graph_ms(fn, sw.rep_for(nbytes / bw * 1.5e3))[0]
             rows.append(dict(model=s.model, batch=s.batch, prefix=s.prefix, scheme=name, ms=ms,
-                             gbps=nbytes / ms / 1e6, pct_copy=100 * nbytes / bw / (ms * 1e-3)))
+                             gbps=nbytes / ms / 1e6, pct_copy=100 * nbytes / bw / (ms * 1e-3),
+                             same_sums=same))  # fmt: skip
             print(f"{s.model} {s.batch} {s.prefix} {name}: {ms:.4f} ms, "
-                  f"{rows[-1]['gbps']:.0f} GB/s, {rows[-1]['pct_copy']:.0f}% of copy",
+                  f"{rows[-1]['gbps']:.0f} GB/s, {rows[-1]['pct_copy']:.0f}% of copy"
+                  + ("" if same is None else f", sums {'match' if same else 'DIFFER'}"),
                   file=sys.stderr)  # fmt: skip
     dev = torch.cuda.get_device_name()
     print(f"# {dev}, triton {triton.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s; own KV of"
           " a decode batch, 576 tokens per request, fp16, head 128, block 16")  # fmt: skip
-    print("| model | batch | prefix | scheme | ms | GB/s of own KV | % of copy BW |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | batch | prefix | scheme | ms | GB/s of own KV | % of copy BW | sums |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        same = {None: "", True: "match", False: "DIFFER"}[r["same_sums"]]
         print(f"| {r['model']} | {r['batch']} | {r['prefix']} | {r['scheme']} | {r['ms']:.4f} | "
-              f"{r['gbps']:.0f} | {r['pct_copy']:.0f} |")  # fmt: skip
+              f"{r['gbps']:.0f} | {r['pct_copy']:.0f} | {same} |")  # fmt: skip
     if args.out:
         env = dict(device=dev, torch=torch.__version__, triton=triton.__version__,
                    command=" ".join(sys.argv), git_commit=os.environ.get("EDGEPROMPT_COMMIT"))
