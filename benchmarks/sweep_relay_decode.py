@@ -62,7 +62,6 @@ import benchmark_kernels as bk  # noqa: E402  (batch builder, byte count, copy b
 
 kernels = bk.import_kernels()
 launch_mod = importlib.import_module(kernels.__name__ + "._launch")  # the launch recorder hook
-BLOCK_DECODE = importlib.import_module(kernels.__name__ + ".block_decode")
 
 SHAPES = [
     ("gqa", 64, 1024),
@@ -362,8 +361,10 @@ VARIANTS["flash_prefix_no_hf"] = (
                    suffix_config=dict(HEAD_FASTEST=False)))
 
 # Session 16: beside FA3's unsplit pass (64 programs that fill their SMs) the suffix kernel has
-# the other SMs only; at its fused-schedule tiles it streamed there at about half its rate. Tiles
-# with more bytes in flight per SM, for the overlap schedule's suffix launch.
+# the other SMs only while the pass runs: tiles with more bytes in flight per SM, for the overlap
+# schedule's suffix launch. Measured (H200, run 2 of decode_h200_session16.md): 64-key tiles,
+# 3 stages, HEAD_FASTEST best, 0.1995 ms at GQA (256, 4096), 3% faster than the backend's path
+# there, 3% slower at batch 512 and 12% at batch 128; deeper pipelines and larger tiles slower.
 for _n, _s, _w, _hf in [(64, 3, 4, False), (64, 4, 4, False), (32, 4, 4, False),
                         (32, 6, 4, False), (64, 2, 4, True), (64, 3, 4, True),
                         (128, 2, 4, False), (128, 3, 8, False)]:
@@ -373,42 +374,6 @@ for _n, _s, _w, _hf in [(64, 3, 4, False), (64, 4, 4, False), (32, 4, 4, False),
         lambda s, n=_n, st=_s, w=_w, hf=_hf: dict(
             schedule="overlap", side_priority=-1, prefix_attention=bk.flash_prefix_kernel(1),
             suffix_config=dict(TILE_N=n, num_stages=st, num_warps=w, HEAD_FASTEST=hf)),
-    )  # fmt: skip
-
-# Session 16: L2 policies. The own KV is read once and streams ~600 MB through L2 at GQA
-# (256, 4096), while the shared KV (17 MB) is reread by every prefix program (8-16 row tiles per
-# KV head): evict_first on the suffix's K/V copies, evict_last on the prefix pass's.
-EVICT_OWN, KEEP_SHARED = dict(KV_EVICTION="evict_first"), dict(KV_EVICTION="evict_last")
-VARIANTS["evict"] = ("suffix K/V evict_first, prefix K/V evict_last",
-                     lambda s: dict(prefix_config=dict(KEEP_SHARED), suffix_config=dict(EVICT_OWN)))
-VARIANTS["evict_sfx"] = ("suffix K/V evict_first", lambda s: dict(suffix_config=dict(EVICT_OWN)))
-VARIANTS["evict_pre"] = ("prefix K/V evict_last", lambda s: dict(prefix_config=dict(KEEP_SHARED)))
-VARIANTS["flash_prefix_evict"] = (
-    "the prefix pass by FA3, suffix K/V evict_first",
-    lambda s: dict(prefix_attention=bk.flash_prefix_kernel(), suffix_config=dict(EVICT_OWN)))
-VARIANTS["overlap_flash_z1_hi_evict"] = (
-    "overlap_flash_z1_hi_sfx_n64s3w4_hf, suffix K/V evict_first",
-    lambda s: dict(schedule="overlap", side_priority=-1, prefix_attention=bk.flash_prefix_kernel(1),
-                   suffix_config=dict(TILE_N=64, num_stages=3, HEAD_FASTEST=True, **EVICT_OWN)))
-VARIANTS["overlap_evict"] = (
-    "overlap schedule (side priority -1), suffix K/V evict_first, prefix K/V evict_last",
-    lambda s: dict(schedule="overlap", prefix_config=dict(KEEP_SHARED),
-                   suffix_config=dict(EVICT_OWN)))
-
-# Session 16: kernels/block_decode.py, one program per block of BLOCK_R decode requests x KV head
-# walking prefix tiles and block-diagonal own tiles in one state (one launch, no merge), so
-# every SM streams own pages while it computes prefix tiles.
-for _r, _sl, _w, _s, _il in [(16, 8, 4, 2, True), (16, 8, 4, 3, True), (16, 4, 4, 3, True),
-                             (16, 4, 4, 4, True), (16, 8, 8, 2, True), (16, 4, 8, 3, True),
-                             (8, 8, 4, 3, True), (8, 16, 4, 2, True), (8, 8, 4, 4, True),
-                             (32, 4, 8, 2, True), (32, 4, 8, 3, True), (16, 8, 4, 3, False),
-                             (16, 4, 4, 3, False), (8, 16, 4, 2, False), (8, 16, 4, 3, False),
-                             (4, 16, 4, 3, True), (4, 16, 4, 3, False)]:
-    VARIANTS[f"block_r{_r}_sl{_sl}_w{_w}s{_s}" + ("" if _il else "_seq")] = (
-        f"block_decode: {_r} requests x KV head per program, {_sl} own keys per request per tile,"
-        f" {_w} warps, {_s} stages, prefix tiles " + ("interleaved" if _il else "first"),
-        lambda s, r=_r, sl=_sl, w=_w, st=_s, il=_il: dict(block_config=dict(
-            BLOCK_R=r, SLAB=sl, num_warps=w, num_stages=st, INTERLEAVE=il)),
     )  # fmt: skip
 
 # In this order (a variant runs on every shape before the next starts, so a --budget cut drops
@@ -497,17 +462,6 @@ def relay_call(s, query, kc, vc, meta, kw: dict):
     schedule = kw.pop("schedule", "fused")
     scale = s.head_size**-0.5
     out = torch.empty_like(query)
-    if "block_config" in kw:  # kernels/block_decode.py, its row blocks built here, untimed
-        cfg = kw["block_config"]
-        groups = list(zip(meta.group_req_start.tolist(), meta.group_req_end.tolist(),
-                          meta.group_prefix_len.tolist()))  # fmt: skip
-        blocks = BLOCK_DECODE.row_blocks_tensor(
-            BLOCK_DECODE.row_blocks_for(groups, meta.seq_lens.shape[0], cfg["BLOCK_R"]),
-            query.device)  # fmt: skip
-        return lambda: BLOCK_DECODE.block_decode(
-            query, kc, vc, meta.query_start_loc, meta.seq_lens, meta.block_table,
-            meta.prefix_lens, blocks, meta.group_block_table, meta.group_prefix_len, scale,
-            out=out, config=cfg)  # fmt: skip
     return lambda: kernels.relay_attention(
         query, kc, vc, meta, scale, out=out, validate=False, schedule=schedule, **kw
     )
@@ -535,8 +489,7 @@ def component_calls(s, query, kc, vc, meta, kw: dict):
     return prefix, suffix
 
 
-SHOWN = ("BLOCK_M", "TILE_N", "BLOCK_R", "SLAB", "INTERLEAVE", "num_warps", "num_stages",
-         "NUM_PREFIX_PARTS", "NUM_A",
+SHOWN = ("BLOCK_M", "TILE_N", "num_warps", "num_stages", "NUM_PREFIX_PARTS", "NUM_A",
          "HEAD_FASTEST", "UNMASKED_FULL_TILES", "PDL", "LAUNCH_DEPENDENTS",
          "launch_pdl")  # fmt: skip
 
@@ -566,10 +519,6 @@ def launch_summary(launches: list) -> str:
     for ln in launches:
         if ln["grid"] is None:  # another library's kernel: FA3's prefix pass (_launch.call)
             out.append("FA3 prefix")
-            continue
-        if ln["kernel"] == "_block_decode_kernel":
-            out.append(f"B r{ln['BLOCK_R']}x{ln['SLAB']} w{ln['num_warps']}s{ln['num_stages']}"
-                       + ("" if ln["INTERLEAVE"] else " seq"))  # fmt: skip
             continue
         tag = {"_relay_prefix_kernel": "P", "_paged_suffix_kernel": "S"}.get(ln["kernel"])
         if tag is None:
@@ -640,8 +589,7 @@ def run_variant(s, name, batch, ref, base_out, bw, components: bool) -> tuple[di
     row["bytes"] = bk.problem_bytes(s)
     row["floor_ms"] = floor_ms
     row["pct_bw"] = 100 * floor_ms / row["ms"]
-    fused = kw.get("schedule", "fused") == "fused" and "block_config" not in kw
-    if components and fused and "prefix_attention" not in kw:
+    if components and kw.get("schedule", "fused") == "fused" and "prefix_attention" not in kw:
         prefix, suffix = component_calls(s, query, kc, vc, meta, kw)
         row["prefix_ms"] = graph_ms(prefix, rep_for(0.05))[0]
         row["suffix_ms"] = graph_ms(suffix, rep_for(floor_ms * 1.5))[0]

@@ -100,7 +100,6 @@ def paged_attend(
     DOT_PRECISION: tl.constexpr,
     UNMASKED_FULL_TILES: tl.constexpr,  # full tiles skip every mask (see the module docstring)
     PREFETCH_BLOCK_IDS: tl.constexpr,  # load a tile's block ids one iteration ahead (module doc)
-    KV_EVICTION: tl.constexpr,  # L2 policy of the K/V loads: "", "evict_first", "evict_last"
 ):
     """Tiles [tile_begin, tile_end) folded into (m_i, l_i, acc)."""
     masked_begin = tile_begin
@@ -111,14 +110,14 @@ def paged_attend(
             tile_begin, masked_begin, kv_lo, kv_hi, row_last_key, qk_scale,
             stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head,
             BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_PAD, UPCAST_DOT, DOT_PRECISION, False,
-            PREFETCH_BLOCK_IDS, KV_EVICTION,
+            PREFETCH_BLOCK_IDS,
         )  # fmt: skip
     return _attend_loop(
         q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr, block_row_ptr, kv_head,
         masked_begin, tile_end, kv_lo, kv_hi, row_last_key, qk_scale,
         stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head,
         BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_PAD, UPCAST_DOT, DOT_PRECISION, True,
-        PREFETCH_BLOCK_IDS, KV_EVICTION,
+        PREFETCH_BLOCK_IDS,
     )  # fmt: skip
 
 
@@ -144,7 +143,6 @@ def _attend_loop(
     DOT_PRECISION: tl.constexpr,
     MASKED: tl.constexpr,  # False: every tile visited is full (the caller guarantees it)
     PREFETCH_BLOCK_IDS: tl.constexpr,
-    KV_EVICTION: tl.constexpr,
 ):  # fmt: skip
     offs_n = tl.arange(0, TILE_N)
     offs_d = tl.arange(0, HEAD_PAD)
@@ -171,16 +169,14 @@ def _attend_loop(
         if MASKED:
             # NOTE: slots past kv_hi are masked on load, not only in the scores: an unwritten slot
             # may hold NaN, and 0 * NaN in P @ V would poison the row.
-            k = tl.load(k_ptrs, mask=d_mask[:, None] & in_range[None, :], other=0.0,
-                        eviction_policy=KV_EVICTION)  # fmt: skip
-            v = tl.load(v_ptrs, mask=in_range[:, None] & d_mask[None, :], other=0.0,
-                        eviction_policy=KV_EVICTION)  # fmt: skip
+            k = tl.load(k_ptrs, mask=d_mask[:, None] & in_range[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=in_range[:, None] & d_mask[None, :], other=0.0)
         elif HEAD_PAD != HEAD_SIZE:
-            k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0, eviction_policy=KV_EVICTION)
-            v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0, eviction_policy=KV_EVICTION)
+            k = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
         else:
-            k = tl.load(k_ptrs, eviction_policy=KV_EVICTION)
-            v = tl.load(v_ptrs, eviction_policy=KV_EVICTION)
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         s = tile_dot(q, k, UPCAST_DOT, DOT_PRECISION) * qk_scale  # S : (BLOCK_M, TILE_N)
         if MASKED:
             visible = (key_pos[None, :] <= row_last_key[:, None]) & in_range[None, :]

@@ -252,7 +252,6 @@ def _suffix_config(
         HEAD_FASTEST=False,
         UNMASKED_FULL_TILES=False,
         PREFETCH_BLOCK_IDS=True,
-        KV_EVICTION="",
         PDL=True,
     )
     cfg.update(override or {})
@@ -379,7 +378,6 @@ def _paged_suffix_kernel(
     HEAD_FASTEST: tl.constexpr,  # grid (kv heads, query tiles, splits), else (query tiles, ...)
     UNMASKED_FULL_TILES: tl.constexpr,  # see _paged_attend.py
     PREFETCH_BLOCK_IDS: tl.constexpr,  # see _paged_attend.py
-    KV_EVICTION: tl.constexpr,  # see _paged_attend.py
     PDL: tl.constexpr,  # launched with PDL after the prefix kernel: wait before reading its states
     NUM_PREFIX_PARTS: tl.constexpr,  # prefix partial states to fold in (fused merge); 0: none
     SPLIT_KV: tl.constexpr,  # write partial states instead of the output
@@ -469,7 +467,6 @@ def _paged_suffix_kernel(
         DOT_PRECISION,
         UNMASKED_FULL_TILES,
         PREFETCH_BLOCK_IDS,
-        KV_EVICTION,
     )
     # Fused merge: split 0 of a grouped request folds in the shared-prefix partial states. The
     # loop is unrolled (constexpr count) so the loads of all parts are in flight together; masked

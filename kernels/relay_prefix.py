@@ -297,7 +297,6 @@ def _prefix_config(
         num_stages=2 if big else 3,
         UNMASKED_FULL_TILES=False,
         PREFETCH_BLOCK_IDS=True,
-        KV_EVICTION="",
         LAUNCH_DEPENDENTS=True,
     )
     cfg.update(override or {})
@@ -399,7 +398,6 @@ def _relay_prefix_kernel(
     TILE_N: tl.constexpr,
     UNMASKED_FULL_TILES: tl.constexpr,  # see _paged_attend.py
     PREFETCH_BLOCK_IDS: tl.constexpr,  # see _paged_attend.py
-    KV_EVICTION: tl.constexpr,  # see _paged_attend.py
     LAUNCH_DEPENDENTS: tl.constexpr,  # let a PDL-launched suffix kernel start now (_prefix_config)
     GATHER_TOKENS: tl.constexpr,  # group g's tokens: token_index[start[g]:end[g]] (module doc)
     UPCAST_DOT: tl.constexpr,
@@ -478,7 +476,6 @@ def _relay_prefix_kernel(
         DOT_PRECISION,
         UNMASKED_FULL_TILES,
         PREFETCH_BLOCK_IDS,
-        KV_EVICTION,
     )
     out, lse = finalize_state(m_i, l_i, acc)  # an empty split writes (0, -inf)
     tl.store(
