@@ -345,14 +345,16 @@ for _m, _n, _w, _s, _z, _sfx in [(64, 32, 4, 3, 1, 2), (64, 32, 4, 3, 1, 3), (64
 # After FA3's pass the suffix kernel runs alone, with no prefix kernel to stream beside: its
 # tiles were tuned for the fused schedule. A read-only probe walking the same pages reads GQA
 # (256, 4096) fastest with 32-key tiles and 4 stages (stream_ceiling.py).
-for _n, _s, _hf in [(32, 4, False), (32, 3, False), (64, 3, False), (64, 4, False),
-                    (64, 2, True)]:
-    VARIANTS[f"flash_prefix_sfx_n{_n}s{_s}" + ("_hf" if _hf else "")] = (
-        f"the prefix pass by FA3, suffix {_n}-key tiles, {_s} stages" + (", HEAD_FASTEST" if _hf
-                                                                          else ""),
-        lambda s, n=_n, st=_s, hf=_hf: dict(
+for _n, _s, _hf, _w in [(32, 4, False, 4), (32, 3, False, 4), (64, 3, False, 4),
+                        (64, 4, False, 4), (64, 2, True, 4), (64, 2, True, 2), (64, 3, True, 2),
+                        (32, 3, True, 2), (32, 4, True, 1)]:
+    VARIANTS[f"flash_prefix_sfx_n{_n}s{_s}" + ("_hf" if _hf else "") + (f"_w{_w}" if _w != 4
+                                                                         else "")] = (
+        f"the prefix pass by FA3, suffix {_n}-key tiles, {_s} stages, {_w} warps"
+        + (", HEAD_FASTEST" if _hf else ""),
+        lambda s, n=_n, st=_s, hf=_hf, w=_w: dict(
             prefix_attention=bk.flash_prefix_kernel(),
-            suffix_config=dict(TILE_N=n, num_stages=st, HEAD_FASTEST=hf)),
+            suffix_config=dict(TILE_N=n, num_stages=st, HEAD_FASTEST=hf, num_warps=w)),
     )  # fmt: skip
 
 VARIANTS["flash_prefix_no_hf"] = (
@@ -367,7 +369,9 @@ VARIANTS["flash_prefix_no_hf"] = (
 # there, 3% slower at batch 512 and 12% at batch 128; deeper pipelines and larger tiles slower.
 for _n, _s, _w, _hf in [(64, 3, 4, False), (64, 4, 4, False), (32, 4, 4, False),
                         (32, 6, 4, False), (64, 2, 4, True), (64, 3, 4, True),
-                        (128, 2, 4, False), (128, 3, 8, False)]:
+                        (128, 2, 4, False), (128, 3, 8, False), (64, 2, 2, True),
+                        (64, 3, 2, True), (32, 3, 2, True), (32, 4, 2, True), (16, 4, 1, True),
+                        (32, 3, 1, True)]:
     VARIANTS[f"overlap_flash_z1_hi_sfx_n{_n}s{_s}w{_w}" + ("_hf" if _hf else "")] = (
         f"overlap_flash_z1_hi, suffix {_n}-key tiles, {_s} stages, {_w} warps"
         + (", HEAD_FASTEST" if _hf else ""),
