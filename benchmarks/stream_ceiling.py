@@ -18,7 +18,9 @@ flushed as the kernel tables do:
 --beside-fa3 (needs vLLM) also times each of them with FA3's unsplit prefix pass running beside it
 on a high-priority side stream (the overlap_flash_z1_hi schedule of sweep_relay_decode.py), and
 FA3's pass alone: that pass fills about half the SMs of an H200 at GQA batch 256, so these rows
-show whether the other SMs can stream the own KV at the full rate, or each SM only at its share.
+show whether the other SMs can stream the own KV at the full rate, or each SM only at its share
+(on an H200 a plain read could, our suffix kernel less so: see
+benchmarks/results/kernels/decode_h200_session16.md).
 
 (The first run, commit e1da2a0, also timed a flat grid-stride read and 128-key tiles: an untuned
 read kernel and a spilling accumulator, so both were dropped. Summing each tile's columns

@@ -344,7 +344,8 @@ for _m, _n, _w, _s, _z, _sfx in [(64, 32, 4, 3, 1, 2), (64, 32, 4, 3, 1, 3), (64
 
 # After FA3's pass the suffix kernel runs alone, with no prefix kernel to stream beside: its
 # tiles were tuned for the fused schedule. A read-only probe walking the same pages reads GQA
-# (256, 4096) fastest with 32-key tiles and 4 stages (stream_ceiling.py).
+# (256, 4096) fastest with 32-key tiles and 4 stages (stream_ceiling.py). Programs of 1-2 warps
+# (session 16, run 5 of decode_h200_session16.md): 1-7% slower than the default at batch 256.
 for _n, _s, _hf, _w in [(32, 4, False, 4), (32, 3, False, 4), (64, 3, False, 4),
                         (64, 4, False, 4), (64, 2, True, 4), (64, 2, True, 2), (64, 3, True, 2),
                         (32, 3, True, 2), (32, 4, True, 1)]:
@@ -367,6 +368,8 @@ VARIANTS["flash_prefix_no_hf"] = (
 # schedule's suffix launch. Measured (H200, run 2 of decode_h200_session16.md): 64-key tiles,
 # 3 stages, HEAD_FASTEST best, 0.1995 ms at GQA (256, 4096), 3% faster than the backend's path
 # there, 3% slower at batch 512 and 12% at batch 128; deeper pipelines and larger tiles slower.
+# With 2 warps and 32-key tiles (run 5) 0.1973 ms there, but 6-19% slower at prefix 2048 and at
+# batch 128.
 for _n, _s, _w, _hf in [(64, 3, 4, False), (64, 4, 4, False), (32, 4, 4, False),
                         (32, 6, 4, False), (64, 2, 4, True), (64, 3, 4, True),
                         (128, 2, 4, False), (128, 3, 8, False), (64, 2, 2, True),
