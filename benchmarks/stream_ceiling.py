@@ -13,6 +13,10 @@ flushed as the kernel tables do:
                    tile (no attention): how fast this access pattern reads at least
   tma_sS           the same walk, one page per step, each page's K and V (16 slots x one KV head)
                    by a TMA copy through a tensor descriptor over the cache, S stages
+  dots_n64_s2      gather_n64_s2 plus the suffix kernel's two dots per tile (S = Q K^T, P V on a
+                   16-row tile of the KV head's query heads), no softmax between them
+  softmax_n64_s2   and the online softmax between them too (the suffix's loop, less its masks,
+                   block-id prefetch and epilogue)
   suffix           our suffix kernel over the same pages, without a prefix state (paged_suffix)
 
 --beside-fa3 (needs vLLM) also times each of them with FA3's unsplit prefix pass running beside it
@@ -86,6 +90,64 @@ def _gather_kernel(
 
 
 @triton.jit
+def _work_kernel(
+    out_ptr,  # [num_reqs, num_kv_heads] float32
+    query_ptr,  # [num_reqs, num_q_heads, head_size]: one decode token per request
+    key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_size]
+    value_cache_ptr,
+    block_table_ptr,  # [num_reqs, max_blocks] int32
+    prefix_lens_ptr,  # [num_reqs] int32: own keys start here
+    seq_lens_ptr,  # [num_reqs] int32
+    stride_qt,
+    stride_bt,
+    stride_blk,
+    stride_slot,
+    stride_head,
+    QPK: tl.constexpr,  # query heads per KV head (rows of the query tile, padded to 16)
+    HEAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    SOFTMAX: tl.constexpr,  # False: the two dots only; True: the suffix's online softmax too
+):
+    """The gather walk plus the suffix kernel's work per tile: S = Q K^T and P V on a 16-row
+    query tile (the KV head's query heads), with or without the online softmax between them."""
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    start = tl.load(prefix_lens_ptr + req)
+    end = tl.load(seq_lens_ptr + req)
+    offs_m = tl.arange(0, 16)
+    offs_n = tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, HEAD)
+    q_rows = req * stride_qt + (kv_head * QPK + offs_m) * HEAD
+    q = tl.load(query_ptr + q_rows[:, None] + offs_d[None, :], mask=(offs_m < QPK)[:, None],
+                other=0.0)  # fmt: skip
+    m_i = tl.full([16], float("-inf"), tl.float32)
+    l_i = tl.zeros([16], tl.float32)
+    acc = tl.zeros([16, HEAD], tl.float32)
+    for pos in tl.range(start, end, TILE_N, num_stages=NUM_STAGES):
+        keys = pos + offs_n
+        valid = keys < end
+        blk = tl.load(block_table_ptr + req * stride_bt + keys // BLOCK_SIZE, mask=valid, other=0)
+        row = blk.to(tl.int64) * stride_blk + (keys % BLOCK_SIZE) * stride_slot
+        ptr = row[:, None] + kv_head * stride_head + offs_d[None, :]
+        k = tl.load(key_cache_ptr + ptr, mask=valid[:, None], other=0.0)
+        v = tl.load(value_cache_ptr + ptr, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k))  # (16, TILE_N)
+        if SOFTMAX:
+            s = tl.where(valid[None, :], s * 0.1275, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        else:
+            acc += tl.dot(s.to(v.dtype), v)
+    tl.store(out_ptr + req * tl.num_programs(1) + kv_head, tl.sum(acc) + tl.sum(l_i))
+
+
+@triton.jit
 def _tma_kernel(
     out_ptr,  # [num_reqs, num_kv_heads] float32
     k_desc,  # the key cache as [num_blocks * block_size, num_kv_heads, head_size], box [bs, 1, hd]
@@ -155,9 +217,23 @@ def schemes(s, query, kc, vc, meta) -> dict:
 
         return run
 
+    def work(softmax):
+        def run():
+            _work_kernel[(s.batch, s.num_kv_heads)](
+                gather_out, query, kc, vc, meta.block_table, meta.prefix_lens, meta.seq_lens,
+                query.stride(0), meta.block_table.stride(0), kc.stride(0), kc.stride(1),
+                kc.stride(2), QPK=s.num_q_heads // s.num_kv_heads, HEAD=s.head_size,
+                BLOCK_SIZE=s.block_size, TILE_N=64, NUM_STAGES=2, SOFTMAX=softmax, num_warps=4,
+            )  # fmt: skip
+            return gather_out
+
+        return run
+
     out = {}
     for tile_n, stages in [(64, 2), (64, 3), (64, 4), (32, 4)]:
         out[f"gather_n{tile_n}_s{stages}"] = gather(tile_n, stages)
+    out["dots_n64_s2"] = work(False)
+    out["softmax_n64_s2"] = work(True)
     for stages in (2, 3, 4, 6):
         out[f"tma_s{stages}"] = tma(stages)
     out["suffix"] = lambda: kernels.paged_suffix(
