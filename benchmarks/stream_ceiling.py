@@ -78,15 +78,25 @@ def _gather_kernel(
     offs_d = tl.arange(0, HEAD)
     acc = tl.zeros([TILE_N, HEAD], tl.float32)
     for pos in tl.range(start, end, TILE_N, num_stages=NUM_STAGES):
-        keys = pos + offs_n
-        valid = keys < end
-        blk = tl.load(block_table_ptr + req * stride_bt + keys // BLOCK_SIZE, mask=valid, other=0)
-        row = blk.to(tl.int64) * stride_blk + (keys % BLOCK_SIZE) * stride_slot
-        ptr = row[:, None] + kv_head * stride_head + offs_d[None, :]
-        k = tl.load(key_cache_ptr + ptr, mask=valid[:, None], other=0.0)
-        v = tl.load(value_cache_ptr + ptr, mask=valid[:, None], other=0.0)
+        k, v, _ = _own_tile(key_cache_ptr, value_cache_ptr, block_table_ptr + req * stride_bt,
+                            kv_head, pos + offs_n, end, stride_blk, stride_slot, stride_head,
+                            offs_d, BLOCK_SIZE)  # fmt: skip
         acc += k.to(tl.float32) + v.to(tl.float32)
     tl.store(out_ptr + req * tl.num_programs(1) + kv_head, tl.sum(acc))
+
+
+@triton.jit
+def _own_tile(key_cache_ptr, value_cache_ptr, block_row_ptr, kv_head, keys, end, stride_blk,
+              stride_slot, stride_head, offs_d, BLOCK_SIZE: tl.constexpr):  # fmt: skip
+    """(K, V, in range) of the keys at positions `keys` of one request ([TILE_N, HEAD] each,
+    0 past `end`), gathered through its block-table row as the suffix kernel does."""
+    valid = keys < end
+    blk = tl.load(block_row_ptr + keys // BLOCK_SIZE, mask=valid, other=0)
+    row = blk.to(tl.int64) * stride_blk + (keys % BLOCK_SIZE) * stride_slot
+    ptr = row[:, None] + kv_head * stride_head + offs_d[None, :]
+    k = tl.load(key_cache_ptr + ptr, mask=valid[:, None], other=0.0)
+    v = tl.load(value_cache_ptr + ptr, mask=valid[:, None], other=0.0)
+    return k, v, valid
 
 
 @triton.jit
@@ -126,13 +136,9 @@ def _work_kernel(
     l_i = tl.zeros([16], tl.float32)
     acc = tl.zeros([16, HEAD], tl.float32)
     for pos in tl.range(start, end, TILE_N, num_stages=NUM_STAGES):
-        keys = pos + offs_n
-        valid = keys < end
-        blk = tl.load(block_table_ptr + req * stride_bt + keys // BLOCK_SIZE, mask=valid, other=0)
-        row = blk.to(tl.int64) * stride_blk + (keys % BLOCK_SIZE) * stride_slot
-        ptr = row[:, None] + kv_head * stride_head + offs_d[None, :]
-        k = tl.load(key_cache_ptr + ptr, mask=valid[:, None], other=0.0)
-        v = tl.load(value_cache_ptr + ptr, mask=valid[:, None], other=0.0)
+        k, v, valid = _own_tile(key_cache_ptr, value_cache_ptr, block_table_ptr + req * stride_bt,
+                                kv_head, pos + offs_n, end, stride_blk, stride_slot, stride_head,
+                                offs_d, BLOCK_SIZE)  # fmt: skip
         s = tl.dot(q, tl.trans(k))  # (16, TILE_N)
         if SOFTMAX:
             s = tl.where(valid[None, :], s * 0.1275, float("-inf"))
