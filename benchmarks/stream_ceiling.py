@@ -36,6 +36,7 @@ when given.
 """
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -109,6 +110,7 @@ def _work_kernel(
     prefix_lens_ptr,  # [num_reqs] int32: own keys start here
     seq_lens_ptr,  # [num_reqs] int32
     stride_qt,
+    stride_qh,
     stride_bt,
     stride_blk,
     stride_slot,
@@ -129,7 +131,7 @@ def _work_kernel(
     offs_m = tl.arange(0, 16)
     offs_n = tl.arange(0, TILE_N)
     offs_d = tl.arange(0, HEAD)
-    q_rows = req * stride_qt + (kv_head * QPK + offs_m) * HEAD
+    q_rows = req * stride_qt + (kv_head * QPK + offs_m) * stride_qh
     q = tl.load(query_ptr + q_rows[:, None] + offs_d[None, :], mask=(offs_m < QPK)[:, None],
                 other=0.0)  # fmt: skip
     m_i = tl.full([16], float("-inf"), tl.float32)
@@ -227,8 +229,8 @@ def schemes(s, query, kc, vc, meta) -> dict:
         def run():
             _work_kernel[(s.batch, s.num_kv_heads)](
                 gather_out, query, kc, vc, meta.block_table, meta.prefix_lens, meta.seq_lens,
-                query.stride(0), meta.block_table.stride(0), kc.stride(0), kc.stride(1),
-                kc.stride(2), QPK=s.num_q_heads // s.num_kv_heads, HEAD=s.head_size,
+                query.stride(0), query.stride(1), meta.block_table.stride(0), kc.stride(0),
+                kc.stride(1), kc.stride(2), QPK=s.num_q_heads // s.num_kv_heads, HEAD=s.head_size,
                 BLOCK_SIZE=s.block_size, TILE_N=64, NUM_STAGES=2, SOFTMAX=softmax, num_warps=4,
             )  # fmt: skip
             return gather_out
@@ -251,28 +253,23 @@ def schemes(s, query, kc, vc, meta) -> dict:
 
 def beside_fa3(s, query, kc, vc, meta, runs: dict) -> dict:
     """FA3's unsplit prefix pass alone, and each run with that pass on a high-priority side
-    stream beside it (forked before, joined after: graph-safe, as relay_attention's overlap)."""
-    from edgeprompt_vllm.kernels._launch import side_stream
-    from edgeprompt_vllm.kernels.external_prefix import (
-        external_prefix_state,
-        external_state_buffers,
-    )
-
+    stream beside it (forked and joined as relay_attention's overlap schedule does)."""
+    external = importlib.import_module(kernels.__name__ + ".external_prefix")
+    relay = importlib.import_module(kernels.__name__ + ".relay_attention")
+    side = sw.launch_mod.side_stream(query.device, -1)
     fa3 = bk.flash_prefix_kernel(1)
-    state = external_state_buffers(query)
+    state = external.external_state_buffers(query)
     scale = s.head_size**-0.5
 
     def prefix():
-        external_prefix_state(fa3, query, kc, vc, meta, scale, state=state)
+        external.external_prefix_state(fa3, query, kc, vc, meta, scale, state=state)
 
     def both(run):
         def call():
-            side = side_stream(query.device, -1)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with relay._forked(side):
                 prefix()
             out = run()
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(side)  # the join
             return out
 
         return call

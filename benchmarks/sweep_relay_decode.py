@@ -314,7 +314,9 @@ VARIANTS["backend"] = ("the prefix pass the backend's cost model picks: ours or 
 # stream (high priority: placed first) it leaves half the SMs to our suffix kernel, streaming
 # beside it; then one merge. Measured (H200, run 3 of prefix_overlap_h200_session15.md): z1_hi
 # beat the backend's path by 1.7% at (256, 4096) and 3.4% at (256, 2048), lost 4% at batch 512
-# and 21-30% at batch 64-128: half the SMs stream the suffix at about half its rate.
+# and 21-30% at batch 64-128. (Session 15 read this as half the SMs streaming at half the rate;
+# session 16 found a plain read streams well beside the pass, and the suffix's online softmax is
+# what costs there: stream_ceiling.py --beside-fa3, decode_h200_session16.md runs 4 and 6.)
 for _z in (0, 1):
     for _prio in (0, -1):
         VARIANTS[f"overlap_flash_z{_z}" + ("_hi" if _prio else "")] = (
