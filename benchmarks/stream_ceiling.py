@@ -18,6 +18,8 @@ flushed as the kernel tables do:
   softmax_n64_s2   and the online softmax between them too (the suffix's loop, less its masks,
                    block-id prefetch and epilogue)
   suffix           our suffix kernel over the same pages, without a prefix state (paged_suffix)
+  suffix_ksK_...   the same with K key slices per tile, one softmax state per warp
+                   (_sliced_attend.py), N-key tiles, S stages, W warps (SUFFIX_PROBES)
 
 --beside-fa3 (needs vLLM) also times each of them with FA3's unsplit prefix pass running beside it
 on a high-priority side stream (the overlap_flash_z1_hi schedule of sweep_relay_decode.py), and
@@ -31,14 +33,16 @@ read kernel and a spilling accumulator, so both were dropped. Summing each tile'
 instead of keeping the [N, head] tile made every row slower.)
 
 and reports each as GB/s of own-KV bytes and as a share of the copy bandwidth, and whether each
-probe's sums match gather_n64_s2's (the same bytes were read). Table to stdout, JSON to OUT.json
-when given.
+probe's sums match gather_n64_s2's (the same bytes were read), and each suffix_* probe's output
+`suffix`'s. Table to stdout, JSON to OUT.json when given. --only REGEX times the probes whose
+names match.
 """
 
 import argparse
 import importlib
 import json
 import os
+import re
 import sys
 
 import torch
@@ -244,11 +248,18 @@ def schemes(s, query, kc, vc, meta) -> dict:
     out["softmax_n64_s2"] = work(True)
     for stages in (2, 3, 4, 6):
         out[f"tma_s{stages}"] = tma(stages)
-    out["suffix"] = lambda: kernels.paged_suffix(
-        query, kc, vc, meta.query_start_loc, meta.seq_lens, meta.block_table, meta.prefix_lens,
-        scale, return_lse=False, max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
-    )[0]  # fmt: skip
+    for name, config in SUFFIX_PROBES.items():
+        out[name] = lambda config=config: kernels.paged_suffix(
+            query, kc, vc, meta.query_start_loc, meta.seq_lens, meta.block_table,
+            meta.prefix_lens, scale, return_lse=False, max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_seq_len, config=config,
+        )[0]  # fmt: skip
     return out
+
+
+# our suffix kernel, as the backend configures it and with one softmax state per warp
+SUFFIX_PROBES = {"suffix": None}
+SUFFIX_PROBES.update({f"suffix_{tag}": knobs for tag, knobs in sw.KEY_SLICE_CONFIGS.items()})
 
 
 def beside_fa3(s, query, kc, vc, meta, runs: dict) -> dict:
@@ -283,6 +294,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", nargs="?", help="write JSON here")
     p.add_argument("--shapes", default="gqa:256:4096,gqa:512:4096,llama2-7b:256:4096,gqa:64:1024")
+    p.add_argument("--only", help="time only the probes whose names match this regex")
     p.add_argument("--beside-fa3", action="store_true",
                    help="also beside FA3's unsplit prefix pass on a side stream (needs vLLM)")
     args = p.parse_args()
@@ -296,13 +308,18 @@ def main():
         batch_args = bk.shape_batch(kernels, s, "cuda")
         nbytes = own_kv_bytes(s)
         runs = schemes(s, *batch_args)
+        first = runs["gather_n64_s2"]().clone()  # every probe must read the same own KV
+        first_out = runs["suffix"]().clone()  # and every suffix probe give the same output
+        if args.only:
+            runs = {k: v for k, v in runs.items() if re.search(args.only, k)}
         if args.beside_fa3:
             runs.update(beside_fa3(s, *batch_args, runs))
-        first = runs["gather_n64_s2"]().clone()  # every probe must read the same own KV
         for name, fn in runs.items():
             same = None
             if name.startswith(("gather", "tma")):
                 same = bool(torch.allclose(fn(), first, rtol=1e-3, atol=1e-2))
+            elif name.startswith("suffix"):
+                same = bool(torch.allclose(fn(), first_out, rtol=1e-2, atol=2e-3))
             ms = sw.graph_ms(fn, sw.rep_for(nbytes / bw * 1.5e3))[0]
             rows.append(dict(model=s.model, batch=s.batch, prefix=s.prefix, scheme=name, ms=ms,
                              gbps=nbytes / ms / 1e6, pct_copy=100 * nbytes / bw / (ms * 1e-3),

@@ -385,6 +385,29 @@ for _n, _s, _w, _hf in [(64, 3, 4, False), (64, 4, 4, False), (32, 4, 4, False),
             suffix_config=dict(TILE_N=n, num_stages=st, num_warps=w, HEAD_FASTEST=hf)),
     )  # fmt: skip
 
+# Session 17: the suffix with one online-softmax state per warp (KEY_SLICES, one key slice of
+# each tile per warp: kernels/_sliced_attend.py), so no row max, row sum or P crosses warps in the
+# loop, which session 16 found to be the suffix's cost beside FA3's pass. Behind FA3's pass (the
+# backend's order), beside it (overlap_flash_z1_hi) and behind our prefix pass (the fused
+# schedule). On sm_90 the sliced loop takes 255 registers (2 programs of 4 warps per SM; Triton
+# 3.9's PTX through ptxas on the CPU); maxnreg 168 (3 programs) spills ~240 bytes.
+KEY_SLICE_CONFIGS = {
+    f"ks{_k}_n{_n}s{_s}w{_w}" + (f"_r{_r}" if _r else ""): dict(
+        KEY_SLICES=_k, TILE_N=_n, num_stages=_s, num_warps=_w, HEAD_FASTEST=True,
+        **(dict(maxnreg=_r) if _r else {}))
+    for _k, _n, _s, _w, _r in [(4, 64, 2, 4, 0), (4, 64, 3, 4, 0), (4, 128, 2, 4, 0),
+                               (2, 32, 3, 2, 0), (2, 64, 2, 2, 0), (4, 64, 2, 4, 168)]
+}  # fmt: skip
+for _tag, _knobs in KEY_SLICE_CONFIGS.items():
+    VARIANTS[f"flash_prefix_{_tag}"] = (
+        f"the prefix pass by FA3, then the suffix with {_knobs}",
+        lambda s, k=_knobs: dict(prefix_attention=bk.flash_prefix_kernel(), suffix_config=k))
+    VARIANTS[f"overlap_flash_z1_hi_{_tag}"] = (
+        f"overlap_flash_z1_hi, the suffix with {_knobs}",
+        lambda s, k=_knobs: dict(schedule="overlap", side_priority=-1,
+                                 prefix_attention=bk.flash_prefix_kernel(1), suffix_config=k))
+    VARIANTS[f"suffix_{_tag}"] = _suffix_only(f"the suffix with {_knobs}", **_knobs)
+
 # In this order (a variant runs on every shape before the next starts, so a --budget cut drops
 # whole variants from the end). "auto_combo" (after them, unless --no-combo) merges the knobs of
 # those that beat base on the GQA shapes without losing on MHA; see auto_combo().
