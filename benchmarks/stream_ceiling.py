@@ -18,8 +18,8 @@ flushed as the kernel tables do:
   softmax_n64_s2   and the online softmax between them too (the suffix's loop, less its masks,
                    block-id prefetch and epilogue)
   suffix           our suffix kernel over the same pages, without a prefix state (paged_suffix)
-  suffix_ksK_...   the same with K key slices per tile, one softmax state per warp
-                   (_sliced_attend.py), N-key tiles, S stages, W warps (SUFFIX_PROBES)
+  suffix_<tag>     the same with sweep_relay_decode.py's REGISTER_CAP_CONFIGS[tag] (tiles,
+                   stages, warps, a register cap)
 
 --beside-fa3 (needs vLLM) also times each of them with FA3's unsplit prefix pass running beside it
 on a high-priority side stream (the overlap_flash_z1_hi schedule of sweep_relay_decode.py), and
@@ -257,9 +257,9 @@ def schemes(s, query, kc, vc, meta) -> dict:
     return out
 
 
-# our suffix kernel, as the backend configures it and with one softmax state per warp
+# our suffix kernel, as the backend configures it and with a register cap
 SUFFIX_PROBES = {"suffix": None}
-SUFFIX_PROBES.update({f"suffix_{tag}": knobs for tag, knobs in sw.KEY_SLICE_CONFIGS.items()})
+SUFFIX_PROBES.update({f"suffix_{tag}": knobs for tag, knobs in sw.REGISTER_CAP_CONFIGS.items()})
 
 
 def beside_fa3(s, query, kc, vc, meta, runs: dict) -> dict:

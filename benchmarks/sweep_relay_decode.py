@@ -385,20 +385,18 @@ for _n, _s, _w, _hf in [(64, 3, 4, False), (64, 4, 4, False), (32, 4, 4, False),
             suffix_config=dict(TILE_N=n, num_stages=st, num_warps=w, HEAD_FASTEST=hf)),
     )  # fmt: skip
 
-# Session 17: the suffix with one online-softmax state per warp (KEY_SLICES, one key slice of
-# each tile per warp: kernels/_sliced_attend.py), so no row max, row sum or P crosses warps in the
-# loop, which session 16 found to be the suffix's cost beside FA3's pass. Behind FA3's pass (the
-# backend's order), beside it (overlap_flash_z1_hi) and behind our prefix pass (the fused
-# schedule). On sm_90 the sliced loop takes 255 registers (2 programs of 4 warps per SM; Triton
-# 3.9's PTX through ptxas on the CPU); maxnreg 168 (3 programs) spills ~240 bytes.
-KEY_SLICE_CONFIGS = {
-    f"ks{_k}_n{_n}s{_s}w{_w}" + (f"_r{_r}" if _r else ""): dict(
-        KEY_SLICES=_k, TILE_N=_n, num_stages=_s, num_warps=_w, HEAD_FASTEST=True,
-        **(dict(maxnreg=_r) if _r else {}))
-    for _k, _n, _s, _w, _r in [(4, 64, 2, 4, 0), (4, 64, 3, 4, 0), (4, 128, 2, 4, 0),
-                               (2, 32, 3, 2, 0), (2, 64, 2, 2, 0), (4, 64, 2, 4, 168)]
-}  # fmt: skip
-for _tag, _knobs in KEY_SLICE_CONFIGS.items():
+# Session 17, run 1 (decode_h200_session17.md): one online-softmax state per warp (KEY_SLICES:
+# a batched dot gives each warp one key slice of each tile, so no row max, row sum or P crosses
+# warps in the loop; commit 4f95035, removed again) was slower on every shape and schedule. The
+# sliced loop took 255 registers on sm_90 (a 16 x 128 fp32 accumulator per warp instead of one
+# shared by the warps): 2 programs of 4 warps per SM; capped at 168 registers it spilled.
+# Register caps: the suffix's 2-stage decode program takes 109 registers (Triton 3.9's PTX through
+# ptxas, on the CPU), so 4 programs of 4 warps fit an SM where its 38 KB of shared memory allow 5.
+# Capped at 96 (maxnreg) it spills 4 bytes and 5 fit.
+REGISTER_CAP_CONFIGS = {
+    "n64s2w4_r96": dict(TILE_N=64, num_stages=2, num_warps=4, HEAD_FASTEST=True, maxnreg=96),
+}
+for _tag, _knobs in REGISTER_CAP_CONFIGS.items():
     VARIANTS[f"flash_prefix_{_tag}"] = (
         f"the prefix pass by FA3, then the suffix with {_knobs}",
         lambda s, k=_knobs: dict(prefix_attention=bk.flash_prefix_kernel(), suffix_config=k))

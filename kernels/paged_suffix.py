@@ -48,7 +48,6 @@ from ._launch import (
     supports_pdl,
 )
 from ._paged_attend import grid_dependency_wait, paged_attend
-from ._sliced_attend import sliced_attend
 from .merge import absorb_partial, finalize_state, merge_partial_states
 
 MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
@@ -253,27 +252,11 @@ def _suffix_config(
         HEAD_FASTEST=False,
         UNMASKED_FULL_TILES=False,
         PREFETCH_BLOCK_IDS=True,
-        KEY_SLICES=1,
         PDL=True,
     )
     cfg.update(override or {})
-    _check_key_slices(cfg)
     block_q = max(cfg["BLOCK_M"] // qpk_pad, 1)
     return dict(cfg, QPK_PAD=qpk_pad, BLOCK_Q=block_q, ONE_TILE_PER_REQ=max_query_len <= block_q)
-
-
-def _check_key_slices(cfg: dict) -> None:
-    """KEY_SLICES > 1 (_sliced_attend.py) needs one slice per warp of >= 16 keys (a dot's N)."""
-    slices = cfg["KEY_SLICES"]
-    if slices == 1:
-        return
-    if slices != next_pow2(slices) or slices != cfg["num_warps"]:
-        raise ValueError(f"KEY_SLICES={slices} must be a power of 2 equal to num_warps "
-                         f"({cfg['num_warps']})")  # fmt: skip
-    if cfg["TILE_N"] // slices < 16:
-        raise ValueError(
-            f"KEY_SLICES={slices} leaves slices of TILE_N={cfg['TILE_N']} under 16 keys"
-        )
 
 
 def _pick_num_splits(num_programs: int, max_seq_len: int, tile_n: int, sms: int) -> int:
@@ -395,7 +378,6 @@ def _paged_suffix_kernel(
     HEAD_FASTEST: tl.constexpr,  # grid (kv heads, query tiles, splits), else (query tiles, ...)
     UNMASKED_FULL_TILES: tl.constexpr,  # see _paged_attend.py
     PREFETCH_BLOCK_IDS: tl.constexpr,  # see _paged_attend.py
-    KEY_SLICES: tl.constexpr,  # > 1: one softmax state per warp (_sliced_attend.py)
     PDL: tl.constexpr,  # launched with PDL after the prefix kernel: wait before reading its states
     NUM_PREFIX_PARTS: tl.constexpr,  # prefix partial states to fold in (fused merge); 0: none
     SPLIT_KV: tl.constexpr,  # write partial states instead of the output
@@ -452,26 +434,40 @@ def _paged_suffix_kernel(
     tile_begin = split * tiles_per_split
     tile_end = tl.minimum(tile_begin + tiles_per_split, num_tiles)
 
-    if KEY_SLICES > 1:  # one softmax state per warp (see _sliced_attend.py)
-        m_i, l_i, acc = sliced_attend(
-            q, key_cache_ptr, value_cache_ptr, block_table_ptr + req.to(tl.int64) * stride_bt_req,
-            kv_head, tile_begin, tile_end, kv_lo, kv_hi, row_last_key, qk_scale,
-            stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head,
-            BLOCK_M, BLOCK_SIZE, TILE_N, KEY_SLICES, HEAD_SIZE, HEAD_PAD, UPCAST_DOT,
-            DOT_PRECISION,
-        )  # fmt: skip
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
-        m_i, l_i, acc = paged_attend(
-            q, m_i, l_i, acc, key_cache_ptr, value_cache_ptr,
-            block_table_ptr + req.to(tl.int64) * stride_bt_req,
-            kv_head, tile_begin, tile_end, full_tiles, kv_lo, kv_hi, row_last_key, qk_scale,
-            stride_k_blk, stride_k_slot, stride_k_head, stride_v_blk, stride_v_slot, stride_v_head,
-            BLOCK_SIZE, TILE_N, HEAD_SIZE, HEAD_PAD, UPCAST_DOT, DOT_PRECISION,
-            UNMASKED_FULL_TILES, PREFETCH_BLOCK_IDS,
-        )  # fmt: skip
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    m_i, l_i, acc = paged_attend(
+        q,
+        m_i,
+        l_i,
+        acc,
+        key_cache_ptr,
+        value_cache_ptr,
+        block_table_ptr + req.to(tl.int64) * stride_bt_req,
+        kv_head,
+        tile_begin,
+        tile_end,
+        full_tiles,
+        kv_lo,
+        kv_hi,
+        row_last_key,
+        qk_scale,
+        stride_k_blk,
+        stride_k_slot,
+        stride_k_head,
+        stride_v_blk,
+        stride_v_slot,
+        stride_v_head,
+        BLOCK_SIZE,
+        TILE_N,
+        HEAD_SIZE,
+        HEAD_PAD,
+        UPCAST_DOT,
+        DOT_PRECISION,
+        UNMASKED_FULL_TILES,
+        PREFETCH_BLOCK_IDS,
+    )
     # Fused merge: split 0 of a grouped request folds in the shared-prefix partial states. The
     # loop is unrolled (constexpr count) so the loads of all parts are in flight together; masked
     # rows (other splits, ungrouped requests) read nothing and absorb an empty (-inf) state.

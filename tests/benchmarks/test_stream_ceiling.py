@@ -31,14 +31,14 @@ def test_probes_sum_each_requests_own_kv(model):
 
 
 def test_suffix_probes_give_the_suffix_kernels_output():
-    """The suffix_* probes (one softmax state per warp, other tiles) compute the same attention
-    as the suffix kernel as the backend configures it: their GPU times are of the same work."""
+    """The suffix_* probes (other tiles, a register cap) compute the same attention as the suffix
+    kernel as the backend configures it: their GPU times are of the same work."""
     bk = stream_ceiling.bk
     s = bk._shape("gqa", "decode", 3, 64, 40, "fp16")
     runs = stream_ceiling.schemes(s, *bk.shape_batch(stream_ceiling.kernels, s, "cpu"))
     want = runs["suffix"]().clone()
     probes = [n for n in runs if n.startswith("suffix_")]
-    assert any("ks4" in n for n in probes) and any("ks2" in n for n in probes)
+    assert probes
     for name in probes:
         torch.testing.assert_close(runs[name](), want, rtol=1e-2, atol=2e-3,
                                    msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip

@@ -169,9 +169,6 @@ SWITCHES = {
     "head_fastest": dict(HEAD_FASTEST=True),
     "unmasked_full_tiles": dict(UNMASKED_FULL_TILES=True, TILE_N=16),
     "both": dict(HEAD_FASTEST=True, UNMASKED_FULL_TILES=True, TILE_N=16),
-    # one softmax state per warp (_sliced_attend.py); short suffixes leave whole slices empty
-    "key_slices_4": dict(KEY_SLICES=4, num_warps=4, TILE_N=64),
-    "key_slices_2": dict(KEY_SLICES=2, num_warps=2, TILE_N=32, HEAD_FASTEST=True),
 }
 SWITCH_CASES = [
     "decode_fp32",
@@ -190,18 +187,6 @@ def test_switches_match_ref(name, switch, make_batch, poisoned, check_attention)
     batch = make_batch(seed=list(CASES).index(name), **batch_kw)
     got, want = _run(batch, poisoned, config=SWITCHES[switch], **kw)
     check_attention(got, want, batch.query.dtype)
-
-
-@pytest.mark.parametrize("config", [dict(KEY_SLICES=4, num_warps=2),
-                                    dict(KEY_SLICES=3, num_warps=3),
-                                    dict(KEY_SLICES=4, num_warps=4, TILE_N=32)])  # fmt: skip
-def test_bad_key_slices_are_refused(config, make_batch):
-    """One slice per warp, of a power-of-2 count, and >= 16 keys per slice, or a clear error."""
-    batch = make_batch(query_lens=[1], own_lens=[17], seed=5)
-    m = batch.meta
-    with pytest.raises(ValueError, match="KEY_SLICES"):
-        paged_suffix(batch.query, batch.key_cache, batch.value_cache, m.query_start_loc,
-                     m.seq_lens, m.block_table, m.prefix_lens, batch.scale, config=config)  # fmt: skip
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
