@@ -98,6 +98,20 @@ def _suffix_only(doc: str, **knobs) -> tuple:
     return doc, lambda s: dict(suffix_config=dict(knobs))
 
 
+def _behind_fa3(doc: str, **suffix_knobs) -> tuple:
+    """FA3's prefix pass, then the suffix kernel with these knobs (the backend's order)."""
+    return doc, lambda s: dict(prefix_attention=bk.flash_prefix_kernel(),
+                               suffix_config=dict(suffix_knobs))
+
+
+def _beside_fa3(doc: str, **suffix_knobs) -> tuple:
+    """FA3's unsplit prefix pass on a high-priority side stream beside the suffix kernel with
+    these knobs, then a merge (the overlap schedule; overlap_flash_z1_hi below)."""
+    return doc, lambda s: dict(schedule="overlap", side_priority=-1,
+                               prefix_attention=bk.flash_prefix_kernel(1),
+                               suffix_config=dict(suffix_knobs))
+
+
 def _big_group_prefix(doc: str, splits: int | None = None, **tiles) -> tuple:
     """A variant that gives the prefix pass these tiles (and `splits` prefix splits, if given)
     where a group has >= 512 rows."""
@@ -352,18 +366,15 @@ for _n, _s, _hf, _w in [(32, 4, False, 4), (32, 3, False, 4), (64, 3, False, 4),
                         (64, 4, False, 4), (64, 2, True, 4), (64, 2, True, 2), (64, 3, True, 2),
                         (32, 3, True, 2), (32, 4, True, 1)]:
     VARIANTS[f"flash_prefix_sfx_n{_n}s{_s}" + ("_hf" if _hf else "") + (f"_w{_w}" if _w != 4
-                                                                         else "")] = (
+                                                                         else "")] = _behind_fa3(
         f"the prefix pass by FA3, suffix {_n}-key tiles, {_s} stages, {_w} warps"
         + (", HEAD_FASTEST" if _hf else ""),
-        lambda s, n=_n, st=_s, hf=_hf, w=_w: dict(
-            prefix_attention=bk.flash_prefix_kernel(),
-            suffix_config=dict(TILE_N=n, num_stages=st, HEAD_FASTEST=hf, num_warps=w)),
+        TILE_N=_n, num_stages=_s, HEAD_FASTEST=_hf, num_warps=_w,
     )  # fmt: skip
 
-VARIANTS["flash_prefix_no_hf"] = (
+VARIANTS["flash_prefix_no_hf"] = _behind_fa3(
     "the prefix pass by FA3, the suffix without HEAD_FASTEST (before session 15)",
-    lambda s: dict(prefix_attention=bk.flash_prefix_kernel(),
-                   suffix_config=dict(HEAD_FASTEST=False)))
+    HEAD_FASTEST=False)
 
 # Session 16: beside FA3's unsplit pass (64 programs that fill their SMs) the suffix kernel has
 # the other SMs only while the pass runs: tiles with more bytes in flight per SM, for the overlap
@@ -377,12 +388,10 @@ for _n, _s, _w, _hf in [(64, 3, 4, False), (64, 4, 4, False), (32, 4, 4, False),
                         (128, 2, 4, False), (128, 3, 8, False), (64, 2, 2, True),
                         (64, 3, 2, True), (32, 3, 2, True), (32, 4, 2, True), (16, 4, 1, True),
                         (32, 3, 1, True)]:
-    VARIANTS[f"overlap_flash_z1_hi_sfx_n{_n}s{_s}w{_w}" + ("_hf" if _hf else "")] = (
+    VARIANTS[f"overlap_flash_z1_hi_sfx_n{_n}s{_s}w{_w}" + ("_hf" if _hf else "")] = _beside_fa3(
         f"overlap_flash_z1_hi, suffix {_n}-key tiles, {_s} stages, {_w} warps"
         + (", HEAD_FASTEST" if _hf else ""),
-        lambda s, n=_n, st=_s, w=_w, hf=_hf: dict(
-            schedule="overlap", side_priority=-1, prefix_attention=bk.flash_prefix_kernel(1),
-            suffix_config=dict(TILE_N=n, num_stages=st, num_warps=w, HEAD_FASTEST=hf)),
+        TILE_N=_n, num_stages=_s, num_warps=_w, HEAD_FASTEST=_hf,
     )  # fmt: skip
 
 # Session 17, run 1 (decode_h200_session17.md): one online-softmax state per warp (KEY_SLICES:
@@ -398,13 +407,10 @@ REGISTER_CAP_CONFIGS = {
     "n64s2w4_r96": dict(TILE_N=64, num_stages=2, num_warps=4, HEAD_FASTEST=True, maxnreg=96),
 }
 for _tag, _knobs in REGISTER_CAP_CONFIGS.items():
-    VARIANTS[f"flash_prefix_{_tag}"] = (
-        f"the prefix pass by FA3, then the suffix with {_knobs}",
-        lambda s, k=_knobs: dict(prefix_attention=bk.flash_prefix_kernel(), suffix_config=k))
-    VARIANTS[f"overlap_flash_z1_hi_{_tag}"] = (
-        f"overlap_flash_z1_hi, the suffix with {_knobs}",
-        lambda s, k=_knobs: dict(schedule="overlap", side_priority=-1,
-                                 prefix_attention=bk.flash_prefix_kernel(1), suffix_config=k))
+    VARIANTS[f"flash_prefix_{_tag}"] = _behind_fa3(
+        f"the prefix pass by FA3, then the suffix with {_knobs}", **_knobs)
+    VARIANTS[f"overlap_flash_z1_hi_{_tag}"] = _beside_fa3(
+        f"overlap_flash_z1_hi, the suffix with {_knobs}", **_knobs)
     VARIANTS[f"suffix_{_tag}"] = _suffix_only(f"the suffix with {_knobs}", **_knobs)
 
 # In this order (a variant runs on every shape before the next starts, so a --budget cut drops
