@@ -291,11 +291,12 @@ def flash_prefix_kernel(num_splits: int = 0):
     return flash_prefix_attention(3, num_splits)
 
 
-def _relay_flash(kernels, query, kc, vc, meta, scale):
-    """relay_attention with FA3's prefix pass, as the CUDA backend calls it."""
+def _relay_flash(kernels, query, kc, vc, meta, scale, **kw):
+    """relay_attention with FA3's prefix pass, as the CUDA backend calls it (`kw`: its other
+    arguments, e.g. the schedule)."""
     prefix_attention = flash_prefix_kernel()
     return lambda: kernels.relay_attention(
-        query, kc, vc, meta, scale, validate=False, prefix_attention=prefix_attention
+        query, kc, vc, meta, scale, validate=False, prefix_attention=prefix_attention, **kw
     )
 
 
@@ -521,12 +522,15 @@ def _check_runs(kernels, q, kc, vc, meta, scale) -> dict:
     if meta.prefix_seq_start_loc is not None:
         try:
             runs["relay_flash"] = _relay_flash(kernels, q, kc, vc, meta, scale)
+            runs["handoff_flash"] = _relay_flash(kernels, q, kc, vc, meta, scale,
+                                                 schedule="handoff")  # fmt: skip
         except ImportError as e:  # no vLLM: our kernels only
             print(f"# relay_flash skipped: {e!r}", flush=True)
     return runs | {
         "relay": relay,
         "relay_overlap": functools.partial(relay, schedule="overlap"),
         "relay_3k": functools.partial(relay, schedule="serial"),
+        "relay_handoff": functools.partial(relay, schedule="handoff"),
         "relay_split": functools.partial(relay, suffix_splits=3, prefix_splits=4),
         "ours_plain": lambda: kernels.paged_suffix(
             q, kc, vc, meta.query_start_loc, meta.seq_lens, meta.block_table, no_prefix, scale

@@ -413,6 +413,25 @@ for _tag, _knobs in REGISTER_CAP_CONFIGS.items():
         f"overlap_flash_z1_hi, the suffix with {_knobs}", **_knobs)
     VARIANTS[f"suffix_{_tag}"] = _suffix_only(f"the suffix with {_knobs}", **_knobs)
 
+# Session 18: the overlap schedule without its merge launch after the join (schedule "handoff",
+# kernels/handoff.py): a suffix program folds FA3's state in itself when the pass is done by the
+# time its own keys are, else a finisher behind the pass on the side stream merges its rows.
+def _handoff(doc: str, fa3_splits: int | None = 1, **suffix_knobs) -> tuple:
+    """FA3's prefix pass (num_splits `fa3_splits`; None: ours) on a high-priority side stream,
+    then the finisher; the suffix kernel with these knobs beside them (schedule "handoff")."""
+    return doc, lambda s: dict(
+        schedule="handoff", side_priority=-1, suffix_config=dict(suffix_knobs),
+        prefix_attention=None if fa3_splits is None else bk.flash_prefix_kernel(fa3_splits))
+
+
+VARIANTS["handoff_flash_z1"] = _handoff("handoff: FA3 unsplit beside the suffix (its defaults)")
+VARIANTS["handoff_flash_z0"] = _handoff("handoff: FA3 split as FA3 picks", fa3_splits=0)
+VARIANTS["handoff_ours"] = _handoff("handoff: our prefix pass on the side stream", fa3_splits=None)
+for _n, _s, _w in [(64, 3, 4), (32, 3, 2), (32, 4, 4), (64, 2, 2), (32, 3, 4)]:
+    VARIANTS[f"handoff_flash_z1_sfx_n{_n}s{_s}w{_w}"] = _handoff(
+        f"handoff: FA3 unsplit, suffix {_n}-key tiles, {_s} stages, {_w} warps",
+        TILE_N=_n, num_stages=_s, num_warps=_w)  # fmt: skip
+
 # In this order (a variant runs on every shape before the next starts, so a --budget cut drops
 # whole variants from the end). "auto_combo" (after them, unless --no-combo) merges the knobs of
 # those that beat base on the GQA shapes without losing on MHA; see auto_combo().
@@ -528,7 +547,7 @@ def component_calls(s, query, kc, vc, meta, kw: dict):
 
 SHOWN = ("BLOCK_M", "TILE_N", "num_warps", "num_stages", "NUM_PREFIX_PARTS", "NUM_A",
          "HEAD_FASTEST", "UNMASKED_FULL_TILES", "PDL", "LAUNCH_DEPENDENTS",
-         "launch_pdl")  # fmt: skip
+         "launch_pdl", "HANDOFF")  # fmt: skip
 
 
 def recorded_call(fn):
@@ -551,11 +570,14 @@ def recorded_call(fn):
 def launch_summary(launches: list) -> str:
     """P(refix) / S(uffix) / M(erge): rows x keys, warps, stages, z = splits; switches on."""
     flags = {"LAUNCH_DEPENDENTS": "trig", "launch_pdl": "pdl", "HEAD_FASTEST": "hf",
-             "UNMASKED_FULL_TILES": "um"}  # fmt: skip
+             "UNMASKED_FULL_TILES": "um", "HANDOFF": "ho"}  # fmt: skip
     out = []
     for ln in launches:
         if ln["grid"] is None:  # another library's kernel: FA3's prefix pass (_launch.call)
             out.append("FA3 prefix")
+            continue
+        if ln["kernel"] == "_handoff_finish_kernel":
+            out.append("F")
             continue
         tag = {"_relay_prefix_kernel": "P", "_paged_suffix_kernel": "S"}.get(ln["kernel"])
         if tag is None:

@@ -48,6 +48,8 @@ from ._launch import (
     supports_pdl,
 )
 from ._paged_attend import grid_dependency_wait, paged_attend
+from ._tiles import program_tile, tile_rows
+from .handoff import Handoff, store_own_state
 from .merge import absorb_partial, finalize_state, merge_partial_states
 
 MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
@@ -76,6 +78,7 @@ def paged_suffix(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     config: dict | None = None,
+    handoff: Handoff | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal paged attention over each request's keys from prefix_lens on; returns (out, lse).
 
@@ -83,6 +86,8 @@ def paged_suffix(
     prefix_lens > 0; the returned lse then covers prefix + suffix. `max_query_len` / `max_seq_len`
     size the grid; pass them (host ints) to avoid a device sync. `num_splits` overrides the KV
     split, `config` the tile choices of `_suffix_config` (for tuning; BLOCK_Q follows BLOCK_M).
+    `handoff` (handoff.py): the prefix pass that writes `prefix_state` runs concurrently; a
+    program folds it in if it is complete, else leaves its own state to `handoff_finish` (unsplit).
     """
     _check_suffix_args(
         query, key_cache, value_cache, query_start_loc, seq_lens, block_table, prefix_lens
@@ -97,6 +102,12 @@ def paged_suffix(
         check_lse("lse", lse, num_q_heads, num_tokens, query.device)
     if prefix_state is not None:
         _check_prefix_state(prefix_state, query)
+    if handoff is not None:
+        if prefix_state is None:
+            raise ValueError("handoff needs the prefix_state it folds in")
+        if num_splits not in (None, 1):
+            raise ValueError(f"handoff runs the suffix unsplit, got num_splits={num_splits}")
+        num_splits = 1
     num_reqs = seq_lens.shape[0]
     if num_reqs == 0 or num_tokens == 0:
         return out, lse
@@ -104,13 +115,9 @@ def paged_suffix(
         max_query_len, lambda: (query_start_loc[1:] - query_start_loc[:-1]).max()
     )
     max_seq_len = host_int(max_seq_len, lambda: seq_lens.max())
-    qpk, sms = num_q_heads // num_kv_heads, device_sms(query)
-    cfg = _suffix_config(qpk, head_size, block_size, max_query_len, config)
-    n_q_tiles = num_reqs if cfg["ONE_TILE_PER_REQ"] else num_tokens // cfg["BLOCK_Q"] + num_reqs
-    if num_splits is None:
-        num_splits = _pick_num_splits(n_q_tiles * num_kv_heads, max_seq_len, cfg["TILE_N"], sms)
-    programs_per_sm = n_q_tiles * num_kv_heads * num_splits / sms
-    cfg = _suffix_config(qpk, head_size, block_size, max_query_len, config, programs_per_sm)
+    cfg, n_q_tiles, num_splits = suffix_tiling(
+        query, key_cache, num_reqs, max_query_len, max_seq_len, num_splits, config
+    )
     split_kv = num_splits > 1
     if split_kv:
         part_out = torch.empty(
@@ -119,6 +126,9 @@ def paged_suffix(
         part_lse = torch.empty(
             num_splits, num_q_heads, num_tokens, dtype=torch.float32, device=query.device
         )
+    elif handoff is not None:  # a deferred request's own state goes to the handoff's buffers
+        part_out, part_lse = handoff.own_out, handoff.own_lse
+        handoff.check(query, n_q_tiles * num_kv_heads)
     else:  # the kernel writes out / lse directly; part_* are unused dummies (not views of
         # out or lse, so that replay.LayerReplay can re-point a recorded launch at another layer)
         part_out = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=query.device)
@@ -152,6 +162,7 @@ def paged_suffix(
         block_table_ptr=block_table,
         prefix_out_ptr=pre_out,
         prefix_lse_ptr=pre_lse,
+        handoff_ptr=handoff.counters if handoff is not None else seq_lens,
         num_reqs=num_reqs,
         qk_scale=softmax_scale * 1.4426950408889634,
         stride_q_tok=query.stride(0),
@@ -185,6 +196,7 @@ def paged_suffix(
         BLOCK_SIZE=block_size,
         NUM_PREFIX_PARTS=pre_out.shape[0] if prefix_state is not None else 0,
         SPLIT_KV=split_kv,
+        HANDOFF=handoff is not None,
         STORE_LSE=lse is not None,
         UPCAST_DOT=upcast,
         DOT_PRECISION=precision,
@@ -194,6 +206,29 @@ def paged_suffix(
     if split_kv:
         merge_partial_states(out, part_out, part_lse, lse)
     return out, lse
+
+
+def suffix_tiling(
+    query: torch.Tensor,  # [num_tokens, num_q_heads, head_size]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_size]
+    num_reqs: int,
+    max_query_len: int,
+    max_seq_len: int,
+    num_splits: int | None = None,
+    config: dict | None = None,
+) -> tuple[dict, int, int]:
+    """(tile config, query tiles, KV splits) of a paged_suffix launch: its grid holds
+    query tiles x KV heads x splits programs (handoff.py launches its finisher over the same)."""
+    num_tokens, num_q_heads, head_size = query.shape
+    block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
+    qpk, sms = num_q_heads // num_kv_heads, device_sms(query)
+    cfg = _suffix_config(qpk, head_size, block_size, max_query_len, config)
+    n_q_tiles = num_reqs if cfg["ONE_TILE_PER_REQ"] else num_tokens // cfg["BLOCK_Q"] + num_reqs
+    if num_splits is None:
+        num_splits = _pick_num_splits(n_q_tiles * num_kv_heads, max_seq_len, cfg["TILE_N"], sms)
+    programs_per_sm = n_q_tiles * num_kv_heads * num_splits / sms
+    cfg = _suffix_config(qpk, head_size, block_size, max_query_len, config, programs_per_sm)
+    return cfg, n_q_tiles, num_splits
 
 
 def _follows_prefix_pass(query: torch.Tensor) -> bool:
@@ -305,22 +340,6 @@ def _check_prefix_state(prefix_state, query) -> None:
 # ---------------------------------------------------------------- kernel
 
 
-@triton.jit
-def _find_request(query_start_loc_ptr, num_reqs, q_tile_idx, BLOCK_Q: tl.constexpr):
-    """Request owning global query tile `q_tile_idx`, where request r's tiles start at
-    query_start_loc[r] // BLOCK_Q + r (an upper bound that needs no prefix sum of tile counts)."""
-    lo: tl.int32 = 0
-    hi = num_reqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
-        if start <= q_tile_idx:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
-
-
 # Per-step sizes are not specialized (Triton would compile a variant per divisibility by 16):
 # a decode step compiles nothing new once its tile and split choices have been seen.
 @triton.jit(do_not_specialize=["num_reqs", "stride_l_head", "stride_pl_head", "stride_xl_head",
@@ -339,6 +358,7 @@ def _paged_suffix_kernel(
     block_table_ptr,  # [num_reqs, max_blocks] int32
     prefix_out_ptr,  # [NUM_PREFIX_PARTS, num_tokens, num_q_heads, head_size] float32
     prefix_lse_ptr,  # [NUM_PREFIX_PARTS, num_q_heads, num_tokens] float32
+    handoff_ptr,  # [2, query tiles x KV heads] int32 (HANDOFF): arrivals, then ready flags
     num_reqs,
     qk_scale,  # softmax_scale * log2(e)
     stride_q_tok,
@@ -381,6 +401,7 @@ def _paged_suffix_kernel(
     PDL: tl.constexpr,  # launched with PDL after the prefix kernel: wait before reading its states
     NUM_PREFIX_PARTS: tl.constexpr,  # prefix partial states to fold in (fused merge); 0: none
     SPLIT_KV: tl.constexpr,  # write partial states instead of the output
+    HANDOFF: tl.constexpr,  # the prefix pass runs concurrently: see handoff.py
     STORE_LSE: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -388,17 +409,14 @@ def _paged_suffix_kernel(
     if HEAD_FASTEST:
         kv_head = tl.program_id(0)
         pid_q = tl.program_id(1)
+        num_kv_heads = tl.num_programs(0)
     else:
         pid_q = tl.program_id(0)
         kv_head = tl.program_id(1)
+        num_kv_heads = tl.num_programs(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
-    if ONE_TILE_PER_REQ:
-        req = pid_q
-        q_tile = 0
-    else:
-        req = _find_request(query_start_loc_ptr, num_reqs, pid_q, BLOCK_Q)
-        q_tile = pid_q - (tl.load(query_start_loc_ptr + req) // BLOCK_Q + req)
+    req, q_tile = program_tile(query_start_loc_ptr, num_reqs, pid_q, BLOCK_Q, ONE_TILE_PER_REQ)
     q_start = tl.load(query_start_loc_ptr + req)
     q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
     if q_tile * BLOCK_Q >= q_len:
@@ -410,12 +428,9 @@ def _paged_suffix_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_PAD)
     d_mask = offs_d < HEAD_SIZE
-    row_q = q_tile * BLOCK_Q + offs_m // QPK_PAD  # query index within the request
-    head = kv_head * QUERIES_PER_KV + offs_m % QPK_PAD
-    row_valid = (
-        (offs_m // QPK_PAD < BLOCK_Q) & (row_q < q_len) & (offs_m % QPK_PAD < QUERIES_PER_KV)
+    row_q, head, row_valid, token = tile_rows(
+        q_start, q_len, q_tile, kv_head, BLOCK_M, BLOCK_Q, QPK_PAD, QUERIES_PER_KV
     )
-    token = (q_start + row_q).to(tl.int64)
     q = tl.load(
         query_ptr + token[:, None] * stride_q_tok + head[:, None] * stride_q_head + offs_d[None, :],
         mask=row_valid[:, None] & d_mask[None, :],
@@ -473,7 +488,19 @@ def _paged_suffix_kernel(
     # rows (other splits, ungrouped requests) read nothing and absorb an empty (-inf) state.
     # (Nested tl.where, not `row_valid & (split == 0) & ...`: a block & scalar-bool mask fails
     # under the interpreter with "mask has unsupported dtype".)
-    x_mask = tl.where(row_valid, tl.where(split == 0, prefix_len, 0), 0) > 0
+    prefix_here = tl.where(split == 0, prefix_len, 0)
+    deferred = prefix_len < 0  # False; True: the prefix pass is not done, handoff_finish merges
+    if HANDOFF:  # (handoff.py) unsplit; the prefix pass runs beside this kernel
+        item = pid_q * num_kv_heads + kv_head
+        if prefix_len > 0:
+            # acq_rel: if the finisher arrived first, the prefix pass's writes are visible now
+            arrived_first = tl.atomic_add(handoff_ptr + item, 1, sem="acq_rel") == 0
+            if arrived_first:
+                deferred = prefix_len > 0
+                prefix_here = prefix_here * 0
+            else:  # second of the two: reset for the next call
+                tl.store(handoff_ptr + item, 0)
+    x_mask = tl.where(row_valid, prefix_here, 0) > 0
     if PDL:  # the prefix kernel may still be running: wait for it (and its writes)
         grid_dependency_wait()
     for j in tl.static_range(NUM_PREFIX_PARTS):
@@ -481,6 +508,7 @@ def _paged_suffix_kernel(
             prefix_lse_ptr + j * stride_xl_split + head * stride_xl_head + token * stride_xl_tok,
             mask=x_mask,
             other=float("-inf"),
+            cache_modifier=".cg" if HANDOFF else "",  # written by a concurrent kernel: not L1
         )
         x_out = tl.load(
             prefix_out_ptr
@@ -490,9 +518,18 @@ def _paged_suffix_kernel(
             + offs_d[None, :],
             mask=x_mask[:, None] & d_mask[None, :],
             other=0.0,
+            cache_modifier=".cg" if HANDOFF else "",
         )
         m_i, l_i, acc = absorb_partial(m_i, l_i, acc, x_out, x_lse)
     out, lse = finalize_state(m_i, l_i, acc)
+    if HANDOFF:  # a deferred program's rows go to the handoff's buffers, not to out
+        if deferred:
+            store_own_state(
+                part_out_ptr, part_lse_ptr, out, lse, token, head, row_valid, offs_d, d_mask,
+                stride_po_tok, stride_po_head, stride_pl_head, stride_pl_tok,
+                handoff_ptr + tl.num_programs(0) * tl.num_programs(1) + item,
+            )  # fmt: skip
+        row_valid = row_valid & (offs_m < tl.where(deferred, 0, BLOCK_M))
     o_mask = row_valid[:, None] & d_mask[None, :]
     if SPLIT_KV:
         tl.store(
@@ -543,8 +580,10 @@ def paged_suffix_ref(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     config: dict | None = None,
+    handoff: Handoff | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """fp32 torch version of `paged_suffix` (tuning arguments are accepted and ignored)."""
+    """fp32 torch version of `paged_suffix` (tuning arguments and `handoff` are accepted and
+    ignored: the reference folds `prefix_state` in everywhere)."""
     from .merge import merge_partial_states_ref
 
     num_tokens, num_q_heads, _ = query.shape

@@ -34,8 +34,9 @@ import torch
 
 from ._launch import cdiv, side_stream
 from .external_prefix import PrefixAttention, external_prefix_state, external_state_buffers
+from .handoff import Handoff, handoff_finish
 from .merge import merge_attn_states, merge_attn_states_ref
-from .paged_suffix import paged_suffix, paged_suffix_ref
+from .paged_suffix import paged_suffix, paged_suffix_ref, suffix_tiling
 from .relay_prefix import relay_prefix, relay_prefix_partials, relay_prefix_ref
 
 
@@ -264,7 +265,7 @@ def _require(cond: bool, msg: str) -> None:
         raise ValueError(f"RelayMetadata: {msg}")
 
 
-SCHEDULES = ("auto", "fused", "overlap", "serial")
+SCHEDULES = ("auto", "fused", "overlap", "serial", "handoff")
 
 
 def relay_attention(
@@ -300,6 +301,9 @@ def relay_attention(
                 of 9 decode shapes and at most 3% faster on the rest (sweep_relay_decode.py
                 variant overlap_lo, session 15)
       "serial"  prefix, suffix, merge_attn_states on one stream (vLLM's cascade shape)
+      "handoff" as "overlap", without the merge launch after the join: each suffix program folds
+                the prefix state in if the prefix pass is done when its own keys are, else a
+                finisher queued behind the prefix pass merges its rows (handoff.py). Unsplit
       "auto"    "fused", what the CUDA backend runs (kernels/replay.py records its launches once
                 per step). With the block ids prefetched (_paged_attend.py) it was 0.3-15% faster
                 than "overlap" on every decode shape of benchmark_kernels.py on an H100 but one:
@@ -374,6 +378,9 @@ def relay_attention(
         paged_suffix(
             *suffix_args, out=out, lse=lse, return_lse=return_lse, prefix_state=parts, **suffix_kw
         )
+    elif schedule == "handoff":
+        _handoff(query, key_cache, value_cache, meta, softmax_scale, out, lse, prefix_args,
+                 prefix_kw, suffix_args, suffix_kw, prefix_attention, side_priority)  # fmt: skip
     else:
         f32 = dict(dtype=torch.float32, device=query.device)
         side = None
@@ -402,6 +409,38 @@ def relay_attention(
             torch.cuda.current_stream(query.device).wait_stream(side)
         merge_attn_states(out, pre_out, pre_lse, suf_out, suf_lse, lse)
     return (out, lse) if return_lse else out
+
+
+def _handoff(query, key_cache, value_cache, meta, softmax_scale, out, lse, prefix_args, prefix_kw,
+             suffix_args, suffix_kw, prefix_attention, side_priority) -> None:
+    """The "handoff" schedule (see relay_attention and handoff.py)."""
+    side = side_stream(query.device, side_priority) if query.is_cuda else None
+    if prefix_attention is not None:  # [1, ...] in the query dtype
+        pre_state = external_state_buffers(query)
+        suffix_kw["config"] = {**EXTERNAL_PREFIX_SUFFIX_CONFIG, **(suffix_kw["config"] or {})}
+    else:
+        f32 = dict(dtype=torch.float32, device=query.device)
+        pre_state = (torch.empty((1,) + tuple(query.shape), **f32),
+                     torch.empty(1, query.shape[1], query.shape[0], **f32))  # fmt: skip
+    if suffix_kw["num_splits"] not in (None, 1):
+        raise ValueError("the handoff schedule runs the suffix unsplit (suffix_splits 1)")
+    suffix_kw["num_splits"] = 1
+    _, n_q_tiles, _ = suffix_tiling(query, key_cache, meta.seq_lens.shape[0], meta.max_query_len,
+                                    meta.max_seq_len, 1, suffix_kw["config"])  # fmt: skip
+    handoff = Handoff.new(query, n_q_tiles * key_cache.shape[2])
+    with _forked(side):  # the prefix pass, then the finisher, on the side stream
+        if prefix_attention is not None:
+            external_prefix_state(prefix_attention, query, key_cache, value_cache, meta,
+                                  softmax_scale, state=pre_state)  # fmt: skip
+        else:
+            relay_prefix(*prefix_args, out=pre_state[0][0], lse=pre_state[1][0], **prefix_kw)
+        handoff_finish(query, key_cache, meta.query_start_loc, meta.seq_lens, meta.prefix_lens,
+                       pre_state, handoff, out, lse, max_query_len=meta.max_query_len,
+                       max_seq_len=meta.max_seq_len, config=suffix_kw["config"])  # fmt: skip
+    paged_suffix(*suffix_args, out=out, lse=lse, return_lse=lse is not None,
+                 prefix_state=pre_state, handoff=handoff, **suffix_kw)  # fmt: skip
+    if side is not None:  # the finisher ran long before the suffix ends: a cheap join
+        torch.cuda.current_stream(query.device).wait_stream(side)
 
 
 # The suffix launch after an external prefix pass. HEAD_FASTEST (paged_suffix._suffix_config):

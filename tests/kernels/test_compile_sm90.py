@@ -24,11 +24,13 @@ SCRIPT = textwrap.dedent(
 
     suffix = importlib.import_module("edgeprompt_vllm.kernels.paged_suffix")
     prefix = importlib.import_module("edgeprompt_vllm.kernels.relay_prefix")
-    FP32 = {"part_out_ptr", "part_lse_ptr", "prefix_out_ptr", "prefix_lse_ptr", "lse_ptr"}
+    handoff = importlib.import_module("edgeprompt_vllm.kernels.handoff")
+    FP32 = {"part_out_ptr", "part_lse_ptr", "prefix_out_ptr", "prefix_lse_ptr", "lse_ptr",
+            "own_out_ptr", "own_lse_ptr"}
     FP16 = {"out_ptr", "query_ptr", "key_cache_ptr", "value_cache_ptr"}
 
 
-    def compile_sm90(kernel, consts):
+    def compile_asm(kernel, consts):
         consts = dict(consts)
         opts = dict(num_warps=consts.pop("num_warps"), num_stages=consts.pop("num_stages"))
         sig = {}
@@ -45,11 +47,20 @@ SCRIPT = textwrap.dedent(
                  if sig[n] in ("i32", "*fp16", "*fp32", "*i32") and n not in nospec}
         src = ASTSource(fn=kernel, signature=sig, constexprs=cx, attrs=attrs)
         asm = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm
-        ptx, ttgir = asm["ptx"], asm["ttgir"]
+        return asm["ptx"], asm["ttgir"]
+
+
+    def compile_sm90(kernel, consts):
+        ptx, ttgir = compile_asm(kernel, consts)
         most_pending = max(map(int, re.findall(r"ttg.async_wait[^{]*[{]num = (\d+)", ttgir)),
                            default=-1)
         return ("griddepcontrol.wait" in ptx, "griddepcontrol.launch_dependents" in ptx,
                 most_pending)
+
+
+    def memory_order_ops(kernel, consts):  # the PTX's atomics and acquire loads (handoff.py)
+        ptx, _ = compile_asm(kernel, consts)
+        return sorted(set(re.findall(r"atom[.][\w.]+|ld[.]global[.]gpu[.]acquire[.]\w+", ptx)))
 
 
     common = dict(HEAD_SIZE=128, HEAD_PAD=128, BLOCK_SIZE=16, UPCAST_DOT=False, DOT_PRECISION=None)
@@ -60,7 +71,15 @@ SCRIPT = textwrap.dedent(
                        ("2_stages", dict(num_stages=2))]:
         cfg = suffix._suffix_config(4, 128, 16, 1, over)
         out["suffix_" + name] = compile_sm90(suffix._paged_suffix_kernel, dict(
-            cfg, QUERIES_PER_KV=4, NUM_PREFIX_PARTS=2, SPLIT_KV=False, STORE_LSE=False, **common))
+            cfg, QUERIES_PER_KV=4, NUM_PREFIX_PARTS=2, SPLIT_KV=False, HANDOFF=False,
+            STORE_LSE=False, **common))
+    cfg = suffix._suffix_config(4, 128, 16, 1, dict(PDL=False, HEAD_FASTEST=True))
+    out["suffix_handoff"] = memory_order_ops(suffix._paged_suffix_kernel, dict(
+        cfg, QUERIES_PER_KV=4, NUM_PREFIX_PARTS=1, SPLIT_KV=False, HANDOFF=True, STORE_LSE=True,
+        **common))
+    out["handoff_finish"] = memory_order_ops(handoff._handoff_finish_kernel, dict(
+        QUERIES_PER_KV=4, QPK_PAD=4, BLOCK_Q=4, BLOCK_M=16, HEAD_SIZE=128, HEAD_PAD=128,
+        ONE_TILE_PER_REQ=True, STORE_LSE=True, num_warps=4, num_stages=1))
     for name, over in [("default", {}), ("no_pdl", dict(LAUNCH_DEPENDENTS=False)),
                        ("switches", dict(LAUNCH_DEPENDENTS=True, UNMASKED_FULL_TILES=True)),
                        ("no_prefetch", dict(PREFETCH_BLOCK_IDS=False))]:
@@ -91,6 +110,10 @@ def test_kernels_compile_for_sm90():
         "suffix_switches": [True, False, 2],
         "suffix_no_prefetch": [True, False, 0],
         "suffix_2_stages": [True, False, 0],
+        # handoff.py: arrivals acq_rel at GPU scope, the ready flag released by the suffix and
+        # acquired by the finisher
+        "suffix_handoff": ["atom.global.gpu.acq_rel.add.u32", "atom.global.gpu.release.exch.b32"],
+        "handoff_finish": ["atom.global.gpu.acq_rel.add.u32", "ld.global.gpu.acquire.b32"],
         "prefix_default": [False, True, 2],
         "prefix_no_pdl": [False, False, 2],
         "prefix_switches": [False, True, 2],
