@@ -258,7 +258,7 @@ def schemes(s, query, kc, vc, meta) -> dict:
 
 
 # our suffix kernel, as the backend configures it and with a register cap
-SUFFIX_PROBES = {"suffix": None}
+SUFFIX_PROBES = {"suffix": None, "suffix_hf": {"HEAD_FASTEST": True}}  # hf: as behind FA3
 SUFFIX_PROBES.update({f"suffix_{tag}": knobs for tag, knobs in sw.REGISTER_CAP_CONFIGS.items()})
 
 

@@ -416,12 +416,24 @@ for _tag, _knobs in REGISTER_CAP_CONFIGS.items():
 # Session 18: the overlap schedule without its merge launch after the join (schedule "handoff",
 # kernels/handoff.py): a suffix program folds FA3's state in itself when the pass is done by the
 # time its own keys are, else a finisher behind the pass on the side stream merges its rows.
-def _handoff(doc: str, fa3_splits: int | None = 1, **suffix_knobs) -> tuple:
+def _handoff(doc: str, fa3_splits: int | None = 1, kept: bool = False,
+             finish_programs: int | None = None, **suffix_knobs) -> tuple:  # fmt: skip
     """FA3's prefix pass (num_splits `fa3_splits`; None: ours) on a high-priority side stream,
-    then the finisher; the suffix kernel with these knobs beside them (schedule "handoff")."""
-    return doc, lambda s: dict(
-        schedule="handoff", side_priority=-1, suffix_config=dict(suffix_knobs),
-        prefix_attention=None if fa3_splits is None else bk.flash_prefix_kernel(fa3_splits))
+    then the finisher; the suffix kernel with these knobs beside them (schedule "handoff").
+    `kept`: one Handoff per shape serves every call (no zeroing launch per call);
+    `finish_programs`: the finisher's grid (None: the default)."""
+
+    def kwargs(s) -> dict:
+        kw = dict(schedule="handoff", side_priority=-1, suffix_config=dict(suffix_knobs),
+                  prefix_attention=None if fa3_splits is None
+                  else bk.flash_prefix_kernel(fa3_splits))  # fmt: skip
+        if kept or finish_programs:
+            query = torch.empty(s.batch * s.query_len, s.num_q_heads, s.head_size, device=DEVICE)
+            kw["handoff"] = kernels.handoff.Handoff.new(
+                query, s.batch * s.query_len * s.num_kv_heads, finish_programs)
+        return kw
+
+    return doc, kwargs
 
 
 VARIANTS["handoff_flash_z1"] = _handoff("handoff: FA3 unsplit beside the suffix (its defaults)")
@@ -431,6 +443,13 @@ for _n, _s, _w in [(64, 3, 4), (32, 3, 2), (32, 4, 4), (64, 2, 2), (32, 3, 4)]:
     VARIANTS[f"handoff_flash_z1_sfx_n{_n}s{_s}w{_w}"] = _handoff(
         f"handoff: FA3 unsplit, suffix {_n}-key tiles, {_s} stages, {_w} warps",
         TILE_N=_n, num_stages=_s, num_warps=_w)  # fmt: skip
+# Run 1 (commit fbf78cd: a finisher program per item, counters zeroed every call): at GQA
+# (256, 2048) 0.1841 ms (79%) against 0.1941 on the backend's path; at (256, 4096) 0.2002 against
+# 0.2052, no faster than the overlap schedule (0.1995); slower at batch 512, 128, 64 and MHA.
+VARIANTS["handoff_flash_z1_kept"] = _handoff("handoff_flash_z1, Handoff kept", kept=True)
+for _p in (1024, 2048, 4096):  # programs (one per item: batch 256 x 8 KV heads = 2048)
+    VARIANTS[f"handoff_flash_z1_kept_f{_p}"] = _handoff(
+        f"handoff_flash_z1_kept, a finisher of {_p} programs", kept=True, finish_programs=_p)
 
 # In this order (a variant runs on every shape before the next starts, so a --budget cut drops
 # whole variants from the end). "auto_combo" (after them, unless --no-combo) merges the knobs of

@@ -41,9 +41,20 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_lse, check_out, check_shape, check_tensor, launch, next_pow2
+from ._launch import (
+    check_lse,
+    check_out,
+    check_shape,
+    check_tensor,
+    device_sms,
+    launch,
+    next_pow2,
+)
 from ._tiles import program_tile, tile_rows
 from .merge import absorb_partial, finalize_state
+
+
+FINISH_PROGRAMS_PER_SM = 1  # the finisher's programs each walk many items (most need nothing)
 
 
 @dataclass
@@ -53,16 +64,20 @@ class Handoff:
     counters: torch.Tensor  # [2 * num_items] int32, zero: arrivals, then ready flags
     own_out: torch.Tensor  # [1, num_tokens, num_q_heads, head_size] fp32, a deferred item's own
     own_lse: torch.Tensor  # [1, num_q_heads, num_tokens] fp32 state (suffix keys only)
+    finish_programs: int | None = None  # the finisher's grid (None: FINISH_PROGRAMS_PER_SM)
 
     @classmethod
-    def new(cls, query: torch.Tensor, num_items: int) -> "Handoff":
-        """Buffers for a suffix launch of `num_items` (query tile, KV head) programs."""
+    def new(cls, query: torch.Tensor, num_items: int, finish_programs: int | None = None
+            ) -> "Handoff":  # fmt: skip
+        """Buffers for a suffix launch of `num_items` (query tile, KV head) programs. They may
+        serve call after call (the counters end each call at zero) for the same shapes."""
         num_tokens, num_q_heads, _ = query.shape
         f32 = dict(dtype=torch.float32, device=query.device)
         return cls(
             counters=torch.zeros(2 * num_items, dtype=torch.int32, device=query.device),
             own_out=torch.empty((1,) + tuple(query.shape), **f32),
             own_lse=torch.empty(1, num_q_heads, num_tokens, **f32),
+            finish_programs=finish_programs,
         )
 
     def check(self, query: torch.Tensor, num_items: int) -> None:
@@ -107,9 +122,11 @@ def handoff_finish(
     handoff.check(query, n_q_tiles * num_kv_heads)
     pre_out, pre_lse = prefix_state
     lse_arg = lse if lse is not None else handoff.own_lse[0]
+    num_items = n_q_tiles * num_kv_heads
+    programs = handoff.finish_programs or FINISH_PROGRAMS_PER_SM * device_sms(query)
     launch(
         _handoff_finish_kernel,
-        (n_q_tiles, num_kv_heads),
+        (min(programs, num_items),),
         out_ptr=out,
         lse_ptr=lse_arg,
         own_out_ptr=handoff.own_out,
@@ -120,6 +137,8 @@ def handoff_finish(
         query_start_loc_ptr=query_start_loc,
         prefix_lens_ptr=prefix_lens,
         num_reqs=num_reqs,
+        num_items=num_items,
+        num_kv_heads=num_kv_heads,
         stride_o_tok=out.stride(0),
         stride_o_head=out.stride(1),
         stride_l_head=lse_arg.stride(0),
@@ -173,7 +192,8 @@ def store_own_state(
     tl.atomic_xchg(ready_ptr, 1, sem="release")
 
 
-@triton.jit(do_not_specialize=["num_reqs", "stride_l_head", "stride_pl_head", "stride_xl_head"])
+@triton.jit(do_not_specialize=["num_reqs", "num_items", "stride_l_head", "stride_pl_head",
+                               "stride_xl_head"])
 def _handoff_finish_kernel(
     out_ptr,  # [num_tokens, num_q_heads, head_size]
     lse_ptr,  # [num_q_heads, num_tokens] float32 (written when STORE_LSE)
@@ -181,10 +201,12 @@ def _handoff_finish_kernel(
     own_lse_ptr,  # [1, num_q_heads, num_tokens] fp32
     prefix_out_ptr,  # [1, num_tokens, num_q_heads, head_size]
     prefix_lse_ptr,  # [1, num_q_heads, num_tokens] fp32
-    handoff_ptr,  # [2, query tiles x KV heads] int32: arrivals, then ready flags
+    handoff_ptr,  # [2, num_items] int32: arrivals, then ready flags
     query_start_loc_ptr,  # [num_reqs + 1] int32
     prefix_lens_ptr,  # [num_reqs] int32
     num_reqs,
+    num_items,  # the suffix launch's query tiles x KV heads
+    num_kv_heads,
     stride_o_tok,
     stride_o_head,
     stride_l_head,
@@ -206,28 +228,47 @@ def _handoff_finish_kernel(
     ONE_TILE_PER_REQ: tl.constexpr,
     STORE_LSE: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    req, q_tile = program_tile(query_start_loc_ptr, num_reqs, pid_q, BLOCK_Q, ONE_TILE_PER_REQ)
-    q_start = tl.load(query_start_loc_ptr + req)
-    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
-    if q_tile * BLOCK_Q >= q_len:
-        return  # no tokens: no suffix program either
-    if tl.load(prefix_lens_ptr + req) == 0:
-        return  # ungrouped: the suffix program writes out itself
-    item = pid_q * tl.num_programs(1) + kv_head
-    ready_ptr = handoff_ptr + tl.num_programs(0) * tl.num_programs(1) + item
-    # acq_rel: releases the prefix pass's writes (before this kernel in stream order) to a
-    # suffix program that comes second
-    if tl.atomic_add(handoff_ptr + item, 1, sem="acq_rel") == 0:
-        return  # first: the suffix program folds the prefix state in
-    while tl.atomic_add(ready_ptr, 0, sem="acquire") == 0:
-        pass  # the suffix program came first and is writing its state
-    _, head, row_valid, token = tile_rows(
-        q_start, q_len, q_tile, kv_head, BLOCK_M, BLOCK_Q, QPK_PAD, QUERIES_PER_KV
-    )
+    # few programs, each walking items pid, pid + programs, ... (item = query tile x KV heads +
+    # KV head, as the suffix launch numbers them): most items need nothing, so a program per item
+    # would mostly cost the GPU's program launches, ahead of the suffix's pending programs
     offs_d = tl.arange(0, HEAD_PAD)
     d_mask = offs_d < HEAD_SIZE
+    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+        pid_q = item // num_kv_heads
+        kv_head = item % num_kv_heads
+        req, q_tile = program_tile(query_start_loc_ptr, num_reqs, pid_q, BLOCK_Q,
+                                   ONE_TILE_PER_REQ)  # fmt: skip
+        q_start = tl.load(query_start_loc_ptr + req)
+        q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+        # a tile with no tokens has no suffix program; an ungrouped request's writes out itself
+        if (q_tile * BLOCK_Q < q_len) & (tl.load(prefix_lens_ptr + req) > 0):
+            # acq_rel: releases the prefix pass's writes (before this kernel in stream order) to
+            # a suffix program that comes second; first, it leaves the item to that program
+            if tl.atomic_add(handoff_ptr + item, 1, sem="acq_rel") == 1:
+                ready_ptr = handoff_ptr + num_items + item
+                while tl.atomic_add(ready_ptr, 0, sem="acquire") == 0:
+                    pass  # the suffix program came first and is writing its state
+                _, head, row_valid, token = tile_rows(
+                    q_start, q_len, q_tile, kv_head, BLOCK_M, BLOCK_Q, QPK_PAD, QUERIES_PER_KV
+                )
+                _merge_item(out_ptr, lse_ptr, own_out_ptr, own_lse_ptr, prefix_out_ptr,
+                            prefix_lse_ptr, token, head, row_valid, offs_d, d_mask, stride_o_tok,
+                            stride_o_head, stride_l_head, stride_l_tok, stride_po_tok,
+                            stride_po_head, stride_pl_head, stride_pl_tok, stride_xo_tok,
+                            stride_xo_head, stride_xl_head, stride_xl_tok, BLOCK_M, HEAD_PAD,
+                            STORE_LSE)  # fmt: skip
+                tl.store(handoff_ptr + item, 0)  # both came: zero for the next call
+                tl.store(ready_ptr, 0)
+
+
+@triton.jit
+def _merge_item(out_ptr, lse_ptr, own_out_ptr, own_lse_ptr, prefix_out_ptr, prefix_lse_ptr, token,
+                head, row_valid, offs_d, d_mask, stride_o_tok, stride_o_head, stride_l_head,
+                stride_l_tok, stride_po_tok, stride_po_head, stride_pl_head, stride_pl_tok,
+                stride_xo_tok, stride_xo_head, stride_xl_head, stride_xl_tok,
+                BLOCK_M: tl.constexpr, HEAD_PAD: tl.constexpr,
+                STORE_LSE: tl.constexpr):  # fmt: skip
+    """out / lse of a deferred item's rows: its own state merged with the prefix pass's."""
     o_mask = row_valid[:, None] & d_mask[None, :]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -250,5 +291,3 @@ def _handoff_finish_kernel(
     )
     if STORE_LSE:
         tl.store(lse_ptr + head * stride_l_head + token * stride_l_tok, lse, mask=row_valid)
-    tl.store(handoff_ptr + item, 0)  # both came: zero for the next call
-    tl.store(ready_ptr, 0)

@@ -285,6 +285,7 @@ def relay_attention(
     suffix_config: dict | None = None,
     prefix_attention: PrefixAttention | None = None,
     side_priority: int = -1,
+    handoff: Handoff | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query over (its group's shared prefix || its own KV); `out` (and lse).
 
@@ -315,7 +316,8 @@ def relay_attention(
     override the launchers' choices (for tests and tuning). `prefix_attention`: another kernel
     runs the prefix pass (FA3 on the CUDA backend where the cost model prefers it,
     external_prefix.py); "fused": the suffix kernel folds its state in as ours; "overlap" /
-    "serial": it is merged like ours.
+    "serial": it is merged like ours. `handoff`: the "handoff" schedule's buffers, kept by the
+    caller from call to call (None: new ones, zeroed, each call).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -380,7 +382,8 @@ def relay_attention(
         )
     elif schedule == "handoff":
         _handoff(query, key_cache, value_cache, meta, softmax_scale, out, lse, prefix_args,
-                 prefix_kw, suffix_args, suffix_kw, prefix_attention, side_priority)  # fmt: skip
+                 prefix_kw, suffix_args, suffix_kw, prefix_attention, side_priority,
+                 handoff)  # fmt: skip
     else:
         f32 = dict(dtype=torch.float32, device=query.device)
         side = None
@@ -412,7 +415,7 @@ def relay_attention(
 
 
 def _handoff(query, key_cache, value_cache, meta, softmax_scale, out, lse, prefix_args, prefix_kw,
-             suffix_args, suffix_kw, prefix_attention, side_priority) -> None:
+             suffix_args, suffix_kw, prefix_attention, side_priority, handoff) -> None:
     """The "handoff" schedule (see relay_attention and handoff.py)."""
     side = side_stream(query.device, side_priority) if query.is_cuda else None
     if prefix_attention is not None:  # [1, ...] in the query dtype
@@ -427,7 +430,8 @@ def _handoff(query, key_cache, value_cache, meta, softmax_scale, out, lse, prefi
     suffix_kw["num_splits"] = 1
     _, n_q_tiles, _ = suffix_tiling(query, key_cache, meta.seq_lens.shape[0], meta.max_query_len,
                                     meta.max_seq_len, 1, suffix_kw["config"])  # fmt: skip
-    handoff = Handoff.new(query, n_q_tiles * key_cache.shape[2])
+    if handoff is None:
+        handoff = Handoff.new(query, n_q_tiles * key_cache.shape[2])
     with _forked(side):  # the prefix pass, then the finisher, on the side stream
         if prefix_attention is not None:
             external_prefix_state(prefix_attention, query, key_cache, value_cache, meta,
@@ -486,6 +490,7 @@ def relay_attention_ref(
     suffix_config: dict | None = None,
     prefix_attention: PrefixAttention | None = None,
     side_priority: int = -1,
+    handoff: Handoff | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """fp32 torch version of `relay_attention`: prefix, suffix and merge refs. Validates `meta`
     unless validate=False; the schedule and tuning arguments are accepted and ignored."""

@@ -56,6 +56,15 @@ def test_handoff_schedule_equals_plain_attention(name, external, make_batch, poi
     check_attention(got, _plain(batch), batch.query.dtype)
     # the finisher sits between the prefix pass and the suffix; no merge kernel after them
     assert launched[-2:] == ["_handoff_finish_kernel", "_paged_suffix_kernel"]
+    kept = _new_handoff(batch)  # the caller's buffers, as a recorded launch keeps them
+    for _ in range(2):
+        again = relay_attention(
+            batch.query, batch.key_cache, batch.value_cache, batch.meta, batch.scale,
+            out=poisoned(batch.query), return_lse=True, schedule="handoff", handoff=kept,
+            prefix_attention=prefix_attention_ref if external else None,
+        )  # fmt: skip
+        check_attention(again, _plain(batch), batch.query.dtype)
+        assert not kept.counters.any()
 
 
 def _prefix_state(batch):
@@ -69,21 +78,30 @@ def _prefix_state(batch):
     return pre
 
 
-def _run(batch, order: str, out, lse):
+def _new_handoff(batch, finish_programs=None) -> Handoff:
+    m, q = batch.meta, batch.query
+    _, n_q_tiles, _ = suffix_tiling(q, batch.key_cache, m.seq_lens.shape[0], m.max_query_len,
+                                    m.max_seq_len, 1)  # fmt: skip
+    return Handoff.new(q, n_q_tiles * batch.key_cache.shape[2], finish_programs)
+
+
+def _run(batch, order: str, out, lse, handoff=None):
     """The suffix launch and its finisher in `order` ("suffix_first" / "finisher_first");
     returns the handoff buffers and what `out` held between the two launches."""
     m, q = batch.meta, batch.query
     pre = _prefix_state(batch)
-    _, n_q_tiles, _ = suffix_tiling(q, batch.key_cache, m.seq_lens.shape[0], m.max_query_len,
-                                    m.max_seq_len, 1)  # fmt: skip
-    handoff = Handoff.new(q, n_q_tiles * batch.key_cache.shape[2])
-    suffix = lambda: paged_suffix(q, batch.key_cache, batch.value_cache, m.query_start_loc,  # noqa: E731
-                                  m.seq_lens, m.block_table, m.prefix_lens, batch.scale, out=out,
-                                  lse=lse, prefix_state=pre, handoff=handoff,
-                                  max_query_len=m.max_query_len, max_seq_len=m.max_seq_len)  # fmt: skip
-    finish = lambda: handoff_finish(q, batch.key_cache, m.query_start_loc, m.seq_lens,  # noqa: E731
-                                    m.prefix_lens, pre, handoff, out, lse,
-                                    max_query_len=m.max_query_len, max_seq_len=m.max_seq_len)  # fmt: skip
+    handoff = handoff or _new_handoff(batch)
+    bounds = dict(max_query_len=m.max_query_len, max_seq_len=m.max_seq_len)
+
+    def suffix():
+        paged_suffix(q, batch.key_cache, batch.value_cache, m.query_start_loc, m.seq_lens,
+                     m.block_table, m.prefix_lens, batch.scale, out=out, lse=lse,
+                     prefix_state=pre, handoff=handoff, **bounds)  # fmt: skip
+
+    def finish():
+        handoff_finish(q, batch.key_cache, m.query_start_loc, m.seq_lens, m.prefix_lens, pre,
+                       handoff, out, lse, **bounds)  # fmt: skip
+
     first, second = (suffix, finish) if order == "suffix_first" else (finish, suffix)
     first()
     between = out.clone()
@@ -108,6 +126,23 @@ def test_either_arrival_order_gives_plain_attention(name, order, make_batch, poi
         assert bool(unwritten.all())
     # both counters of every item back at zero: the buffers serve the next call as they are
     assert not handoff.counters.any()
+
+
+@pytest.mark.parametrize("finish_programs", [1, 3, 64])  # one walks every item; one per item
+def test_kept_buffers_serve_call_after_call_in_any_order(finish_programs, make_batch, poisoned,
+                                                         check_attention):  # fmt: skip
+    """One Handoff for several layers' calls (as a recorded launch reuses it), the finisher's
+    programs walking several items each: the counters end every call at zero."""
+    shape = WORKLOADS["ungrouped_and_chunks_bf16"]
+    handoff = None
+    for layer, order in enumerate(["suffix_first", "finisher_first", "suffix_first"]):
+        batch = make_batch(seed=340 + layer, **shape)
+        handoff = handoff or _new_handoff(batch, finish_programs)
+        out = poisoned(batch.query)
+        lse = poisoned(batch.query, (batch.query.shape[1], batch.query.shape[0]), torch.float32)
+        _run(batch, order, out, lse, handoff)
+        check_attention((out, lse), _plain(batch), batch.query.dtype)
+        assert not handoff.counters.any()
 
 
 def test_handoff_finisher_leaves_an_item_to_a_suffix_program_that_has_not_arrived(make_batch):
