@@ -447,7 +447,7 @@ for _n, _s, _w in [(64, 3, 4), (32, 3, 2), (32, 4, 4), (64, 2, 2), (32, 3, 4)]:
 # (256, 2048) 0.1841 ms (79%) against 0.1941 on the backend's path; at (256, 4096) 0.2002 against
 # 0.2052, no faster than the overlap schedule (0.1995); slower at batch 512, 128, 64 and MHA.
 VARIANTS["handoff_flash_z1_kept"] = _handoff("handoff_flash_z1, Handoff kept", kept=True)
-for _p in (1024, 2048, 4096):  # programs (one per item: batch 256 x 8 KV heads = 2048)
+for _p in (264, 1024, 2048):  # programs (one per item: batch 256 x 8 KV heads = 2048)
     VARIANTS[f"handoff_flash_z1_kept_f{_p}"] = _handoff(
         f"handoff_flash_z1_kept, a finisher of {_p} programs", kept=True, finish_programs=_p)
 
