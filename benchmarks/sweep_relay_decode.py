@@ -417,7 +417,8 @@ for _tag, _knobs in REGISTER_CAP_CONFIGS.items():
 # kernels/handoff.py): a suffix program folds FA3's state in itself when the pass is done by the
 # time its own keys are, else a finisher behind the pass on the side stream merges its rows.
 def _handoff(doc: str, fa3_splits: int | None = 1, kept: bool = False,
-             finish_programs: int | None = None, **suffix_knobs) -> tuple:  # fmt: skip
+             finish_programs: int | None = None, finish_warps: int = 1,
+             **suffix_knobs) -> tuple:  # fmt: skip
     """FA3's prefix pass (num_splits `fa3_splits`; None: ours) on a high-priority side stream,
     then the finisher; the suffix kernel with these knobs beside them (schedule "handoff").
     `kept`: one Handoff per shape serves every call (no zeroing launch per call);
@@ -430,7 +431,7 @@ def _handoff(doc: str, fa3_splits: int | None = 1, kept: bool = False,
         if kept or finish_programs:
             query = torch.empty(s.batch * s.query_len, s.num_q_heads, s.head_size, device=DEVICE)
             kw["handoff"] = kernels.handoff.Handoff.new(
-                query, s.batch * s.query_len * s.num_kv_heads, finish_programs)
+                query, s.batch * s.query_len * s.num_kv_heads, finish_programs, finish_warps)
         return kw
 
     return doc, kwargs
@@ -447,9 +448,11 @@ for _n, _s, _w in [(64, 3, 4), (32, 3, 2), (32, 4, 4), (64, 2, 2), (32, 3, 4)]:
 # (256, 2048) 0.1841 ms (79%) against 0.1941 on the backend's path; at (256, 4096) 0.2002 against
 # 0.2052, no faster than the overlap schedule (0.1995); slower at batch 512, 128, 64 and MHA.
 VARIANTS["handoff_flash_z1_kept"] = _handoff("handoff_flash_z1, Handoff kept", kept=True)
-for _p in (264, 1024, 2048):  # programs (one per item: batch 256 x 8 KV heads = 2048)
-    VARIANTS[f"handoff_flash_z1_kept_f{_p}"] = _handoff(
-        f"handoff_flash_z1_kept, a finisher of {_p} programs", kept=True, finish_programs=_p)
+for _p, _w in [(264, 4), (1024, 4), (2048, 4), (264, 1), (1024, 1), (2048, 1), (132, 1),
+               (528, 1), (1024, 2)]:  # programs (one per item: batch 256 x 8 KV heads = 2048)
+    VARIANTS[f"handoff_flash_z1_kept_f{_p}" + (f"w{_w}" if _w != 4 else "")] = _handoff(
+        f"handoff_flash_z1_kept, a finisher of {_p} programs of {_w} warps", kept=True,
+        finish_programs=_p, finish_warps=_w)  # fmt: skip
 
 # In this order (a variant runs on every shape before the next starts, so a --budget cut drops
 # whole variants from the end). "auto_combo" (after them, unless --no-combo) merges the knobs of

@@ -65,10 +65,11 @@ class Handoff:
     own_out: torch.Tensor  # [1, num_tokens, num_q_heads, head_size] fp32, a deferred item's own
     own_lse: torch.Tensor  # [1, num_q_heads, num_tokens] fp32 state (suffix keys only)
     finish_programs: int | None = None  # the finisher's grid (None: FINISH_PROGRAMS_PER_SM)
+    finish_warps: int = 1  # its programs' warps
 
     @classmethod
-    def new(cls, query: torch.Tensor, num_items: int, finish_programs: int | None = None
-            ) -> "Handoff":  # fmt: skip
+    def new(cls, query: torch.Tensor, num_items: int, finish_programs: int | None = None,
+            finish_warps: int = 1) -> "Handoff":  # fmt: skip
         """Buffers for a suffix launch of `num_items` (query tile, KV head) programs. They may
         serve call after call (the counters end each call at zero) for the same shapes."""
         num_tokens, num_q_heads, _ = query.shape
@@ -78,6 +79,7 @@ class Handoff:
             own_out=torch.empty((1,) + tuple(query.shape), **f32),
             own_lse=torch.empty(1, num_q_heads, num_tokens, **f32),
             finish_programs=finish_programs,
+            finish_warps=finish_warps,
         )
 
     def check(self, query: torch.Tensor, num_items: int) -> None:
@@ -159,7 +161,7 @@ def handoff_finish(
         HEAD_PAD=max(next_pow2(head_size), 16),
         ONE_TILE_PER_REQ=cfg["ONE_TILE_PER_REQ"],
         STORE_LSE=lse is not None,
-        num_warps=4,
+        num_warps=handoff.finish_warps,
     )
 
 
