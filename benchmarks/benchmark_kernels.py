@@ -15,9 +15,13 @@ request's row, as vLLM's prefix cache makes):
     fa3_suffix  FA3 over each request's own blocks only (the ceiling: the shared prefix for free)
     relay       ours, as the backend calls it: relay_attention's default ("fused") schedule, one
                 stream: the prefix pass, then the suffix kernel folds its state in (2 launches);
-                the prefix pass is ours or FA3's, as the cost model picks (prefix_pass_by_flash)
+                the prefix pass is ours or FA3's, as the cost model picks (prefix_pass_by_flash),
+                and FA3's runs beside the suffix ("handoff") where the cost model picks that
     relay_triton  relay with our Triton prefix pass (partials folded in by the suffix kernel)
     relay_flash   relay with FA3's prefix pass (kernels/external_prefix.py; needs vLLM)
+    relay_handoff FA3's unsplit prefix pass on a side stream beside our suffix kernel, no merge
+                launch after them (schedule="handoff", kernels/handoff.py; needs vLLM); "relay"
+                where the cost model says so (prefix_pass_beside_suffix)
     relay_overlap ours, the prefix pass on a side stream, concurrent with the suffix pass, then one
                 merge (schedule="overlap")
     relay_3k    ours, one stream: prefix, suffix, merge_attn_states
@@ -47,6 +51,7 @@ SCHEMES = [
     "relay",
     "relay_triton",
     "relay_flash",
+    "relay_handoff",
     "relay_overlap",
     "relay_3k",
     "ours_plain",
@@ -86,7 +91,8 @@ def default_grid() -> list[Shape]:
         _shape("llama2-7b", "decode", 32, 1024, 1024, "fp16"),
     ]
     g += [
-        _shape("gqa", "decode", b, p, 576, "fp16") for b, p in [(64, 1024), (256, 2048), (8, 4096)]
+        _shape("gqa", "decode", b, p, 576, "fp16")
+        for b, p in [(64, 1024), (256, 2048), (256, 4096), (384, 4096), (512, 4096), (8, 4096)]
     ]
     g += [
         _shape("llama2-7b", "decode", 64, 1024, 576, "bf16"),
@@ -273,8 +279,9 @@ def make_schemes(kernels, s: Shape, query, kc, vc, meta, only_ours=False) -> dic
             return out
 
         schemes["relay_flash"] = _relay_flash(kernels, query, kc, vc, meta, scale)
-        if backend_choice(kernels.cost_model, s) == "relay+fa3":
-            schemes["relay"] = schemes["relay_flash"]
+        schemes["relay_handoff"] = _relay_handoff(kernels, query, kc, vc, meta, scale)
+        by_choice = {"relay+fa3": schemes["relay_flash"], "handoff": schemes["relay_handoff"]}
+        schemes["relay"] = by_choice.get(backend_choice(kernels.cost_model, s), schemes["relay"])
         schemes["fa3_full"] = lambda: fa(bt, seq, s.prefix + s.suffix, True)
         schemes["cascade"] = cascade
         schemes["fa3_suffix"] = lambda: fa(own_bt, own_seq, s.suffix, True)
@@ -300,15 +307,55 @@ def _relay_flash(kernels, query, kc, vc, meta, scale, **kw):
     )
 
 
-def backend_choice(cost_model, s: Shape) -> str:
+def _relay_handoff(kernels, query, kc, vc, meta, scale):
+    """relay_attention's "handoff" schedule as the CUDA backend runs it: FA3's unsplit pass, and
+    the handoff's buffers kept from call to call (as a recorded layer pipeline keeps them)."""
+    prefix_attention = flash_prefix_kernel(1)
+    handoff = kernels.handoff_buffers(query, kc, meta)
+    return lambda: kernels.relay_attention(query, kc, vc, meta, scale, validate=False,
+                                           prefix_attention=prefix_attention, schedule="handoff",
+                                           handoff=handoff)  # fmt: skip
+
+
+def _replayed_handoff(kernels, query, kc, vc, meta, scale):
+    """The handoff schedule (FA3's pass) as the backend runs it per layer: recorded by
+    replay.LayerReplay at a first call, replayed (stream switches included) at a second; returns
+    the replay's output."""
+    import importlib
+
+    import torch
+
+    replay_mod = importlib.import_module(kernels.__name__ + ".replay")
+    prefix_attention = flash_prefix_kernel(1)
+
+    def run():
+        replay = replay_mod.LayerReplay(lambda query, out: kernels.relay_attention(
+            query, kc, vc, meta, scale, out=out, validate=False, schedule="handoff",
+            prefix_attention=prefix_attention))  # fmt: skip
+        for _ in range(2):
+            out = torch.empty_like(query)
+            replay(query=query, out=out)
+        if not replay.replaying:
+            raise RuntimeError("the handoff pipeline was not replayed")
+        return out
+
+    return run
+
+
+def backend_choice(cost_model, s: Shape, num_sms: int = 132) -> str:
     """The CUDA backend's path for this shape's one group: "plain" (FlashAttention over the full
-    table), "relay" (our prefix pass) or "relay+fa3" (FA3's prefix pass)."""
+    table), "relay" (our prefix pass), "relay+fa3" (FA3's prefix pass, then our suffix kernel) or
+    "handoff" (FA3's pass beside our suffix kernel). `num_sms`: the H100's and H200's."""
     groups = [cost_model.GroupShape(s.batch, s.batch * s.query_len, s.prefix)]
     shape = cost_model.AttentionShape(s.num_q_heads, s.num_kv_heads, s.head_size)
     decisions = cost_model.choose_relay(groups, shape)
     if not decisions[0].relay:
         return "plain"
-    return "relay+fa3" if cost_model.prefix_pass_by_flash(groups, decisions, shape) else "relay"
+    if not cost_model.prefix_pass_by_flash(groups, decisions, shape):
+        return "relay"
+    beside = s.query_len == 1 and cost_model.prefix_pass_beside_suffix(
+        s.batch * s.num_kv_heads, num_sms)
+    return "handoff" if beside else "relay+fa3"
 
 
 def _unified(query, kc, vc, qsl, seq, bt, s: Shape, scale):
@@ -394,7 +441,8 @@ def run_benchmark(kernels, shapes, args) -> dict:
         times = {r["scheme"]: r["ms"] for r in shape_rows if "ms" in r}
         choice = backend_choice(cost_model, s)
         # the measured winner among the paths the backend can take for the group
-        paths = {"plain": "fa3_full", "relay": "relay_triton", "relay+fa3": "relay_flash"}
+        paths = {"plain": "fa3_full", "relay": "relay_triton", "relay+fa3": "relay_flash",
+                 "handoff": "relay_handoff"}  # fmt: skip
         measured = {k: times[v] for k, v in paths.items() if v in times}
         for row in shape_rows:
             row["model_choice"] = choice
@@ -524,6 +572,7 @@ def _check_runs(kernels, q, kc, vc, meta, scale) -> dict:
             runs["relay_flash"] = _relay_flash(kernels, q, kc, vc, meta, scale)
             runs["handoff_flash"] = _relay_flash(kernels, q, kc, vc, meta, scale,
                                                  schedule="handoff")  # fmt: skip
+            runs["handoff_replay"] = _replayed_handoff(kernels, q, kc, vc, meta, scale)
         except ImportError as e:  # no vLLM: our kernels only
             print(f"# relay_flash skipped: {e!r}", flush=True)
     return runs | {

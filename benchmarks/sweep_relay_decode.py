@@ -311,9 +311,13 @@ for _m, _n, _w, _s, _z, _um in [
 
 
 def _backend_choice(s) -> dict:
-    """The prefix pass the CUDA backend picks for the shape's one group (cost model)."""
-    if bk.backend_choice(kernels.cost_model, s) == "relay+fa3":
+    """The prefix pass the CUDA backend picks for the shape's one group (cost model): ours, FA3's
+    before the suffix, or FA3's beside it (the handoff's buffers kept, as its replays keep them)."""
+    choice = bk.backend_choice(kernels.cost_model, s)
+    if choice == "relay+fa3":
         return dict(prefix_attention=bk.flash_prefix_kernel())
+    if choice == "handoff":
+        return VARIANTS["handoff_flash_z1_kept"][1](s)
     return {}
 
 
@@ -428,10 +432,10 @@ def _handoff(doc: str, fa3_splits: int | None = 1, kept: bool = False,
         kw = dict(schedule="handoff", side_priority=-1, suffix_config=dict(suffix_knobs),
                   prefix_attention=None if fa3_splits is None
                   else bk.flash_prefix_kernel(fa3_splits))  # fmt: skip
-        if kept or finish_programs:
+        if kept or finish_programs:  # decode: one suffix program per request and KV head
             query = torch.empty(s.batch * s.query_len, s.num_q_heads, s.head_size, device=DEVICE)
-            kw["handoff"] = kernels.handoff.Handoff.new(
-                query, s.batch * s.query_len * s.num_kv_heads, finish_programs, finish_warps)
+            kw["handoff"] = kernels.Handoff.new(
+                query, s.batch * s.num_kv_heads, finish_programs, finish_warps)
         return kw
 
     return doc, kwargs

@@ -6,6 +6,7 @@ Convention everywhere: lse: float32, natural log, [num_heads, num_tokens].
 """
 
 from . import cost_model
+from .handoff import Handoff
 from .merge import (
     merge_attn_states,
     merge_attn_states_ref,
@@ -15,6 +16,7 @@ from .merge import (
 from .paged_suffix import paged_suffix, paged_suffix_ref
 from .relay_attention import (
     RelayMetadata,
+    handoff_buffers,
     plain_attention_ref,
     relay_attention,
     relay_attention_ref,
@@ -22,8 +24,10 @@ from .relay_attention import (
 from .relay_prefix import relay_prefix, relay_prefix_partials, relay_prefix_ref
 
 __all__ = [
+    "Handoff",
     "RelayMetadata",
     "cost_model",
+    "handoff_buffers",
     "merge_attn_states",
     "merge_attn_states_ref",
     "merge_partial_states",

@@ -90,6 +90,34 @@ def side_stream(device: torch.device, priority: int = 0) -> "torch.cuda.Stream":
     return _side_stream(index, priority)
 
 
+class Fork:
+    """A fork to a side stream and the join back, each step reported to the active recorder like
+    a launch (`call`), so that replay.py replays the stream switches in order with the launches
+    between them:
+
+        fork = Fork(side); call(fork.enter)   # side waits for the current stream; side current
+        ... launches on the side stream ...
+        call(fork.leave)                      # the stream current at enter() is current again
+        ... launches there ...
+        call(fork.join)                       # it waits for everything queued on the side
+    """
+
+    def __init__(self, side: "torch.cuda.Stream"):
+        self.side = side
+        self.main = None
+
+    def enter(self) -> None:
+        self.main = torch.cuda.current_stream(self.side.device)
+        self.side.wait_stream(self.main)
+        torch.cuda.set_stream(self.side)
+
+    def leave(self) -> None:
+        torch.cuda.set_stream(self.main)
+
+    def join(self) -> None:
+        torch.cuda.current_stream(self.side.device).wait_stream(self.side)
+
+
 def device_sms(t: torch.Tensor) -> int:
     return num_sms(t.device.index if t.device.type == "cuda" else None)
 

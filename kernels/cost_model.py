@@ -21,7 +21,8 @@ FLOPs for QK^T and PV):
 A batch's relaying groups then take the prefix pass from FA3 instead of our Triton kernel when
 that is cheaper (prefix_pass_by_flash; CUDA backend): FA3 runs the pass at a higher FLOP rate
 but costs a fixed ~18 us (fa_prefix_time), so it wins where the pass has much tensor work
-(large groups over long prefixes).
+(large groups over long prefixes). Where the suffix launch has a middling number of programs per
+SM, FA3's pass runs beside it instead of before it (prefix_pass_beside_suffix, measured).
 
 The suffix work is the same either way and cancels. A group relays when relay < plain; the batch
 runs the prefix pass only when the groups it would serve save more than one extra launch
@@ -253,6 +254,26 @@ def prefix_pass_by_flash(
     relaying = [g for g, d in zip(groups, decisions) if d.relay]
     ours = sum(_flops(g, shape) for g in relaying) / device.relay_flops_per_s
     return bool(relaying) and fa_prefix_time(relaying, shape, device) < ours
+
+
+# The "handoff" schedule (handoff.py) runs FA3's unsplit prefix pass on a side stream beside the
+# suffix kernel, with no merge launch after it. Measured on an H200 (sweep_relay_decode.py,
+# decode_h200_session18.md run 3: handoff_flash_z1_kept_f1024w1 against the backend's FA3 pass
+# then suffix), by suffix programs (requests x KV heads) per SM: GQA batch 256 (15.5 per SM)
+# 6-8% faster at prefix 2048 and 4096, batch 384 (23) 10% faster; batch 512 (31) 3% slower,
+# MHA batch 256 (62) 2-4% slower; batch 128 (7.8) within 1%, batch 64 (3.9) within 2% and
+# bimodal between runs. So: beside, from 12 to 24 programs per SM.
+HANDOFF_PROGRAMS_PER_SM = (12.0, 24.0)
+
+
+def prefix_pass_beside_suffix(num_suffix_programs: int, num_sms: int) -> bool:
+    """Whether a batch whose prefix pass is FA3's (prefix_pass_by_flash) runs it beside the
+    suffix kernel (relay_attention's "handoff" schedule) rather than before it ("fused"):
+    `num_suffix_programs` = the suffix launch's (query tile, KV head) programs (decode: requests
+    x KV heads). Enough of them keep the SMs FA3 leaves streaming; too many (or a pass that
+    fills the GPU) leave nothing for the overlap to hide."""
+    low, high = HANDOFF_PROGRAMS_PER_SM
+    return low <= num_suffix_programs / num_sms <= high
 
 
 def _next_pow2(n: int) -> int:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._launch import cdiv, side_stream
+from ._launch import Fork, call, cdiv, side_stream
 from .external_prefix import PrefixAttention, external_prefix_state, external_state_buffers
 from .handoff import Handoff, handoff_finish
 from .merge import merge_attn_states, merge_attn_states_ref
@@ -304,7 +304,11 @@ def relay_attention(
       "serial"  prefix, suffix, merge_attn_states on one stream (vLLM's cascade shape)
       "handoff" as "overlap", without the merge launch after the join: each suffix program folds
                 the prefix state in if the prefix pass is done when its own keys are, else a
-                finisher queued behind the prefix pass merges its rows (handoff.py). Unsplit
+                finisher queued behind the prefix pass merges its rows (handoff.py). The suffix
+                runs unsplit. With FA3's unsplit pass (the CUDA backend's choice for GQA decode
+                batches of 12-24 suffix programs per SM: cost_model.prefix_pass_beside_suffix)
+                an H200 ran GQA 256 / 2048 and 384 / 4096 in 0.179 and 0.276 ms against 0.193
+                and 0.308 with FA3's pass before the suffix (decode_h200_session18.md)
       "auto"    "fused", what the CUDA backend runs (kernels/replay.py records its launches once
                 per step). With the block ids prefetched (_paged_attend.py) it was 0.3-15% faster
                 than "overlap" on every decode shape of benchmark_kernels.py on an H100 but one:
@@ -397,7 +401,7 @@ def relay_attention(
                 torch.empty(query.shape, **f32),
                 torch.empty(query.shape[1], query.shape[0], **f32),
             )
-        with _forked(side):  # prefix pass, on the side stream when overlapping
+        with _forked(side) as fork:  # prefix pass, on the side stream when overlapping
             if prefix_attention is not None:
                 external_prefix_state(prefix_attention, query, key_cache, value_cache, meta,
                                       softmax_scale, state=pre_state)  # fmt: skip
@@ -408,10 +412,19 @@ def relay_attention(
         suf_out, suf_lse = paged_suffix(
             *suffix_args, out=torch.empty(query.shape, **f32), **suffix_kw
         )
-        if side is not None:  # join before the merge reads the prefix state
-            torch.cuda.current_stream(query.device).wait_stream(side)
+        _join(fork)  # before the merge reads the prefix state
         merge_attn_states(out, pre_out, pre_lse, suf_out, suf_lse, lse)
     return (out, lse) if return_lse else out
+
+
+def handoff_buffers(query: torch.Tensor, key_cache: torch.Tensor, meta: RelayMetadata,
+                    suffix_config: dict | None = None, **knobs) -> Handoff:
+    """The "handoff" schedule's buffers for this batch (`knobs`: Handoff.new's). Pass them as
+    relay_attention(..., handoff=) to later calls of the same shapes and suffix_config: a kept
+    Handoff needs no zeroing launch per call."""
+    _, n_q_tiles, _ = suffix_tiling(query, key_cache, meta.seq_lens.shape[0], meta.max_query_len,
+                                    meta.max_seq_len, 1, suffix_config)  # fmt: skip
+    return Handoff.new(query, n_q_tiles * key_cache.shape[2], **knobs)
 
 
 def _handoff(query, key_cache, value_cache, meta, softmax_scale, out, lse, prefix_args, prefix_kw,
@@ -428,11 +441,8 @@ def _handoff(query, key_cache, value_cache, meta, softmax_scale, out, lse, prefi
     if suffix_kw["num_splits"] not in (None, 1):
         raise ValueError("the handoff schedule runs the suffix unsplit (suffix_splits 1)")
     suffix_kw["num_splits"] = 1
-    _, n_q_tiles, _ = suffix_tiling(query, key_cache, meta.seq_lens.shape[0], meta.max_query_len,
-                                    meta.max_seq_len, 1, suffix_kw["config"])  # fmt: skip
-    if handoff is None:
-        handoff = Handoff.new(query, n_q_tiles * key_cache.shape[2])
-    with _forked(side):  # the prefix pass, then the finisher, on the side stream
+    handoff = handoff or handoff_buffers(query, key_cache, meta, suffix_kw["config"])
+    with _forked(side) as fork:  # the prefix pass, then the finisher, on the side stream
         if prefix_attention is not None:
             external_prefix_state(prefix_attention, query, key_cache, value_cache, meta,
                                   softmax_scale, state=pre_state)  # fmt: skip
@@ -443,8 +453,7 @@ def _handoff(query, key_cache, value_cache, meta, softmax_scale, out, lse, prefi
                        max_seq_len=meta.max_seq_len, config=suffix_kw["config"])  # fmt: skip
     paged_suffix(*suffix_args, out=out, lse=lse, return_lse=lse is not None,
                  prefix_state=pre_state, handoff=handoff, **suffix_kw)  # fmt: skip
-    if side is not None:  # the finisher ran long before the suffix ends: a cheap join
-        torch.cuda.current_stream(query.device).wait_stream(side)
+    _join(fork)  # the finisher is done long before the suffix ends: nothing to wait for
 
 
 # The suffix launch after an external prefix pass. HEAD_FASTEST (paged_suffix._suffix_config):
@@ -463,14 +472,24 @@ def _grouped_tokens(meta: RelayMetadata, num_tokens: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _forked(side):
-    """Run the block on `side` after everything queued so far on the current stream (None: no-op).
-    Buffers are allocated on the current stream beforehand and read there only after the join."""
+    """Run the block on `side` after everything queued so far on the current stream (None: no-op);
+    yields the Fork (None without a side stream), whose join the caller calls. Buffers are
+    allocated on the current stream beforehand and read there only after the join. The switches
+    go through _launch.call: a recorded pipeline (replay.py) replays them."""
     if side is None:
-        yield
+        yield None
         return
-    side.wait_stream(torch.cuda.current_stream(side.device))
-    with torch.cuda.stream(side):
-        yield
+    fork = Fork(side)
+    call(fork.enter)
+    try:
+        yield fork
+    finally:
+        call(fork.leave)
+
+
+def _join(fork: Fork | None) -> None:
+    if fork is not None:
+        call(fork.join)
 
 
 def relay_attention_ref(

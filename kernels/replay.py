@@ -9,12 +9,14 @@ through the launchers, records each kernel launch (grid and arguments), and repl
 launches for every later layer with only the layer's tensors swapped, through the compiled
 kernel's launcher when Triton exposes it (falling back to `kernel[grid](**kwargs)`). A call of
 another library's kernel made through `_launch.call` (FA3's prefix pass, external_prefix.py) is
-recorded and replayed the same way.
+recorded and replayed the same way, and so are the stream switches of a schedule that runs work
+on a side stream (_launch.Fork: the fork, the switch back, the join).
 
 Safe by construction: the launches are replayed only for inputs of the same shape, strides and
-dtype as the first layer's, in the same order, on the current stream; scratch buffers the
-launchers allocated are kept alive by the recording and reused layer after layer (launches on one
-stream run in order). A recording in which a launch reads a *view* of a layer input (not the input
+dtype as the first layer's, in the same order, on the current stream (or the side stream a
+recorded fork switched to); scratch buffers the launchers allocated are kept alive by the
+recording and reused layer after layer (each layer's side-stream work starts after the previous
+layer's main-stream work and is joined before the layer ends, so they run in order). A recording in which a launch reads a *view* of a layer input (not the input
 itself) could not be re-pointed, so it is refused and every layer then runs the launchers.
 """
 

@@ -7,7 +7,8 @@ kernels (one prefix pass per group over the shared blocks, read once; each reque
 blocks; LSE merge fused into the suffix kernel) and the rest (prefill chunks, unshared requests)
 run FlashAttention. The relay launches are planned at the first layer of a step and replayed at
 the others (kernels/replay.py), so eager attention costs little host time per layer. Where the
-cost model says so, the prefix pass of an eager step runs on FA3 instead (flash_prefix.py).
+cost model says so, the prefix pass of an eager step runs on FA3 instead (flash_prefix.py), before
+the suffix kernel or, for a decode batch of a middling size, beside it ("handoff" schedule).
 
 CUDA graphs: under Model Runner V2 the builder reports UNIFORM_BATCH and vLLM captures FULL
 graphs of uniform decode steps beside piecewise ones. By default (MHA models) the FULL graphs
@@ -39,6 +40,7 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum
 from edgeprompt_vllm.attention import graph_mode, host_block_table
 from edgeprompt_vllm.attention.flash_prefix import (
     flash_prefix_attention,
+    flash_prefix_beside,
     flash_prefix_possible,
     prefix_pass_setting,
     use_flash_prefix,
@@ -114,6 +116,7 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         self.num_layers = len(layer_names)  # the attention layers this builder's metadata serves
         self._relay_pays_for_piecewise = False
         self._flash_prefix = False  # set by _worth_relaying: this batch's prefix pass on FA3
+        self._prefix_beside = False  # ... and beside the suffix kernel
         self.fa_version = get_flash_attn_version()
         self.prefix_pass = prefix_pass_setting()
         if self.relay_enabled:
@@ -173,6 +176,7 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
                                       split_rest=True, max_group_query_len=MAX_GROUP_QUERY_LEN)
             if relay is not None:
                 relay.flash_prefix = self._flash_prefix
+                relay.prefix_beside = self._prefix_beside
             RELAY_STATS.record(relay, time.perf_counter() - start)
             # the next decode steps leave their FULL graph if a request here is still
             # prefilling (it decodes next: that step decides, eagerly) or relaying pays for it
@@ -226,6 +230,8 @@ class RelayFlashMetadataBuilder(FlashAttentionMetadataBuilder):
                                                                   self.piecewise_step_s)
         self._flash_prefix = use_flash_prefix(self.prefix_pass, self.fa_version, shapes,
                                               decisions, self.shape)
+        self._prefix_beside = self._flash_prefix and flash_prefix_beside(
+            self.prefix_pass, shapes, decisions, self.shape, self._num_sms())
         return [g for g, d in zip(groups, decisions) if d.relay]
 
 
@@ -258,19 +264,22 @@ class RelayFlashImpl(FlashAttentionImpl):
 
     def _layer_replay(self, relay: RelayBatch | GraphRelay) -> LayerReplay:
         """The batch's relay pipeline, planned at its first layer and replayed at the others
-        (kernels/replay.py). One stream: the "fused" schedule (prefix partials folded into the
-        suffix kernel's epilogue), two launches per layer when the suffix is not split; the
-        prefix pass by FA3 where the builder chose it."""
+        (kernels/replay.py). The "fused" schedule (prefix partials folded into the suffix
+        kernel's epilogue), two launches per layer when the suffix is not split; the prefix pass
+        by FA3 where the builder chose it, and then, where it chose so, unsplit on a side stream
+        beside the suffix kernel ("handoff": the replay repeats the stream switches)."""
         replay = relay.replays.get(self.scale)
         if replay is None:
             meta, scale = relay.meta, self.scale
-            kwargs = dict(getattr(relay, "launch_kwargs", {}))
+            kwargs = dict(getattr(relay, "launch_kwargs", {}), schedule="fused")
             if getattr(relay, "flash_prefix", False):  # the prefix pass on FA3 (flash_prefix.py)
-                kwargs["prefix_attention"] = flash_prefix_attention(self.vllm_flash_attn_version)
+                beside = getattr(relay, "prefix_beside", False)
+                kwargs["prefix_attention"] = flash_prefix_attention(
+                    self.vllm_flash_attn_version, num_splits=1 if beside else 0)
+                kwargs["schedule"] = "handoff" if beside else "fused"
             replay = relay.replays[scale] = LayerReplay(
                 lambda query, key_cache, value_cache, out: relay_attention(
-                    query, key_cache, value_cache, meta, scale, out=out, validate=False,
-                    schedule="fused", **kwargs))
+                    query, key_cache, value_cache, meta, scale, out=out, validate=False, **kwargs))
         return replay
 
     def _flash_attention(self, query, key_cache, value_cache, rest: RestBatch, output) -> None:

@@ -7,8 +7,13 @@ where FA3's higher FLOP rate beats its fixed cost. Our suffix kernel folds FA3's
 Only the eager relay path uses it (relaying steps of GQA models, piecewise steps); the relay
 kernels inside FULL CUDA graphs keep the Triton prefix pass (their groups are token lists).
 
+Where the cost model says so (prefix_pass_beside_suffix: a decode batch whose suffix launch has a
+middling number of programs per SM), FA3's pass runs unsplit on a side stream beside our suffix
+kernel instead of before it: relay_attention's "handoff" schedule (kernels/handoff.py).
+
 EDGEPROMPT_PREFIX_PASS: auto (default: the cost model decides, FA3 only), triton (never FA3),
-flash (always where FA3 runs: for tests).
+flash (always where FA3 runs, before the suffix), flash-beside (always, beside it): the last two
+for tests.
 """
 
 import os
@@ -17,10 +22,11 @@ from edgeprompt_vllm.kernels.cost_model import (
     AttentionShape,
     GroupDecision,
     GroupShape,
+    prefix_pass_beside_suffix,
     prefix_pass_by_flash,
 )
 
-SETTINGS = ("auto", "triton", "flash")
+SETTINGS = ("auto", "triton", "flash", "flash-beside")
 
 
 def prefix_pass_setting() -> str:
@@ -40,7 +46,22 @@ def use_flash_prefix(setting: str, fa_version: int | None, groups: list[GroupSha
     """Whether this batch's relaying groups take the prefix pass from FA3."""
     if not flash_prefix_possible(setting, fa_version) or not any(d.relay for d in decisions):
         return False
-    return setting == "flash" or prefix_pass_by_flash(groups, decisions, shape)
+    return setting.startswith("flash") or prefix_pass_by_flash(groups, decisions, shape)
+
+
+def flash_prefix_beside(setting: str, groups: list[GroupShape], decisions: list[GroupDecision],
+                        shape: AttentionShape, num_sms: int) -> bool:
+    """Whether a batch whose prefix pass is FA3's (use_flash_prefix) runs it beside the suffix
+    kernel ("handoff"): decode batches only (what was measured), by the cost model."""
+    relaying = [g for g, d in zip(groups, decisions) if d.relay]
+    if setting in ("triton", "flash") or not relaying:
+        return False
+    if setting == "flash-beside":
+        return True
+    if any(g.num_query_tokens != g.num_reqs for g in relaying):
+        return False
+    programs = sum(g.num_reqs for g in relaying) * shape.num_kv_heads
+    return prefix_pass_beside_suffix(programs, num_sms)
 
 
 def flash_prefix_attention(fa_version: int, num_splits: int = 0):

@@ -37,6 +37,7 @@ class RelayBatch:
     rest: RestBatch | None = None  # CUDA only: requests left to FlashAttention
     replays: dict = field(default_factory=dict)  # CUDA only: softmax scale -> kernels' LayerReplay
     flash_prefix: bool = False  # CUDA only: the prefix pass by FA3 (attention/flash_prefix.py)
+    prefix_beside: bool = False  # ... and beside the suffix kernel ("handoff" schedule)
 
 
 def host_batch(common, block_size: int, num_reqs: int | None = None

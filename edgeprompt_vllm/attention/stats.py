@@ -9,6 +9,7 @@ class RelayStats:
     relay_batches: int = 0  # of which at least one group relayed
     full_graph_relay_batches: int = 0  # ... of which inside a FULL CUDA graph (graph_relay.py)
     flash_prefix_batches: int = 0  # ... of which the prefix pass ran on FA3 (flash_prefix.py)
+    prefix_beside_batches: int = 0  # ... of which beside the suffix kernel ("handoff")
     groups: int = 0  # relayed groups, summed over batches
     grouped_requests: int = 0  # requests served by a prefix pass, summed over batches
     shared_tokens: int = 0  # prefix tokens read once per group instead of once per request
@@ -21,6 +22,7 @@ class RelayStats:
             return
         self.relay_batches += 1  # host-side numbers only: no device sync per step
         self.flash_prefix_batches += bool(getattr(relay, "flash_prefix", False))
+        self.prefix_beside_batches += bool(getattr(relay, "prefix_beside", False))
         self.groups += len(relay.groups)
         self.grouped_requests += sum(end - start for start, end, _ in relay.groups)
         self.shared_tokens += sum(prefix_len for _, _, prefix_len in relay.groups)

@@ -36,7 +36,8 @@ def warm_up_relay_kernels(num_q_heads: int, num_kv_heads: int, head_size: int, b
     """Run decode batches over the ladder; returns (batches run, seconds). Every request of a dummy
     batch reads the same blocks, so the caches stay small (at most ~4k tokens of KV).
     `external_prefix`: also the suffix kernel's variants that fold in a prefix state another
-    kernel wrote in the query dtype (FA3's, flash_prefix.py), from an empty stand-in state."""
+    kernel wrote in the query dtype (FA3's, flash_prefix.py), from an empty stand-in state, in
+    the "fused" and "handoff" schedules."""
     start = time.perf_counter()
     max_len = min(max_model_len, 4096)
     # Prefix splits stop growing at 8 tiles of 64 keys; own lengths step the suffix split count
@@ -55,9 +56,12 @@ def warm_up_relay_kernels(num_q_heads: int, num_kv_heads: int, head_size: int, b
         for blocks in prefix_blocks:
             for own in own_lens:
                 meta = _decode_batch(num_reqs, blocks, own, n_prefix, block_size, device)
-                for prefix_attention in (None, empty_prefix_attention)[: 1 + external_prefix]:
+                runs = [("fused", None)]
+                if external_prefix:  # FA3's pass, before the suffix or beside it
+                    runs += [("fused", empty_prefix_attention), ("handoff", empty_prefix_attention)]
+                for schedule, prefix_attention in runs:
                     relay_attention(query, key_cache, value_cache, meta, 1.0, validate=False,
-                                    schedule="fused", prefix_attention=prefix_attention)
+                                    schedule=schedule, prefix_attention=prefix_attention)
                     calls += 1
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

@@ -13,7 +13,11 @@ from edgeprompt_vllm.kernels import cost_model as cm
 from edgeprompt_vllm.kernels import plain_attention_ref
 from edgeprompt_vllm.kernels.paged_suffix import attend_ref
 
-from edgeprompt_vllm.attention.flash_prefix import prefix_pass_setting, use_flash_prefix
+from edgeprompt_vllm.attention.flash_prefix import (
+    flash_prefix_beside,
+    prefix_pass_setting,
+    use_flash_prefix,
+)
 from edgeprompt_vllm.attention.relay_batch import build_relay_batch
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 4, 2, 64, 16
@@ -42,6 +46,25 @@ def test_the_batch_takes_flash_where_the_setting_and_cost_model_say(setting, fa_
     assert use_flash_prefix(setting, fa_version, groups, decisions, GQA) == flash
 
 
+@pytest.mark.parametrize("setting,num_reqs,query_len,beside", [
+    ("auto", 256, 1, True),  # GQA: 2048 suffix programs, 15.5 per SM (measured: beside wins)
+    ("auto", 384, 1, True),  # 23 per SM
+    ("auto", 512, 1, False),  # 31 per SM: FA3's pass, then the suffix (measured faster)
+    ("auto", 128, 1, False),  # 7.8 per SM: no faster beside
+    ("auto", 256, 2, False),  # not decode (not measured)
+    ("flash", 256, 1, False),
+    ("flash-beside", 128, 1, True),
+    ("triton", 256, 1, False),
+])  # fmt: skip
+def test_flash_prefix_runs_beside_the_suffix_where_the_cost_model_says(setting, num_reqs,
+                                                                       query_len, beside):
+    groups = [cm.GroupShape(num_reqs=num_reqs, num_query_tokens=num_reqs * query_len,
+                            prefix_len=4096)]  # fmt: skip
+    decisions = cm.choose_relay(groups, GQA)
+    assert decisions[0].relay
+    assert flash_prefix_beside(setting, groups, decisions, GQA, num_sms=132) == beside
+
+
 def test_no_relaying_group_no_flash_prefix():
     groups = [cm.GroupShape(num_reqs=1, num_query_tokens=1, prefix_len=4096)]
     assert not use_flash_prefix("flash", 3, groups, cm.choose_relay(groups, GQA), GQA)
@@ -55,7 +78,8 @@ def _fake_flash_attn_varlen_func(q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen
                                  return_softmax_lse=False, fa_version=None, **unused):
     """FlashAttention's varlen paged call in fp32 torch: sequence i's queries see its first
     seqused_k[i] keys (causal: aligned to the end)."""
-    CALLS.append(dict(causal=causal, fa_version=fa_version, num_seqs=len(seqused_k)))
+    CALLS.append(dict(causal=causal, fa_version=fa_version, num_seqs=len(seqused_k),
+                      num_splits=unused.get("num_splits", 0)))
     out = torch.empty_like(q) if out is None else out
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"))
     cu = cu_seqlens_q.tolist()
@@ -74,7 +98,10 @@ def backend_cuda(monkeypatch):
     return cuda_backend_with(monkeypatch, _fake_flash_attn_varlen_func, "PIECEWISE")
 
 
-def test_an_eager_step_with_the_prefix_pass_on_flash_equals_plain_attention(backend_cuda):
+@pytest.mark.parametrize("setting", ["flash", "flash-beside"])
+def test_an_eager_step_with_the_prefix_pass_on_flash_equals_plain_attention(backend_cuda, setting):
+    """flash-beside: the "handoff" schedule (on the CPU its two streams are one: the finisher
+    runs after FA3's pass and before the suffix kernel, which folds every item in)."""
     from vllm.v1.attention.backend import AttentionType
 
     # 8 decode requests: 0, 2, 4-7 share a 1024-token prefix; 1 and 3 one block (not relayed:
@@ -87,16 +114,18 @@ def test_an_eager_step_with_the_prefix_pass_on_flash_equals_plain_attention(back
     builder = object.__new__(backend_cuda.RelayFlashMetadataBuilder)
     builder.shape = cm.AttentionShape(num_q_heads=32, num_kv_heads=32, head_size=128)  # Llama-2
     builder.num_layers, builder.piecewise_step_s = 1, 0.0
-    builder.prefix_pass, builder.fa_version = "flash", 3
+    builder.prefix_pass, builder.fa_version, builder.device = setting, 3, "cpu"
     relay = build_relay_batch(common, BLOCK, keep=builder._worth_relaying, split_rest=True,
                               max_group_query_len=16)
-    relay.flash_prefix = builder._flash_prefix
+    relay.flash_prefix, relay.prefix_beside = builder._flash_prefix, builder._prefix_beside
     assert relay.flash_prefix and relay.groups == [(0, 6, 1024)] and relay.rest is not None
+    assert relay.prefix_beside == (setting == "flash-beside")
 
     impl = object.__new__(backend_cuda.RelayFlashImpl)
     impl.head_size, impl.scale, impl.attn_type = HEAD_SIZE, HEAD_SIZE ** -0.5, AttentionType.DECODER
     impl.alibi_slopes = impl.sliding_window = impl.logits_soft_cap = None
     impl.vllm_flash_attn_version = 3
+    beside = setting == "flash-beside"
     gen = torch.Generator().manual_seed(0)
     key_cache, value_cache = None, None
     for layer in range(2):  # the second layer replays the first one's launches and FA3 call
@@ -109,6 +138,9 @@ def test_an_eager_step_with_the_prefix_pass_on_flash_equals_plain_attention(back
                                    common.seq_lens, common.block_table_tensor, HEAD_SIZE ** -0.5)
         torch.testing.assert_close(output, want, atol=1e-4, rtol=1e-4, msg=f"layer {layer}")
     # per layer: FA3's prefix pass over the one group (not causal), FlashAttention on the rest
-    assert CALLS == [dict(causal=False, fa_version=3, num_seqs=1),
-                     dict(causal=True, fa_version=3, num_seqs=2)] * 2
-    assert relay.replays[impl.scale].replaying
+    assert CALLS == [dict(causal=False, fa_version=3, num_seqs=1, num_splits=1 if beside else 0),
+                     dict(causal=True, fa_version=3, num_seqs=2, num_splits=0)] * 2
+    replay = relay.replays[impl.scale]
+    assert replay.replaying
+    launched = [getattr(r.kernel, "fn", r.kernel).__name__ for r in replay.launches]
+    assert ("_handoff_finish_kernel" in launched) == beside

@@ -37,12 +37,15 @@ def test_tiny_model_relay_equals_stock_vllm(tiny_model):
 @pytest.mark.slow
 @pytest.mark.parametrize("runner,cloud_lens", [("v2", (1024, 512)), ("v2-forecast", (1024, 512)),
                                                 ("v1", (1024, 512)), ("v2", (48, 16)),
-                                                ("v2-forecast-flash", (1024, 512))],
-                         ids=["v2", "v2-forecast", "v1", "v2-short-clouds", "v2-flash-prefix"])
+                                                ("v2-forecast-flash", (1024, 512)),
+                                                ("v2-forecast-flash-beside", (1024, 512))],
+                         ids=["v2", "v2-forecast", "v1", "v2-short-clouds", "v2-flash-prefix",
+                              "v2-flash-beside"])
 def test_llama2_7b_shape_relay_close_to_stock_on_gpu(tmp_path, runner, cloud_lens):
     """v2: relay inside vLLM's FULL decode graphs (graph_relay.py); v2-forecast: FULL graphs of
     FlashAttention, relaying steps moved to piecewise graphs (graph_mode.py); v1: piecewise;
-    v2-flash-prefix: as v2-forecast, every relaying step's prefix pass on FA3 (flash_prefix.py)."""
+    v2-flash-prefix: as v2-forecast, every relaying step's prefix pass on FA3 (flash_prefix.py);
+    v2-flash-beside: the same, FA3's pass beside our suffix kernel ("handoff", kernels/handoff.py)."""
     from edgeprompt_vllm.models.make_model import make_model
 
     make_model("llama-2-7b", tmp_path / "m")
@@ -55,7 +58,8 @@ def test_llama2_7b_shape_relay_close_to_stock_on_gpu(tmp_path, runner, cloud_len
                                          "max_num_seqs": 64, "enforce_eager": False}),
            "EP_MAX_TOKENS": "32", "VLLM_USE_V2_MODEL_RUNNER": "0" if runner == "v1" else "1",
            "EDGEPROMPT_RELAY_IN_FULL_GRAPHS": "0" if runner.startswith("v2-forecast") else "auto",
-           "EDGEPROMPT_PREFIX_PASS": "flash" if runner == "v2-forecast-flash" else "auto",
+           "EDGEPROMPT_PREFIX_PASS": {"v2-forecast-flash": "flash",
+                                      "v2-forecast-flash-beside": "flash-beside"}.get(runner, "auto"),
            "EDGEPROMPT_CHECK_HOST_BLOCK_TABLE": "1",  # every host lookup checked against the device
            # decode steps relay whenever a prefix pass pays, not only when it pays for leaving the
            # FULL graph: 12 requests per cloud prompt would otherwise run FULL (stock) after one step
@@ -80,5 +84,6 @@ def test_llama2_7b_shape_relay_close_to_stock_on_gpu(tmp_path, runner, cloud_len
         assert stats["piecewise_for_relay"] > 16 and stats["full_graph_relay_batches"] == 0, stats
     # 12 requests per 1024-token prefix: a small prefix pass, ours by the cost model (FA3's fixed
     # cost does not pay), unless forced onto FA3
-    flash = stats["flash_prefix_batches"]
-    assert flash > 16 if runner == "v2-forecast-flash" else flash == 0, stats
+    flash, beside = stats["flash_prefix_batches"], stats["prefix_beside_batches"]
+    assert flash > 16 if runner.startswith("v2-forecast-flash") else flash == 0, stats
+    assert beside == flash if runner == "v2-forecast-flash-beside" else beside == 0, stats

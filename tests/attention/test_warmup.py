@@ -28,11 +28,19 @@ def test_warm_up_runs_every_ladder_shape():
     assert calls == 2 * 4 * 2 and seconds > 0
 
 
-def test_warm_up_with_an_external_prefix_runs_each_shape_twice():
-    """Once with our prefix pass, once folding in a prefix state in the query dtype (FA3's): the
-    suffix kernel's variants for the second are compiled too."""
+def test_warm_up_with_an_external_prefix_runs_each_shape_three_times(monkeypatch):
+    """Once with our prefix pass, then folding in a prefix state in the query dtype (FA3's),
+    before the suffix kernel and beside it ("handoff"): the suffix kernel's variants for those and
+    the handoff's finisher are compiled too."""
+    from edgeprompt_vllm.kernels import _launch
+
+    launched = set()
+    monkeypatch.setattr(_launch, "RECORDER", lambda kernel, grid, kw, compiled: launched.add(
+        (getattr(kernel, "fn", kernel).__name__, kw.get("HANDOFF"))))  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     calls, _ = warm_up_relay_kernels(
         num_q_heads=4, num_kv_heads=2, head_size=64, block_size=16, dtype=torch.float16,
         device=device, max_num_seqs=2, max_model_len=96, external_prefix=True)
-    assert calls == 2 * (2 * 4 * 2)
+    assert calls == 3 * (2 * 4 * 2)
+    assert {("_handoff_finish_kernel", None), ("_paged_suffix_kernel", True),
+            ("_paged_suffix_kernel", False)} <= launched

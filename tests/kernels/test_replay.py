@@ -125,3 +125,26 @@ def test_an_external_prefix_kernel_is_replayed_with_each_layers_tensors(
     _replay_layers(replay, layers, meta, scale, poisoned, check_attention)
     assert seen == [layer.query.data_ptr() for layer in layers]
     assert [launch.grid is None for launch in replay.launches] == [True, False]  # FA3, suffix
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["our_prefix", "external_prefix"])
+def test_a_handoff_pipeline_replays_with_its_stream_switches(external, make_batch, poisoned,
+                                                             check_attention):  # fmt: skip
+    """The "handoff" schedule: the prefix pass and the finisher on a side stream (on a GPU; the
+    fork, the switch back and the join are replayed as recorded calls), the suffix kernel on the
+    current one; the handoff's counters serve layer after layer."""
+    layers = _layers(make_batch, 3, queries_per_kv=4, **DECODE)
+    meta, scale = layers[0].meta, layers[0].scale
+    replay = LayerReplay(
+        lambda query, key_cache, value_cache, out: relay_attention(
+            query, key_cache, value_cache, meta, scale, out=out, validate=False,
+            schedule="handoff", prefix_attention=prefix_attention_ref if external else None)
+    )
+    _replay_layers(replay, layers, meta, scale, poisoned, check_attention)
+    names = [getattr(r.kernel, "fn", r.kernel).__name__ for r in replay.launches]
+    assert names.index("_handoff_finish_kernel") + 1 + (DEVICE == "cuda") == \
+        names.index("_paged_suffix_kernel")
+    if DEVICE == "cuda":  # fork, side-stream work, back, suffix, join
+        assert names[0] == "enter" and names[-1] == "join" and names[-3] == "leave", names
+    else:
+        assert not {"enter", "leave", "join"} & set(names), names
