@@ -448,9 +448,12 @@ for _n, _s, _w in [(64, 3, 4), (32, 3, 2), (32, 4, 4), (64, 2, 2), (32, 3, 4)]:
     VARIANTS[f"handoff_flash_z1_sfx_n{_n}s{_s}w{_w}"] = _handoff(
         f"handoff: FA3 unsplit, suffix {_n}-key tiles, {_s} stages, {_w} warps",
         TILE_N=_n, num_stages=_s, num_warps=_w)  # fmt: skip
-# Run 1 (commit fbf78cd: a finisher program per item, counters zeroed every call): at GQA
-# (256, 2048) 0.1841 ms (79%) against 0.1941 on the backend's path; at (256, 4096) 0.2002 against
-# 0.2052, no faster than the overlap schedule (0.1995); slower at batch 512, 128, 64 and MHA.
+# Measured (H200, decode_h200_session18.md). Run 1 (a finisher program per item, counters zeroed
+# every call): GQA (256, 2048) 0.1841 ms (79%) against 0.1941 on the backend's path then;
+# (256, 4096) 0.2002 against 0.2052, no faster than the overlap schedule (0.1995); slower at batch
+# 512, 128, 64 and MHA. Runs 2-3: the finisher's grid decides: one program per SM 0.2110-0.2213 at
+# (256, 4096), ~1000 programs 0.1913-0.1921 (the default since: 8 per SM, 1 warp); kept buffers
+# save a memset (~0.005 ms with 132 programs). Other suffix tiles (_sfx_*) were slower.
 VARIANTS["handoff_flash_z1_kept"] = _handoff("handoff_flash_z1, Handoff kept", kept=True)
 for _p, _w in [(264, 4), (1024, 4), (2048, 4), (264, 1), (1024, 1), (2048, 1), (132, 1),
                (528, 1), (1024, 2)]:  # programs (one per item: batch 256 x 8 KV heads = 2048)

@@ -257,12 +257,11 @@ def prefix_pass_by_flash(
 
 
 # The "handoff" schedule (handoff.py) runs FA3's unsplit prefix pass on a side stream beside the
-# suffix kernel, with no merge launch after it. Measured on an H200 (sweep_relay_decode.py,
-# decode_h200_session18.md run 3: handoff_flash_z1_kept_f1024w1 against the backend's FA3 pass
-# then suffix), by suffix programs (requests x KV heads) per SM: GQA batch 256 (15.5 per SM)
-# 6-8% faster at prefix 2048 and 4096, batch 384 (23) 10% faster; batch 512 (31) 3% slower,
-# MHA batch 256 (62) 2-4% slower; batch 128 (7.8) within 1%, batch 64 (3.9) within 2% and
-# bimodal between runs. So: beside, from 12 to 24 programs per SM.
+# suffix kernel, with no merge launch after it. Measured on an H200 against FA3's pass before the
+# suffix (benchmarks/results/kernels/decode_h200_session18.md), by suffix programs (requests x KV
+# heads) per SM: GQA batch 256 (15.5 per SM) 4-7% faster at prefix 2048 and 4096, batch 384 (23)
+# 7% faster; batch 512 (31) 4% slower, MHA batch 256 (62) 4% slower; batch 128 (7.8) 1-6% slower
+# and batch 64 (3.9) 2% faster to 24% slower, bimodal between timings. So: beside from 12 to 24.
 HANDOFF_PROGRAMS_PER_SM = (12.0, 24.0)
 
 

@@ -56,10 +56,10 @@ from .merge import absorb_partial, finalize_state
 
 # The finisher's grid. Each program walks items pid, pid + programs, ...: an item costs it an
 # atomic round trip (and, deferred, a merge), and while its programs are resident the suffix's
-# pending programs wait for their slots. Measured on an H200 (GQA decode, batch 64-512,
-# sweep_relay_decode.py, decode_h200_session18.md runs 2-3): 132 programs 10-30% slower than the
-# best (its last items finish late: the join waits), ~1000 (8 per SM) best or within 2% of it
-# from batch 256 up, one per item within 2% of it there; 1 warp or 4 the same.
+# pending programs wait for their slots. Measured on an H200 (decode, GQA batch 256-512 and MHA
+# batch 256, sweep_relay_decode.py, decode_h200_session18.md runs 2-3): 132 programs 15-31%
+# slower than the best grid (its last items end after the suffix: the join waits), ~1000 (8 per
+# SM) the best or within 2.5% of it, one program per item within 4%; 1, 2 or 4 warps within 2%.
 FINISH_PROGRAMS_PER_SM = 8
 
 

@@ -307,8 +307,9 @@ def relay_attention(
                 finisher queued behind the prefix pass merges its rows (handoff.py). The suffix
                 runs unsplit. With FA3's unsplit pass (the CUDA backend's choice for GQA decode
                 batches of 12-24 suffix programs per SM: cost_model.prefix_pass_beside_suffix)
-                an H200 ran GQA 256 / 2048 and 384 / 4096 in 0.179 and 0.276 ms against 0.193
-                and 0.308 with FA3's pass before the suffix (decode_h200_session18.md)
+                an H200 ran GQA 256 / 2048 and 384 / 4096 in 0.1815 and 0.2852 ms against
+                0.1941 and 0.3081 with FA3's pass before the suffix (benchmark_kernels.py,
+                benchmarks/results/kernels/h200_session18.md)
       "auto"    "fused", what the CUDA backend runs (kernels/replay.py records its launches once
                 per step). With the block ids prefetched (_paged_attend.py) it was 0.3-15% faster
                 than "overlap" on every decode shape of benchmark_kernels.py on an H100 but one:
