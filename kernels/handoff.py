@@ -30,6 +30,10 @@ requests (prefix_lens 0) take no part: their suffix program writes out directly 
 finisher program exits. The counters end each call at zero, so a recorded launch
 (kernels/replay.py) can reuse them for the next layer.
 
+Where it pays: FA3's unsplit pass beside the suffix, for decode batches of 12-24 suffix programs
+per SM (cost_model.prefix_pass_beside_suffix; measured on an H200 in
+benchmarks/results/kernels/decode_h200_session18.md).
+
 Under TRITON_INTERPRET=1 one kernel's programs run before the next kernel's: finisher-first (the
 side stream's order) folds everywhere in the suffix kernel, suffix-first defers every grouped
 item to the finisher; tests/kernels/test_handoff.py runs both orders.
@@ -65,7 +69,8 @@ FINISH_PROGRAMS_PER_SM = 8
 
 @dataclass
 class Handoff:
-    """Per-call buffers of the handoff between one suffix launch and its finisher."""
+    """The buffers of the handoff between a suffix launch and its finisher: new for each call,
+    or kept from call to call of the same shapes (relay_attention's `handoff`, handoff_buffers)."""
 
     counters: torch.Tensor  # [2 * num_items] int32, zero: arrivals, then ready flags
     own_out: torch.Tensor  # [1, num_tokens, num_q_heads, head_size] fp32, a deferred item's own

@@ -20,6 +20,8 @@ NUM_SPLITS programs that write fp32 partial states, reduced by `merge_partial_st
 Fused merge: given the prefix pass's partial states (`prefix_state`), the split-0 program of each
 grouped request (prefix_lens > 0) folds them into its own online-softmax state before the epilogue,
 so an unsplit decode batch needs no separate merge launch (RelayAttention, Zhu et al., ACL 2024).
+With `handoff` the prefix pass runs concurrently: a program folds its state in only if it is
+already written, else leaves its own state to handoff.py's finisher.
 
 Convention: lse: float32, natural log, [num_heads, num_tokens].
 Rows of `out` past query_start_loc[-1] (CUDA-graph padding) are not written without a KV split;
