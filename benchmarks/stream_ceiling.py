@@ -277,10 +277,10 @@ def beside_fa3(s, query, kc, vc, meta, runs: dict) -> dict:
 
     def both(run):
         def call():
-            with relay._forked(side):
+            with relay._forked(side) as fork:
                 prefix()
             out = run()
-            torch.cuda.current_stream().wait_stream(side)  # the join
+            relay._join(fork)
             return out
 
         return call
