@@ -55,7 +55,7 @@ from ._launch import (
     next_pow2,
 )
 from ._tiles import program_tile, tile_rows
-from .merge import absorb_partial, finalize_state
+from .merge import absorb_splits, finalize_state
 
 
 # The finisher's grid. Each program walks items pid, pid + programs, ...: an item costs it an
@@ -281,26 +281,24 @@ def _merge_item(out_ptr, lse_ptr, own_out_ptr, own_lse_ptr, prefix_out_ptr, pref
                 stride_xo_tok, stride_xo_head, stride_xl_head, stride_xl_tok,
                 BLOCK_M: tl.constexpr, HEAD_PAD: tl.constexpr,
                 STORE_LSE: tl.constexpr):  # fmt: skip
-    """out / lse of a deferred item's rows: its own state merged with the prefix pass's."""
-    o_mask = row_valid[:, None] & d_mask[None, :]
+    """out / lse of a deferred item's rows: its own state merged with the prefix pass's (both
+    written by other kernels while this one runs: loaded .cg, past the L1)."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
-    for part in tl.static_range(2):  # own state, then the prefix's (.cg: written elsewhere)
-        if part == 0:
-            o_ptr = own_out_ptr + token[:, None] * stride_po_tok + head[:, None] * stride_po_head
-            l_ptr = own_lse_ptr + head * stride_pl_head + token * stride_pl_tok
-        else:
-            o_ptr = prefix_out_ptr + token[:, None] * stride_xo_tok + head[:, None] * stride_xo_head
-            l_ptr = prefix_lse_ptr + head * stride_xl_head + token * stride_xl_tok
-        x_lse = tl.load(l_ptr, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
-        x_out = tl.load(o_ptr + offs_d[None, :], mask=o_mask, other=0.0, cache_modifier=".cg")
-        m_i, l_i, acc = absorb_partial(m_i, l_i, acc, x_out.to(tl.float32), x_lse)
+    own_rows = token * stride_po_tok + head * stride_po_head
+    own_lse_rows = head * stride_pl_head + token * stride_pl_tok
+    m_i, l_i, acc = absorb_splits(m_i, l_i, acc, own_out_ptr, own_lse_ptr, own_rows, own_lse_rows,
+                                  row_valid, 0, 0, offs_d, d_mask, 1, ".cg")
+    prefix_rows = token * stride_xo_tok + head * stride_xo_head
+    prefix_lse_rows = head * stride_xl_head + token * stride_xl_tok
+    m_i, l_i, acc = absorb_splits(m_i, l_i, acc, prefix_out_ptr, prefix_lse_ptr, prefix_rows,
+                                  prefix_lse_rows, row_valid, 0, 0, offs_d, d_mask, 1, ".cg")
     out, lse = finalize_state(m_i, l_i, acc)
     tl.store(
         out_ptr + token[:, None] * stride_o_tok + head[:, None] * stride_o_head + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
-        mask=o_mask,
+        mask=row_valid[:, None] & d_mask[None, :],
     )
     if STORE_LSE:
         tl.store(lse_ptr + head * stride_l_head + token * stride_l_tok, lse, mask=row_valid)

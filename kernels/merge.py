@@ -174,7 +174,7 @@ def finalize_state(m_i, l_i, acc):
 
 
 @triton.jit
-def _absorb_splits(
+def absorb_splits(
     m_i,
     l_i,
     acc,
@@ -188,14 +188,19 @@ def _absorb_splits(
     offs_d,
     d_mask,
     NUM_SPLITS: tl.constexpr,
+    CACHE: tl.constexpr = "",  # the loads' cache modifier (".cg": written by a concurrent kernel)
 ):
+    """Fold NUM_SPLITS normalised states (out rows at out_ptr + row_off, lse at lse_ptr +
+    lse_row_off, one split apart by the strides) into an online-softmax state."""
     for s in tl.static_range(NUM_SPLITS):
-        lse = tl.load(lse_ptr + s * stride_lse_split + lse_row_off, mask=mask, other=float("-inf"))
+        lse = tl.load(lse_ptr + s * stride_lse_split + lse_row_off, mask=mask, other=float("-inf"),
+                      cache_modifier=CACHE)  # fmt: skip
         lse = tl.where(lse == float("inf"), float("-inf"), lse)  # FA2's empty marker
         o = tl.load(
             out_ptr + s * stride_split + row_off[:, None] + offs_d[None, :],
             mask=mask[:, None] & d_mask[None, :],
             other=0.0,
+            cache_modifier=CACHE,
         ).to(tl.float32)
         m_i, l_i, acc = absorb_partial(m_i, l_i, acc, o, lse)
     return m_i, l_i, acc
@@ -241,7 +246,7 @@ def _merge_states_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_PAD], tl.float32)
-    m_i, l_i, acc = _absorb_splits(
+    m_i, l_i, acc = absorb_splits(
         m_i,
         l_i,
         acc,
@@ -256,7 +261,7 @@ def _merge_states_kernel(
         d_mask,
         NUM_A,
     )
-    m_i, l_i, acc = _absorb_splits(
+    m_i, l_i, acc = absorb_splits(
         m_i,
         l_i,
         acc,
